@@ -1,0 +1,162 @@
+"""Wire models: the contract shared by the cache node and its clients.
+
+Imports only pydantic, so the replica side (``loader``, ``clients``) can use it without FastAPI.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# Identifiers become keys and never paths, but we still allow-list them (I8): lowercase or
+# uppercase letters, digits, and ``._-`` inside, no leading dot, at most 128 characters.
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+PipelineState = Literal["cold", "warming", "warm", "failed", "evicted"]
+ShardState = Literal["pending", "ready"]
+
+
+def validate_identifier(value: str) -> str:
+    """Return ``value`` if it is a safe pipeline or model identifier, else raise ValueError."""
+    if not _ID_PATTERN.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"invalid identifier {value!r}: use 1-128 of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+def is_sha256(value: str) -> bool:
+    """Whether ``value`` is a lowercase hex sha256 digest."""
+    return bool(_SHA256_PATTERN.fullmatch(value))
+
+
+Identifier = Annotated[str, AfterValidator(validate_identifier)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Wire):
+    """One model of a pipeline: a name and where its files come from."""
+
+    name: Identifier
+    source: str = Field(min_length=1, max_length=1024, description="hf://, s3:// or file:// URL")
+    revision: str | None = Field(default=None, max_length=256)
+    include: list[str] | None = Field(default=None, max_length=64)
+
+
+class PipelineSpec(_Wire):
+    """The body of ``PUT /v1/pipelines/{id}``."""
+
+    models: list[ModelSpec] = Field(min_length=1, max_length=16)
+    tp_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, max_length=8)
+    pinned: bool = False
+
+
+class ModelStatus(_Wire):
+    name: str
+    source: str
+    revision: str | None
+    files: int
+    bytes_total: int
+
+
+class ErrorInfo(_Wire):
+    code: str
+    message: str
+    retry_at: float | None = None
+
+
+class PipelineStatus(_Wire):
+    """What a pipeline looks like on the wire."""
+
+    id: str
+    tenant: str
+    state: PipelineState
+    bytes_total: int
+    bytes_cached: int
+    progress: float
+    models: list[ModelStatus]
+    tp_sizes: list[int]
+    shards: dict[str, ShardState]
+    pinned: bool
+    hot: bool
+    last_used_at: float | None
+    registered_at: float
+    error: ErrorInfo | None = None
+    evicted_reason: str | None = None
+    unverified_files: int = 0
+    active_leases: int = 0
+
+
+class PipelineList(_Wire):
+    pipelines: list[PipelineStatus]
+
+
+class ManifestFile(_Wire):
+    """A file a rank needs that is not its weights (config, tokenizer)."""
+
+    model: str
+    path: str
+    blob: str
+    size: int
+
+
+class ManifestTensor(_Wire):
+    """One of this rank's tensors: ``length`` bytes at ``offset`` of blob ``blob``."""
+
+    model: str
+    name: str
+    dtype: str
+    shape: list[int]
+    blob: str
+    offset: int
+    length: int
+
+
+class ManifestBlob(_Wire):
+    """Integrity data for a blob the manifest references (an extension of the contract)."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    chunk_xxh3_128: list[str]
+
+
+class Manifest(_Wire):
+    pipeline: str
+    tp_size: int
+    rank: int
+    bytes_total: int
+    files: list[ManifestFile]
+    tensors: list[ManifestTensor]
+    blobs: list[ManifestBlob] = Field(default_factory=list)
+    mode: Literal["full", "sharded"] = "full"
+
+
+class Lease(_Wire):
+    lease_id: str
+    expires_at: float
+
+
+class NodeInfo(_Wire):
+    node_id: str
+    region: str
+    capacity: int
+    used: int
+    reserved: int
+    free: int
+    version: str
+    high_watermark: float
+    low_watermark: float
+    temp: int = 0
+    quarantined: int = 0
+
+
+class ErrorBody(_Wire):
+    error: ErrorInfo

@@ -1,0 +1,143 @@
+"""One typed settings object per node process: validated at start, injected everywhere.
+
+Environment variables are read here and nowhere else (prefix ``WEIGHTCACHE_``), plus the
+standard ones the origins document (``HF_TOKEN``, ``HF_ENDPOINT``, ``AWS_*``), and never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cache_node.sizes import parse_size
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+DEFAULT_PORT = 8470
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".cache" / "weightcache"
+
+
+class S3Settings(BaseSettings):
+    """Endpoint and credentials for ``s3://`` sources; unset fields fall back to ``AWS_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_S3_", extra="forbid")
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    region: str | None = None
+
+    @model_validator(mode="after")
+    def _standard_aws_variables(self) -> S3Settings:
+        env = os.environ
+        if self.endpoint_url is None:
+            self.endpoint_url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if self.access_key_id is None:
+            self.access_key_id = env.get("AWS_ACCESS_KEY_ID")
+        if self.secret_access_key is None and env.get("AWS_SECRET_ACCESS_KEY"):
+            self.secret_access_key = SecretStr(env["AWS_SECRET_ACCESS_KEY"])
+        if self.session_token is None and env.get("AWS_SESSION_TOKEN"):
+            self.session_token = SecretStr(env["AWS_SESSION_TOKEN"])
+        if self.region is None:
+            self.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return self
+
+
+class HFSettings(BaseSettings):
+    """Hub URL and token for ``hf://`` sources; unset fields fall back to ``HF_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_HF_", extra="forbid")
+
+    endpoint: str | None = None
+    token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _standard_hf_variables(self) -> HFSettings:
+        if self.endpoint is None:
+            self.endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        if self.token is None and os.environ.get("HF_TOKEN"):
+            self.token = SecretStr(os.environ["HF_TOKEN"])
+        return self
+
+
+class FetchSettings(BaseSettings):
+    """How origin transfers behave: parallelism, retries, stall detection."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_FETCH_", extra="forbid")
+
+    part_size: ByteSize = 16 * 1024**2
+    concurrency: int = Field(default=8, ge=1, le=256)
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_cap_s: float = Field(default=20.0, gt=0)
+    retry_budget_s: float = Field(default=60.0, gt=0)
+    stall_timeout_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    negative_cache_s: float = Field(default=30.0, ge=0)
+
+
+class EvictionSettings(BaseSettings):
+    """When and how far the node evicts."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_EVICTION_", extra="forbid")
+
+    high_watermark: float = Field(default=0.90, gt=0, le=1)
+    low_watermark: float = Field(default=0.80, gt=0, le=1)
+    hot_window_s: float = Field(default=48 * 3600, ge=0)
+    interval_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvictionSettings:
+        if self.low_watermark > self.high_watermark:
+            raise ValueError("low_watermark must not exceed high_watermark")
+        return self
+
+
+class NodeSettings(BaseSettings):
+    """Everything one cache node needs to run."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_", extra="forbid")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    capacity: ByteSize = 100 * 1024**3
+    region: str = "local"
+    node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    tokens_file: Path | None = None
+    local_roots: list[Path] = Field(default_factory=list)
+    redis_url: str | None = None
+    lease_ttl_s: float = Field(default=300.0, gt=0)
+    verify_on_read: bool = True
+    s3: S3Settings = Field(default_factory=S3Settings)
+    hf: HFSettings = Field(default_factory=HFSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    eviction: EvictionSettings = Field(default_factory=EvictionSettings)
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> NodeSettings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.local_roots = [p.expanduser().resolve() for p in self.local_roots]
+        return self
+
+    def load_tokens(self) -> dict[str, str] | None:
+        """The token → tenant map, or None when auth is off. Raises ValueError on a bad file."""
+        if self.tokens_file is None:
+            return None
+        raw: Any = json.loads(Path(self.tokens_file).read_text())
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in raw.items()
+        ):
+            raise ValueError("tokens file must be a JSON object mapping token to tenant name")
+        return dict(raw)
