@@ -1,0 +1,43 @@
+"""Origins behind one protocol: ``open_origin`` picks the implementation for a source URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api.schema import ModelSpec
+from cache_node.errors import InvalidInput
+from cache_node.origins.base import Origin, OriginFile, Snapshot, SourceRef, parse_source
+from cache_node.settings import NodeSettings
+
+__all__ = ["Origin", "OriginFile", "Snapshot", "SourceRef", "open_origin", "parse_source"]
+
+
+def open_origin(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool) -> Origin:
+    """The origin for one model of a pipeline; InvalidInput for a bad or forbidden source."""
+    ref = parse_source(model.source, model.revision)
+    if ref.scheme == "hf":
+        from cache_node.origins.hf import HFOrigin
+
+        return HFOrigin(ref, settings=settings.hf, include=model.include)
+    if ref.scheme == "s3":
+        from cache_node.origins.s3 import S3Origin
+
+        return S3Origin(ref, settings=settings.s3, include=model.include)
+    check_local_source(Path(ref.location), settings, auth_enabled=auth_enabled)
+    from cache_node.origins.local import LocalOrigin
+
+    return LocalOrigin(ref, include=model.include)
+
+
+def check_local_source(path: Path, settings: NodeSettings, *, auth_enabled: bool) -> None:
+    """A local source opens the node's disk: only under ``--local-root`` when auth is on (I8)."""
+    resolved = path.resolve()
+    if resolved == settings.data_dir or resolved.is_relative_to(settings.data_dir):
+        raise InvalidInput("a local source may not point into the node's data dir", field="source")
+    if settings.local_roots:
+        if not any(resolved.is_relative_to(root) for root in settings.local_roots):
+            raise InvalidInput("local source outside the node's --local-root dirs", field="source")
+    elif auth_enabled:
+        raise InvalidInput(
+            "local sources are refused: this node has auth on and no --local-root", field="source"
+        )

@@ -1,0 +1,472 @@
+"""Origin transfers: single flight, parallel ranged reads, hashing behind the download, resume.
+
+One :class:`Fetcher` per node. ``await fetcher.fetch(origin, file)`` returns the committed
+:class:`~cache_node.store.BlobRecord` of ``file``:
+
+- **Single flight** (I4): concurrent callers for the same object and credential scope share one
+  transfer; the others wait for its result (never a truncated file: nothing is visible before
+  publish).
+- **Parts**: the file is split into ``part_size`` parts fetched by up to ``concurrency`` workers, each
+  written at its offset of a stable partial file (``tmp/<key>.partial``).
+- **Hashing off the event loop**: a verifier walks the parts in order as they complete, in a worker
+  thread, computing the sha256 (plus git sha1 / md5 when the origin declared those) and the 64 MiB
+  chunk xxh3-128 digests of the store, so the digests are ready when the last part lands.
+- **Resume**: each finished part is fsynced and appended to ``tmp/<key>.journal`` with its xxh3-64.
+  After a crash the journal's parts are re-hashed from disk and kept if they match; only the
+  rest is asked for again, with ``Range``.
+- **Retries**: bounded attempts and time budget, full-jitter backoff, ``Retry-After`` honoured,
+  a stalled stream detected and resumed by range (I6).
+- **Integrity** (I1): size and every declared digest must match before publish; otherwise the
+  partial is removed and :class:`~cache_node.errors.IntegrityError` names expected and actual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import xxhash
+
+from cache_node.errors import IntegrityError, OriginError, WeightCacheError
+from cache_node.metrics import NodeMetrics
+from cache_node.origins.base import Origin, OriginFile
+from cache_node.settings import FetchSettings
+from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation
+
+ProgressCallback = Callable[[int], None]
+_HASH_BLOCK = 8 * 1024 * 1024
+
+
+def transfer_key(origin: Origin, source: str, revision: str, file: OriginFile) -> str:
+    """The single-flight key of one object under one credential scope (hex, names the partial)."""
+    identity = "\n".join(
+        [origin.scope, source, revision, file.path, file.etag or "", file.sha256 or "", str(file.size)]
+    )
+    return hashlib.sha256(identity.encode()).hexdigest()[:40]
+
+
+@dataclass
+class _Transfer:
+    """One origin transfer in flight, shared by every caller that asked for it."""
+
+    key: str
+    size: int
+    task: asyncio.Task[BlobRecord] | None = None
+    bytes_done: int = 0
+    listeners: list[ProgressCallback] = field(default_factory=list)
+
+    def advance(self, nbytes: int) -> None:
+        self.bytes_done += nbytes
+        for listener in list(self.listeners):
+            listener(nbytes)
+
+
+class Fetcher:
+    """Pulls origin files into a :class:`BlobStore`, once per object (see module docstring)."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        settings: FetchSettings,
+        *,
+        metrics: NodeMetrics | None = None,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics or NodeMetrics()
+        self._sleep = sleep
+        self._transfers: dict[str, _Transfer] = {}
+        self._recent_failures: dict[str, tuple[float, WeightCacheError]] = {}
+
+    def in_flight(self, key: str) -> bool:
+        """Whether a transfer with this key is running now."""
+        return key in self._transfers
+
+    async def fetch(
+        self,
+        origin: Origin,
+        file: OriginFile,
+        *,
+        source: str,
+        revision: str,
+        reservation: Reservation | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> BlobRecord:
+        """The committed blob of ``file``, fetching it unless it is here or already coming."""
+        if file.sha256 and (record := self.store.get(file.sha256)) is not None:
+            self.metrics.cache_requests.labels("hit").inc()
+            if reservation is not None:
+                reservation.release()
+            return record
+        key = transfer_key(origin, source, revision, file)
+        known = self.store.meta.get(f"transfer:{key}")
+        if known is not None and (record := self.store.get(known["sha256"])) is not None:
+            # an object the origin gave no sha256 for, fetched before under the same key
+            self.metrics.cache_requests.labels("hit").inc()
+            if reservation is not None:
+                reservation.release()
+            return record
+        failure = self._recent_failures.get(key)
+        if failure is not None and time.monotonic() - failure[0] < self.settings.negative_cache_s:
+            raise failure[1]
+        transfer = self._transfers.get(key)
+        if transfer is None:
+            self.metrics.cache_requests.labels("miss").inc()
+            transfer = _Transfer(key=key, size=file.size)
+            self._transfers[key] = transfer
+            if on_progress is not None:
+                transfer.listeners.append(on_progress)
+            transfer.task = asyncio.create_task(
+                self._run(origin, file, transfer, reservation), name=f"fetch {file.path}"
+            )
+        else:
+            self.metrics.coalesced_waiters.inc()
+            if reservation is not None:
+                reservation.release()  # the leader holds the space for this object
+            if on_progress is not None:
+                on_progress(transfer.bytes_done)
+                transfer.listeners.append(on_progress)
+        assert transfer.task is not None
+        try:
+            # shield: a caller that goes away (client disconnect) must not cancel the shared fill
+            return await asyncio.shield(transfer.task)
+        finally:
+            if on_progress is not None and on_progress in transfer.listeners:
+                transfer.listeners.remove(on_progress)
+
+    async def _run(
+        self,
+        origin: Origin,
+        file: OriginFile,
+        transfer: _Transfer,
+        reservation: Reservation | None,
+    ) -> BlobRecord:
+        own_reservation = reservation or self.store.reserve(file.size, partial_key=transfer.key)
+        try:
+            record = await self._transfer(origin, file, transfer, own_reservation)
+        except WeightCacheError as exc:
+            self.metrics.origin_fetches.labels(
+                "integrity" if isinstance(exc, IntegrityError) else "error"
+            ).inc()
+            if not (isinstance(exc, OriginError) and exc.retryable):
+                self._recent_failures[transfer.key] = (time.monotonic(), exc)
+            raise
+        except BaseException:
+            self.metrics.origin_fetches.labels("error").inc()
+            raise
+        finally:
+            own_reservation.release()
+            self.store.release_partial(transfer.key)
+            self._transfers.pop(transfer.key, None)
+        self._recent_failures.pop(transfer.key, None)
+        self.metrics.origin_fetches.labels("ok").inc()
+        return record
+
+    async def _transfer(
+        self,
+        origin: Origin,
+        file: OriginFile,
+        transfer: _Transfer,
+        reservation: Reservation,
+    ) -> BlobRecord:
+        partial = self.store.partial_path(transfer.key)
+        journal = _Journal(partial.with_suffix(".journal"), size=file.size, etag=file.etag)
+        part_size = max(1, self.settings.part_size)
+        parts = [(s, min(s + part_size, file.size)) for s in range(0, file.size, part_size)]
+        done = await anyio.to_thread.run_sync(journal.recover, partial, parts)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, file.size)
+            ready = [asyncio.Event() for _ in parts]
+            for index in done:
+                ready[index].set()
+                transfer.advance(parts[index][1] - parts[index][0])
+            digests = _Digests(file)
+            hasher = asyncio.create_task(self._hash_in_order(fd, parts, ready, digests))
+            try:
+                await self._download_parts(origin, file, fd, parts, done, ready, journal, transfer)
+                await hasher
+            except BaseException:
+                hasher.cancel()
+                raise
+        finally:
+            os.close(fd)
+        try:
+            digests.check(file)
+        except IntegrityError:
+            self.metrics.digest_mismatches.labels("ingest").inc()
+            partial.unlink(missing_ok=True)
+            journal.remove()
+            raise
+        record = await anyio.to_thread.run_sync(
+            lambda: self.store.publish(
+                partial,
+                sha256=digests.sha256_hex,
+                size=file.size,
+                chunk_xxh3_128=digests.chunks,
+                verified=file.has_digest,
+                reservation=reservation,
+            )
+        )
+        journal.remove()
+        self.store.meta.set(f"transfer:{transfer.key}", {"sha256": record.sha256})
+        return record
+
+    async def _download_parts(
+        self,
+        origin: Origin,
+        file: OriginFile,
+        fd: int,
+        parts: list[tuple[int, int]],
+        done: set[int],
+        ready: list[asyncio.Event],
+        journal: _Journal,
+        transfer: _Transfer,
+    ) -> None:
+        queue = [i for i in range(len(parts)) if i not in done]
+        queue.reverse()  # pop() from the end takes parts in file order, so hashing keeps up
+
+        async def worker() -> None:
+            while queue:
+                index = queue.pop()
+                start, end = parts[index]
+                digest = await self._fetch_part(origin, file, fd, start, end, transfer)
+                await anyio.to_thread.run_sync(journal.commit_part, fd, index, digest)
+                ready[index].set()
+
+        async with anyio.create_task_group() as group:
+            for _ in range(min(self.settings.concurrency, max(1, len(queue)))):
+                group.start_soon(worker)
+
+    async def _fetch_part(
+        self,
+        origin: Origin,
+        file: OriginFile,
+        fd: int,
+        start: int,
+        end: int,
+        transfer: _Transfer,
+    ) -> int:
+        """Write ``[start, end)`` at its offset, retrying from the last byte received."""
+        position = start
+        part_hash = xxhash.xxh3_64()
+        attempt = 0
+        deadline = time.monotonic() + self.settings.retry_budget_s
+        while True:
+            try:
+                async for data in _with_stall_timeout(
+                    origin.read_range(file, position, end), self.settings.stall_timeout_s
+                ):
+                    if position + len(data) > end:
+                        raise IntegrityError(
+                            f"origin sent more than the {end - start} bytes asked for",
+                            path=file.path,
+                        )
+                    await anyio.to_thread.run_sync(_write_and_hash, fd, data, position, part_hash)
+                    position += len(data)
+                    transfer.advance(len(data))
+                    self.metrics.origin_bytes.inc(len(data))
+                if position == end:
+                    return part_hash.intdigest()
+                error = OriginError(
+                    f"origin stream ended at byte {position} of {file.path}, expected {end}",
+                    retryable=True,
+                )
+            except OriginError as exc:
+                error = exc
+            attempt += 1
+            if not error.retryable or attempt >= self.settings.max_attempts:
+                raise _exhausted(error, file, attempt)
+            delay = random.uniform(
+                0, min(self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
+            )
+            if error.retry_after is not None:
+                delay = max(delay, error.retry_after)
+            if time.monotonic() + delay > deadline:
+                raise _exhausted(error, file, attempt)
+            self.metrics.origin_retries.inc()
+            await self._sleep(delay)
+
+    async def _hash_in_order(
+        self,
+        fd: int,
+        parts: list[tuple[int, int]],
+        ready: list[asyncio.Event],
+        digests: _Digests,
+    ) -> None:
+        for index, (start, end) in enumerate(parts):
+            await ready[index].wait()
+            await anyio.to_thread.run_sync(digests.update_from, fd, start, end)
+        if not parts:
+            digests.update(b"")
+
+
+def _exhausted(error: OriginError, file: OriginFile, attempts: int) -> OriginError:
+    error.details.update(attempts=attempts, path=file.path)
+    if error.retryable:
+        error.details["retry_at"] = time.time() + 60
+    return error
+
+
+async def _with_stall_timeout(
+    stream: AsyncIterator[bytes], timeout_s: float
+) -> AsyncIterator[bytes]:
+    iterator = aiter(stream)
+    try:
+        while True:
+            try:
+                with anyio.fail_after(timeout_s):
+                    data = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise OriginError(
+                    f"origin stream stalled for {timeout_s:.0f} s", retryable=True
+                ) from None
+            yield data
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _write_and_hash(fd: int, data: bytes, offset: int, part_hash: Any) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    part_hash.update(data)
+
+
+class _Digests:
+    """Every digest of one file, fed in order: sha256, optional git sha1 and md5, chunk xxh3."""
+
+    def __init__(self, file: OriginFile) -> None:
+        self.sha256 = hashlib.sha256()
+        self.git_sha1 = hashlib.sha1(f"blob {file.size}\0".encode()) if file.git_sha1 else None
+        self.md5 = hashlib.md5(usedforsecurity=False) if file.md5 else None
+        self.chunks: list[str] = []
+        self._chunk = xxhash.xxh3_128()
+        self._chunk_fill = 0
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        if self.git_sha1 is not None:
+            self.git_sha1.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), CHUNK_SIZE - self._chunk_fill)
+            self._chunk.update(view[:take])
+            self._chunk_fill += take
+            view = view[take:]
+            if self._chunk_fill == CHUNK_SIZE:
+                self.chunks.append(self._chunk.hexdigest())
+                self._chunk = xxhash.xxh3_128()
+                self._chunk_fill = 0
+        self.size += len(data)
+
+    def update_from(self, fd: int, start: int, end: int) -> None:
+        position = start
+        while position < end:
+            data = os.pread(fd, min(_HASH_BLOCK, end - position), position)
+            if not data:
+                raise OSError(f"partial file shorter than expected at byte {position}")
+            self.update(data)
+            position += len(data)
+
+    @property
+    def sha256_hex(self) -> str:
+        return self.sha256.hexdigest()
+
+    def check(self, file: OriginFile) -> None:
+        if self._chunk_fill or not self.chunks:
+            self.chunks.append(self._chunk.hexdigest())
+            self._chunk_fill = 0
+        expected_actual = [
+            ("sha256", file.sha256, self.sha256.hexdigest()),
+            ("git-sha1", file.git_sha1, self.git_sha1.hexdigest() if self.git_sha1 else None),
+            ("md5", file.md5, self.md5.hexdigest() if self.md5 else None),
+        ]
+        for kind, expected, actual in expected_actual:
+            if expected and expected.lower() != actual:
+                raise IntegrityError(
+                    f"{file.path}: origin bytes do not match the declared {kind}: "
+                    f"expected {expected}, got {actual}",
+                    path=file.path,
+                    digest=kind,
+                    expected=expected,
+                    actual=actual,
+                )
+
+
+class _Journal:
+    """The durable record of which parts of a partial file are complete."""
+
+    def __init__(self, path: Path, *, size: int, etag: str | None) -> None:
+        self.path = path
+        self.header = {"size": size, "etag": etag}
+
+    def recover(self, partial: Path, parts: list[tuple[int, int]]) -> set[int]:
+        """Parts already on disk whose bytes still match the journal (re-hashed from disk)."""
+        if not self.path.exists() or not partial.exists():
+            self._start()
+            return set()
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0])
+            entries = [json.loads(line) for line in lines[1:] if line.strip()]
+        except (IndexError, ValueError):
+            self._start()
+            return set()
+        if header != self.header:
+            self._start()
+            return set()
+        done: set[int] = set()
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            for entry in entries:
+                index, digest = int(entry["part"]), int(entry["xxh3_64"])
+                if not 0 <= index < len(parts):
+                    continue
+                start, end = parts[index]
+                hasher = xxhash.xxh3_64()
+                position = start
+                while position < end:
+                    data = os.pread(fd, min(_HASH_BLOCK, end - position), position)
+                    if not data:
+                        break
+                    hasher.update(data)
+                    position += len(data)
+                if position == end and hasher.intdigest() == digest:
+                    done.add(index)
+        finally:
+            os.close(fd)
+        return done
+
+    def _start(self) -> None:
+        self.path.write_text(json.dumps(self.header) + "\n")
+
+    def commit_part(self, fd: int, index: int, digest: int) -> None:
+        # the part's bytes must be durable before the journal says they are
+        os.fsync(fd)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"part": index, "xxh3_64": digest}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

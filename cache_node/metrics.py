@@ -1,0 +1,67 @@
+"""Prometheus metrics of one node (I10), in a registry of its own so tests can run many nodes."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class NodeMetrics:
+    """Every counter, gauge and histogram a node exports on ``GET /metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.origin_fetches = Counter(
+            "weightcache_origin_fetches", "Origin transfers by result", ["result"], registry=r
+        )
+        self.origin_bytes = Counter(
+            "weightcache_origin_bytes", "Bytes received from origins", registry=r
+        )
+        self.origin_retries = Counter(
+            "weightcache_origin_retries", "Retried origin requests", registry=r
+        )
+        self.coalesced_waiters = Counter(
+            "weightcache_coalesced_waiters",
+            "Requests that joined an origin transfer already in flight",
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "weightcache_cache_requests", "Blob requests by hit or miss", ["result"], registry=r
+        )
+        self.digest_mismatches = Counter(
+            "weightcache_digest_mismatches", "Digest mismatches by stage", ["stage"], registry=r
+        )
+        self.insufficient_storage = Counter(
+            "weightcache_insufficient_storage", "Fills refused for lack of space (507)", registry=r
+        )
+        self.evictions = Counter(
+            "weightcache_evictions", "Pipelines evicted, by reason", ["reason"], registry=r
+        )
+        self.evicted_bytes = Counter(
+            "weightcache_evicted_bytes", "Bytes freed by eviction, by reason", ["reason"], registry=r
+        )
+        self.bytes_served = Counter(
+            "weightcache_bytes_served", "Blob bytes sent to clients", registry=r
+        )
+        self.bytes_by_state = Gauge(
+            "weightcache_bytes", "Bytes on this node by state", ["state"], registry=r
+        )
+        self.pipelines_by_state = Gauge(
+            "weightcache_pipelines", "Pipelines by state", ["state"], registry=r
+        )
+        self.loads = Counter("weightcache_loads", "Replica loads reported", registry=r)
+        self.cold_start_stage_seconds = Histogram(
+            "weightcache_cold_start_stage_seconds",
+            "Replica cold-start time by stage",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.load_throughput = Histogram(
+            "weightcache_load_throughput_gbps",
+            "Replica load throughput (GB/s)",
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 40, 50, 60),
+            registry=r,
+        )

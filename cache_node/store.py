@@ -1,0 +1,469 @@
+"""The blob store: content-addressed, crash-safe, verified on read, with space accounting.
+
+On-disk layout under the data dir (a tested contract, see ``tests/test_store.py``)::
+
+    blobs/ab/<sha256>        every file and rank shard, written once, never mutated
+    tmp/<key>.partial        a resumable origin transfer (+ ``<key>.journal``: parts on disk)
+    tmp/<unique>.tmp         any other temp (shards being written); removed at start-up
+    quarantine/<sha256>      blobs that failed verification, kept for inspection, not counted
+    meta/                    metadata (diskcache), ``blob:<sha256>`` records
+
+Publishing (I3): unique temp → fsync → rename → dir fsync → metadata commit, in that order, so a
+crash anywhere leaves nothing visible or a complete verified blob. Space (I5): a fill reserves its
+bytes before any origin byte, and committed + reserved + idle partials never exceed the capacity.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from cache_node.errors import InsufficientStorage, IntegrityError, InvalidInput, NotFound
+from cache_node.metadata import KeyValue
+
+CHUNK_SIZE = 64 * 1024 * 1024
+_HEX = frozenset("0123456789abcdef")
+_READ_BLOCK = 8 * 1024 * 1024
+
+
+def check_sha256(sha256: str) -> str:
+    """Return ``sha256`` if it is 64 lowercase hex digits, else raise InvalidInput (I8)."""
+    if len(sha256) != 64 or not set(sha256) <= _HEX:
+        raise InvalidInput(f"not a sha256 digest: {sha256[:80]!r}", field="sha256")
+    return sha256
+
+
+def chunk_digests(data: bytes | memoryview, *, chunk_size: int = CHUNK_SIZE) -> list[str]:
+    """xxh3-128 hex digests of ``data`` in ``chunk_size`` pieces (for small in-memory blobs)."""
+    view = memoryview(data)
+    return [
+        xxhash.xxh3_128_hexdigest(view[i : i + chunk_size])
+        for i in range(0, max(len(view), 1), chunk_size)
+    ] if len(view) else [xxhash.xxh3_128_hexdigest(b"")]
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """Metadata of one committed blob."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    chunk_xxh3_128: tuple[str, ...]
+    verified: bool  # whether the origin declared a digest that the bytes matched (I1)
+    created_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "chunk_xxh3_128": list(self.chunk_xxh3_128),
+            "verified": self.verified,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BlobRecord:
+        return cls(
+            sha256=raw["sha256"],
+            size=int(raw["size"]),
+            chunk_size=int(raw["chunk_size"]),
+            chunk_xxh3_128=tuple(raw["chunk_xxh3_128"]),
+            verified=bool(raw["verified"]),
+            created_at=float(raw["created_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes by state (I10)."""
+
+    capacity: int
+    committed: int
+    reserved: int
+    temp: int
+    quarantined: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.committed - self.reserved - self.temp)
+
+
+@dataclass
+class Reservation:
+    """Space held for one fill; release it (or let ``publish`` consume it) when done."""
+
+    store: BlobStore
+    reservation_id: str
+    nbytes: int
+    released: bool = False
+
+    def release(self) -> None:
+        self.store._release(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class CheckReport:
+    """What a reconcile found and did."""
+
+    temps_removed: int = 0
+    partials_kept: int = 0
+    orphans_removed: int = 0
+    missing: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+
+
+class BlobStore:
+    """Content-addressed blobs on local disk, with metadata in a :class:`KeyValue`."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        capacity: int,
+        meta: KeyValue,
+        on_quarantine: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.capacity = capacity
+        self.meta = meta
+        self.blobs_dir = root / "blobs"
+        self.tmp_dir = root / "tmp"
+        self.quarantine_dir = root / "quarantine"
+        for d in (self.blobs_dir, self.tmp_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._reservations: dict[str, int] = {}
+        self._active_partials: set[str] = set()
+        self._committed = sum(r.size for r in self.records())
+        self._on_quarantine = on_quarantine
+        #: Called with the bytes still needed when a reservation does not fit; returns bytes freed.
+        self.make_room: Callable[[int], int] | None = None
+
+    # ----------------------------------------------------------------- layout and records
+    def blob_path(self, sha256: str) -> Path:
+        check_sha256(sha256)
+        return self.blobs_dir / sha256[:2] / sha256
+
+    def get(self, sha256: str) -> BlobRecord | None:
+        raw = self.meta.get(f"blob:{check_sha256(sha256)}")
+        return None if raw is None else BlobRecord.from_dict(raw)
+
+    def has(self, sha256: str) -> bool:
+        return self.get(sha256) is not None
+
+    def records(self) -> Iterator[BlobRecord]:
+        for _, raw in self.meta.scan("blob:"):
+            yield BlobRecord.from_dict(raw)
+
+    # ----------------------------------------------------------------- space
+    def usage(self) -> Usage:
+        with self._lock:
+            reserved = sum(self._reservations.values())
+            committed = self._committed
+        return Usage(
+            capacity=self.capacity,
+            committed=committed,
+            reserved=reserved,
+            temp=self._idle_partial_bytes(),
+            quarantined=_dir_bytes(self.quarantine_dir),
+        )
+
+    def reserve(self, nbytes: int, *, partial_key: str | None = None) -> Reservation:
+        """Hold ``nbytes`` for a fill, evicting through ``make_room`` if needed.
+
+        Raises InsufficientStorage (507) when the bytes cannot fit even after eviction; nothing is
+        reserved then, and the caller has fetched nothing yet (I5).
+        """
+        if nbytes < 0:
+            raise InvalidInput("negative reservation")
+        if nbytes > self.capacity:
+            raise InsufficientStorage(
+                f"needs {nbytes} bytes but the node's capacity is {self.capacity}",
+                needed=nbytes,
+                capacity=self.capacity,
+            )
+        for attempt in range(2):
+            with self._lock:
+                if partial_key is not None:
+                    self._active_partials.add(partial_key)
+                shortfall = self._shortfall(nbytes)
+                if shortfall <= 0:
+                    reservation_id = uuid.uuid4().hex
+                    self._reservations[reservation_id] = nbytes
+                    return Reservation(self, reservation_id, nbytes)
+                if partial_key is not None:
+                    self._active_partials.discard(partial_key)
+            if attempt == 0 and self.make_room is not None:
+                self.make_room(shortfall)
+        usage = self.usage()
+        raise InsufficientStorage(
+            f"not enough space: needs {nbytes} bytes, {usage.free} free of {self.capacity} "
+            "after eviction",
+            needed=nbytes,
+            free=usage.free,
+            capacity=self.capacity,
+        )
+
+    def _shortfall(self, nbytes: int) -> int:
+        in_use = self._committed + sum(self._reservations.values()) + self._idle_partial_bytes()
+        return in_use + nbytes - self.capacity
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._lock:
+            if not reservation.released:
+                self._reservations.pop(reservation.reservation_id, None)
+                reservation.released = True
+
+    def release_partial(self, key: str) -> None:
+        """Mark a partial transfer as no longer being filled (it then counts as temp)."""
+        with self._lock:
+            self._active_partials.discard(key)
+
+    def _idle_partial_bytes(self) -> int:
+        total = 0
+        for entry in os.scandir(self.tmp_dir):
+            if entry.name.endswith(".partial"):
+                key = entry.name.removesuffix(".partial")
+                if key not in self._active_partials:
+                    total += entry.stat().st_size
+        return total
+
+    # ----------------------------------------------------------------- writing
+    def partial_path(self, key: str) -> Path:
+        """The stable temp path of a resumable transfer; ``key`` is hex (I8)."""
+        if not key or len(key) > 128 or not set(key) <= _HEX:
+            raise InvalidInput(f"bad transfer key {key!r}")
+        return self.tmp_dir / f"{key}.partial"
+
+    def new_temp_path(self) -> Path:
+        """A unique temp path (one writer per file: correctness never depends on a lock)."""
+        return self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
+
+    def publish(
+        self,
+        temp: Path,
+        *,
+        sha256: str,
+        size: int,
+        chunk_xxh3_128: list[str],
+        verified: bool,
+        reservation: Reservation | None = None,
+    ) -> BlobRecord:
+        """Make a fully written, hashed temp file visible as blob ``sha256`` (I3)."""
+        check_sha256(sha256)
+        if temp.stat().st_size != size:
+            raise IntegrityError(
+                f"temp file is {temp.stat().st_size} bytes, expected {size}", sha256=sha256
+            )
+        existing = self.get(sha256)
+        if existing is not None and self.blob_path(sha256).exists():
+            temp.unlink(missing_ok=True)
+            if reservation is not None:
+                reservation.release()
+            return existing
+        _fsync_file(temp)
+        target = self.blob_path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+        _fsync_dir(temp.parent)
+        record = BlobRecord(
+            sha256=sha256,
+            size=size,
+            chunk_size=CHUNK_SIZE,
+            chunk_xxh3_128=tuple(chunk_xxh3_128),
+            verified=verified,
+            created_at=time.time(),
+        )
+        with self._lock:
+            self.meta.set(f"blob:{sha256}", record.to_dict())
+            self._committed += size
+            if reservation is not None and not reservation.released:
+                self._reservations.pop(reservation.reservation_id, None)
+                reservation.released = True
+        return record
+
+    def delete(self, sha256: str) -> int:
+        """Forget and unlink a blob: metadata first, so nothing points at a missing file.
+
+        A reader that already has the file open keeps reading it (unlink while open).
+        Returns the bytes freed.
+        """
+        record = self.get(sha256)
+        if record is None:
+            return 0
+        with self._lock:
+            self.meta.delete(f"blob:{sha256}")
+            self._committed -= record.size
+        self.blob_path(sha256).unlink(missing_ok=True)
+        return record.size
+
+    def quarantine(self, sha256: str, reason: str) -> None:
+        """Move a bad blob aside and forget it, so it is never served again and gets re-fetched."""
+        record = self.get(sha256)
+        with self._lock:
+            self.meta.delete(f"blob:{sha256}")
+            if record is not None:
+                self._committed -= record.size
+        try:
+            os.replace(self.blob_path(sha256), self.quarantine_dir / sha256)
+        except FileNotFoundError:
+            pass
+        if self._on_quarantine is not None:
+            self._on_quarantine(sha256, reason)
+
+    # ----------------------------------------------------------------- reading
+    def open(self, sha256: str) -> tuple[BlobRecord, Any]:
+        """The record and an open binary file of a committed blob; NotFound otherwise."""
+        record = self.get(sha256)
+        if record is None:
+            raise NotFound(f"blob {sha256} is not on this node")
+        try:
+            handle = open(self.blob_path(sha256), "rb", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            self.quarantine(sha256, "missing")
+            raise NotFound(f"blob {sha256} is not on this node") from None
+        return record, handle
+
+    def verify_chunks(self, record: BlobRecord, handle: Any, start: int, end: int) -> None:
+        """Check every chunk overlapping ``[start, end)``; quarantine and raise on mismatch (I2)."""
+        for index in range(start // record.chunk_size, _ceil_div(end, record.chunk_size)):
+            offset = index * record.chunk_size
+            length = min(record.chunk_size, record.size - offset)
+            digest = _hash_region(handle.fileno(), offset, length)
+            if digest != record.chunk_xxh3_128[index]:
+                self.quarantine(record.sha256, f"chunk {index} mismatch")
+                raise IntegrityError(
+                    f"blob {record.sha256} chunk {index} failed verification",
+                    sha256=record.sha256,
+                    chunk=index,
+                )
+
+    def iter_verified(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+        """Yield ``[start, end)`` of a blob, each chunk verified before any of it leaves (I2)."""
+        record, handle = self.open(sha256)
+        with handle:
+            if not 0 <= start <= end <= record.size:
+                raise InvalidInput(f"range {start}-{end} outside blob of {record.size} bytes")
+            position = start
+            while position < end:
+                index = position // record.chunk_size
+                chunk_start = index * record.chunk_size
+                chunk_len = min(record.chunk_size, record.size - chunk_start)
+                data = os.pread(handle.fileno(), chunk_len, chunk_start)
+                if len(data) != chunk_len or (
+                    xxhash.xxh3_128_hexdigest(data) != record.chunk_xxh3_128[index]
+                ):
+                    self.quarantine(sha256, f"chunk {index} mismatch")
+                    raise IntegrityError(
+                        f"blob {sha256} chunk {index} failed verification",
+                        sha256=sha256,
+                        chunk=index,
+                    )
+                stop = min(end, chunk_start + chunk_len)
+                yield data[position - chunk_start : stop - chunk_start]
+                position = stop
+
+    # ----------------------------------------------------------------- reconcile
+    def check(self, *, fix: bool = True, deep: bool = False) -> CheckReport:
+        """Reconcile metadata with disk at start-up (layout contract, I3).
+
+        Removes unique temps; keeps resumable partials (their journal lets a fill resume);
+        removes orphan blob files that no record describes; drops records whose file is missing;
+        quarantines blobs of the wrong size, and with ``deep`` also those whose chunks mismatch.
+        """
+        report = CheckReport()
+        for entry in os.scandir(self.tmp_dir):
+            if entry.name.endswith((".partial", ".journal")):
+                report.partials_kept += entry.name.endswith(".partial")
+                continue
+            report.temps_removed += 1
+            if fix:
+                Path(entry.path).unlink(missing_ok=True)
+        known: dict[str, BlobRecord] = {r.sha256: r for r in self.records()}
+        for prefix_dir in os.scandir(self.blobs_dir):
+            if not prefix_dir.is_dir(follow_symlinks=False):
+                if fix:
+                    Path(prefix_dir.path).unlink(missing_ok=True)
+                continue
+            for entry in os.scandir(prefix_dir.path):
+                if entry.name not in known or not entry.is_file(follow_symlinks=False):
+                    report.orphans_removed += 1
+                    if fix:
+                        Path(entry.path).unlink(missing_ok=True)
+        for sha256, record in known.items():
+            path = self.blob_path(sha256)
+            if not path.is_file() or path.is_symlink():
+                report.missing.append(sha256)
+                if fix:
+                    with self._lock:
+                        self.meta.delete(f"blob:{sha256}")
+                continue
+            bad = path.stat().st_size != record.size
+            if not bad and deep:
+                with open(path, "rb", buffering=0) as handle:
+                    try:
+                        self.verify_chunks(record, handle, 0, record.size)
+                    except IntegrityError:
+                        report.quarantined.append(sha256)
+                        continue
+            if bad:
+                report.quarantined.append(sha256)
+                if fix:
+                    self.quarantine(sha256, "size mismatch at start-up")
+        with self._lock:
+            self._committed = sum(r.size for r in self.records())
+        return report
+
+
+def _hash_region(fd: int, offset: int, length: int) -> str:
+    hasher = xxhash.xxh3_128()
+    position = offset
+    stop = offset + length
+    while position < stop:
+        data = os.pread(fd, min(_READ_BLOCK, stop - position), position)
+        if not data:
+            break
+        hasher.update(data)
+        position += len(data)
+    return hasher.hexdigest()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
