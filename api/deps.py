@@ -1,0 +1,42 @@
+"""Dependencies shared by the routers: the node, and the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from api.schema import validate_identifier
+from cache_node.errors import InvalidInput, Unauthorized
+from cache_node.node import CacheNode
+
+
+def get_node(request: Request) -> CacheNode:
+    node: CacheNode = request.app.state.node
+    return node
+
+
+def get_tenant(request: Request, node: Annotated[CacheNode, Depends(get_node)]) -> str:
+    """The caller's tenant from ``Authorization: Bearer``; 401 when missing or unknown."""
+    header = request.headers.get("authorization")
+    token = None
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            token = value.strip()
+    tenant = node.tenant_for(token)
+    if tenant is None:
+        raise Unauthorized("missing or invalid bearer token")
+    return tenant
+
+
+def pipeline_id(pipeline_id: Annotated[str, Path(max_length=256)]) -> str:
+    try:
+        return validate_identifier(pipeline_id)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="id") from None
+
+
+Node = Annotated[CacheNode, Depends(get_node)]
+Tenant = Annotated[str, Depends(get_tenant)]
+PipelineId = Annotated[str, Depends(pipeline_id)]

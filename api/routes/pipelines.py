@@ -1,0 +1,50 @@
+"""``/v1/pipelines``: register, list, show, warm, evict, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from api.deps import Node, PipelineId, Tenant
+from api.schema import PipelineList, PipelineSpec, PipelineStatus
+
+router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"])
+
+
+@router.put("/{pipeline_id}", response_model=PipelineStatus, status_code=202)
+async def register(
+    pipeline_id: PipelineId, spec: PipelineSpec, node: Node, tenant: Tenant, response: Response
+) -> PipelineStatus:
+    """Register (upsert) a pipeline and start its pre-warm; 200 when nothing changed."""
+    status, changed = await node.register(tenant, pipeline_id, spec)
+    if not changed:
+        response.status_code = 200
+    return status
+
+
+@router.get("", response_model=PipelineList)
+async def list_pipelines(node: Node, tenant: Tenant) -> PipelineList:
+    return PipelineList(pipelines=node.list(tenant))
+
+
+@router.get("/{pipeline_id}", response_model=PipelineStatus)
+async def show(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    return node.status(tenant, pipeline_id)
+
+
+@router.post("/{pipeline_id}/warm", response_model=PipelineStatus, status_code=202)
+async def warm(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Re-warm after eviction or failure."""
+    return await node.warm(tenant, pipeline_id)
+
+
+@router.post("/{pipeline_id}/evict", response_model=PipelineStatus, status_code=202)
+async def evict(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Free a pipeline's bytes; it stays registered as ``evicted``."""
+    await node.evict(tenant, pipeline_id)
+    return node.status(tenant, pipeline_id)
+
+
+@router.delete("/{pipeline_id}", status_code=204)
+async def delete(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> Response:
+    await node.delete(tenant, pipeline_id)
+    return Response(status_code=204)

@@ -1,0 +1,41 @@
+"""What a replica uses: manifests and leases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from api.deps import Node, PipelineId, Tenant
+from api.schema import Lease, Manifest
+
+router = APIRouter(tags=["replicas"])
+
+
+@router.get("/v1/pipelines/{pipeline_id}/manifest", response_model=Manifest)
+async def manifest(
+    pipeline_id: PipelineId,
+    node: Node,
+    tenant: Tenant,
+    tp_size: Annotated[int, Query(ge=1, le=64)] = 1,
+    rank: Annotated[int, Query(ge=0, le=63)] = 0,
+) -> Manifest:
+    """This rank's files and tensors; 409 ``not_warm`` while the pipeline is not warm."""
+    return node.manifest(tenant, pipeline_id, tp_size=tp_size, rank=rank)
+
+
+@router.post("/v1/pipelines/{pipeline_id}/leases", response_model=Lease, status_code=201)
+async def create_lease(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> Lease:
+    """Hold the pipeline against eviction while a replica loads it (expires unless renewed)."""
+    return node.create_lease(tenant, pipeline_id)
+
+
+@router.post("/v1/leases/{lease_id}", response_model=Lease)
+async def renew_lease(lease_id: str, node: Node, tenant: Tenant) -> Lease:
+    return node.renew_lease(tenant, lease_id)
+
+
+@router.delete("/v1/leases/{lease_id}", status_code=204)
+async def release_lease(lease_id: str, node: Node, tenant: Tenant) -> Response:
+    node.release_lease(tenant, lease_id)
+    return Response(status_code=204)
