@@ -160,3 +160,17 @@ class NodeInfo(_Wire):
 
 class ErrorBody(_Wire):
     error: ErrorInfo
+
+
+class PipelineFile(_Wire):
+    """One origin file of a pipeline and the blob holding it (``GET .../files``)."""
+
+    model: str
+    path: str
+    blob: str
+    size: int
+    verified: bool
+
+
+class PipelineFiles(_Wire):
+    files: list[PipelineFile]

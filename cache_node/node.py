@@ -25,6 +25,7 @@ from api.schema import (
     ManifestTensor,
     ModelStatus,
     NodeInfo,
+    PipelineFile,
     PipelineSpec,
     PipelineStatus,
 )
@@ -572,6 +573,18 @@ class CacheNode:
             blobs=blobs,
             mode=shard_set.mode,
         )
+
+    def files(self, tenant: str, pipeline_id: str) -> list[PipelineFile]:
+        """Every origin file of a warm pipeline with its blob (to materialise it on disk)."""
+        record = self._find(tenant, pipeline_id)
+        if record.state != "warm":
+            raise NotWarm(f"pipeline {pipeline_id!r} is {record.state}", state=record.state)
+        return [
+            PipelineFile(model=m.name, path=f.path, blob=f.blob or "", size=f.size,
+                         verified=f.verified)
+            for m in record.models
+            for f in m.files
+        ]
 
     def _file_tensors(self, model: str, blob: str) -> list[ManifestTensor]:
         header = self._headers.get(blob)

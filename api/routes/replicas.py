@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from api.deps import Node, PipelineId, Tenant
-from api.schema import Lease, Manifest
+from api.schema import Lease, Manifest, PipelineFiles
 
 router = APIRouter(tags=["replicas"])
 
@@ -22,6 +22,12 @@ async def manifest(
 ) -> Manifest:
     """This rank's files and tensors; 409 ``not_warm`` while the pipeline is not warm."""
     return node.manifest(tenant, pipeline_id, tp_size=tp_size, rank=rank)
+
+
+@router.get("/v1/pipelines/{pipeline_id}/files", response_model=PipelineFiles)
+async def files(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineFiles:
+    """Every origin file and its blob, for ``weightcache pull``; 409 while not warm."""
+    return PipelineFiles(files=node.files(tenant, pipeline_id))
 
 
 @router.post("/v1/pipelines/{pipeline_id}/leases", response_model=Lease, status_code=201)
