@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import blobs, pipelines, replicas
+from api.routes import blobs, loads, pipelines, replicas
 from api.routes import node as node_routes
+from cache_node.load_history import LoadHistory
 from cache_node.node import VERSION, CacheNode
 from cache_node.settings import NodeSettings
 
@@ -28,13 +29,10 @@ def create_app(settings: NodeSettings, *, node: CacheNode | None = None) -> Fast
 
     app = FastAPI(title="weightcache", version=VERSION, lifespan=lifespan)
     app.state.node = cache_node
+    app.state.load_history = LoadHistory(cache_node.meta, cache_node.metrics)
     install_error_handlers(app)
-    for router in (pipelines.router, replicas.router, blobs.router, node_routes.router):
+    for router in (
+        pipelines.router, replicas.router, blobs.router, node_routes.router, loads.router
+    ):
         app.include_router(router)
-    try:
-        from api.routes import dashboard
-    except ImportError:  # the dashboard is optional while it is being built
-        pass
-    else:
-        app.include_router(dashboard.router)
     return app

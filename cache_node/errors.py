@@ -11,7 +11,7 @@ The tree::
     ├── InsufficientStorage              507 insufficient_storage
     ├── IntegrityError(ValueError)       502 integrity_error (bytes that do not match a digest)
     └── OriginError                      502 origin_error (the origin failed after the retry budget)
-        ├── OriginUnauthorized           origin answered 401/403 (gated or private): code unauthorized
+        ├── OriginUnauthorized           401/403 (gated or private): code unauthorized
         └── OriginNotFound               origin has no such repo, revision or object
 
 The HTTP mapping lives in exactly one place: ``api.errors.install_error_handlers``.

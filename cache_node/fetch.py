@@ -6,8 +6,8 @@ One :class:`Fetcher` per node. ``await fetcher.fetch(origin, file)`` returns the
 - **Single flight** (I4): concurrent callers for the same object and credential scope share one
   transfer; the others wait for its result (never a truncated file: nothing is visible before
   publish).
-- **Parts**: the file is split into ``part_size`` parts fetched by up to ``concurrency`` workers, each
-  written at its offset of a stable partial file (``tmp/<key>.partial``).
+- **Parts**: the file is split into ``part_size`` parts fetched by up to ``concurrency``
+  workers, each written at its offset of a stable partial file (``tmp/<key>.partial``).
 - **Hashing off the event loop**: a verifier walks the parts in order as they complete, in a worker
   thread, computing the sha256 (plus git sha1 / md5 when the origin declared those) and the 64 MiB
   chunk xxh3-128 digests of the store, so the digests are ready when the last part lands.
@@ -49,7 +49,15 @@ _HASH_BLOCK = 8 * 1024 * 1024
 def transfer_key(origin: Origin, source: str, revision: str, file: OriginFile) -> str:
     """The single-flight key of one object under one credential scope (hex, names the partial)."""
     identity = "\n".join(
-        [origin.scope, source, revision, file.path, file.etag or "", file.sha256 or "", str(file.size)]
+        [
+            origin.scope,
+            source,
+            revision,
+            file.path,
+            file.etag or "",
+            file.sha256 or "",
+            str(file.size),
+        ]
     )
     return hashlib.sha256(identity.encode()).hexdigest()[:40]
 
@@ -287,9 +295,8 @@ class Fetcher:
             attempt += 1
             if not error.retryable or attempt >= self.settings.max_attempts:
                 raise _exhausted(error, file, attempt)
-            delay = random.uniform(
-                0, min(self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
-            )
+            ceiling = self.settings.backoff_base_s * 2 ** (attempt - 1)
+            delay = random.uniform(0, min(self.settings.backoff_cap_s, ceiling))  # full jitter
             if error.retry_after is not None:
                 delay = max(delay, error.retry_after)
             if time.monotonic() + delay > deadline:

@@ -40,7 +40,10 @@ class NodeMetrics:
             "weightcache_evictions", "Pipelines evicted, by reason", ["reason"], registry=r
         )
         self.evicted_bytes = Counter(
-            "weightcache_evicted_bytes", "Bytes freed by eviction, by reason", ["reason"], registry=r
+            "weightcache_evicted_bytes",
+            "Bytes freed by eviction, by reason",
+            ["reason"],
+            registry=r,
         )
         self.bytes_served = Counter(
             "weightcache_bytes_served", "Blob bytes sent to clients", registry=r

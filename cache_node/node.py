@@ -48,7 +48,6 @@ from cache_node.registry import (
     PipelineRecord,
     Registry,
     ShardSet,
-    pipeline_key,
 )
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobRecord, BlobStore, Reservation
@@ -181,7 +180,7 @@ class CacheNode:
     def status(self, tenant: str, pipeline_id: str) -> PipelineStatus:
         return self.status_of(self._find(tenant, pipeline_id))
 
-    def list(self, tenant: str) -> list[PipelineStatus]:
+    def pipelines(self, tenant: str) -> list[PipelineStatus]:
         records = self.registry.all()
         return sorted(
             (self.status_of(r) for r in records if tenant in (r.tenant, ADMIN_TENANT)),
@@ -354,7 +353,7 @@ class CacheNode:
 
     async def _fill(self, prepared: _Prepared) -> None:
         record = prepared.record
-        progress = self._progress.setdefault(record.key, {})
+        self._progress.setdefault(record.key, {})
         limiter = anyio.CapacityLimiter(_FILES_AT_ONCE)
         try:
             async with anyio.create_task_group() as group:
@@ -633,10 +632,10 @@ class CacheNode:
                     index.setdefault(sha, set()).add(record.tenant)
             self._blob_tenants = index
         tenants = self._blob_tenants.get(sha256, set())
-        record = self.store.get(sha256)
-        if record is None or not (tenant in tenants or (tenant == ADMIN_TENANT and tenants)):
+        blob = self.store.get(sha256)
+        if blob is None or not (tenant in tenants or (tenant == ADMIN_TENANT and tenants)):
             raise NotFound(f"no blob {sha256}")
-        return record
+        return blob
 
     def iter_blob(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
         """Verified bytes ``[start, end)`` of a blob (I2)."""

@@ -1,8 +1,9 @@
 """Pipelines and leases: what a node has been asked to keep warm, and who is loading it.
 
-Records live in the node's :class:`~cache_node.metadata.KeyValue` (diskcache on one node, Redis in a
-multi-node region) under ``pipeline:<tenant>/<id>`` and ``lease:<lease_id>``. A pipeline id is unique
-within its tenant, so one tenant can neither see nor guess another's pipelines (I7).
+Records live in the node's :class:`~cache_node.metadata.KeyValue` (diskcache on one node,
+Redis in a multi-node region) under ``pipeline:<tenant>/<id>`` and ``lease:<lease_id>``.
+A pipeline id is unique within its tenant, so one tenant can neither see nor guess another's
+pipelines (I7).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 from api.schema import ModelSpec, PipelineStatus
 from clients.client import Client, WarmFailed
 from clients.errors import ApiError
-from clients.render import print_status_table, watch_status, wait_with_progress
+from clients.render import print_status_table, wait_with_progress, watch_status
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -82,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             watch_status(client, args.id)
             return 0
         statuses: list[PipelineStatus] = (
-            [client.status(args.id)] if args.id else client.list()
+            [client.status(args.id)] if args.id else client.pipelines()
         )
         if args.json:
             payload: Any = (
@@ -122,21 +122,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from clients.load_cli import run_load
 
-    return run_load(args)
+    code: int = run_load(args)
+    return code
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from loader.launcher import launch
 
-    return launch(
+    code: int = launch(
         args.id, tp_size=args.tp_size, command=args.command, url=args.url, token=args.token
     )
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from clients.demo import run_demo
 
-    return run_demo(keep=args.keep)
+    code: int = run_demo(keep=args.keep)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,7 +129,7 @@ class Client(_BaseClient):
             self._parse(self.http.get(f"/v1/pipelines/{pipeline_id}"))
         )
 
-    def list(self) -> list[PipelineStatus]:
+    def pipelines(self) -> list[PipelineStatus]:
         return PipelineList.model_validate(self._parse(self.http.get("/v1/pipelines"))).pipelines
 
     def warm(self, pipeline_id: str) -> PipelineStatus:
@@ -235,7 +235,7 @@ class AsyncClient(_BaseClient):
         answer = await self.http.get(f"/v1/pipelines/{pipeline_id}")
         return PipelineStatus.model_validate(self._parse(answer))
 
-    async def list(self) -> list[PipelineStatus]:
+    async def pipelines(self) -> list[PipelineStatus]:
         answer = await self.http.get("/v1/pipelines")
         return PipelineList.model_validate(self._parse(answer)).pipelines
 

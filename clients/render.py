@@ -103,7 +103,7 @@ def watch_status(client: Client, pipeline_id: str | None, *, interval_s: float =
     from rich.live import Live
 
     def statuses() -> list[PipelineStatus]:
-        return [client.status(pipeline_id)] if pipeline_id else client.list()
+        return [client.status(pipeline_id)] if pipeline_id else client.pipelines()
 
     with Live(_table(statuses()), refresh_per_second=4) as live:
         try:

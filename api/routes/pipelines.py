@@ -23,7 +23,7 @@ async def register(
 
 @router.get("", response_model=PipelineList)
 async def list_pipelines(node: Node, tenant: Tenant) -> PipelineList:
-    return PipelineList(pipelines=node.list(tenant))
+    return PipelineList(pipelines=node.pipelines(tenant))
 
 
 @router.get("/{pipeline_id}", response_model=PipelineStatus)
