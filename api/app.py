@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import blobs, loads, pipelines, replicas
+from api.routes import blobs, dashboard, loads, pipelines, replicas
 from api.routes import node as node_routes
 from cache_node.load_history import LoadHistory
 from cache_node.node import VERSION, CacheNode
@@ -32,7 +32,12 @@ def create_app(settings: NodeSettings, *, node: CacheNode | None = None) -> Fast
     app.state.load_history = LoadHistory(cache_node.meta, cache_node.metrics)
     install_error_handlers(app)
     for router in (
-        pipelines.router, replicas.router, blobs.router, node_routes.router, loads.router
+        pipelines.router,
+        replicas.router,
+        blobs.router,
+        node_routes.router,
+        loads.router,
+        dashboard.router,
     ):
         app.include_router(router)
     return app

@@ -174,3 +174,38 @@ class PipelineFile(_Wire):
 
 class PipelineFiles(_Wire):
     files: list[PipelineFile]
+
+
+class LoadStages(_Wire):
+    """Seconds a replica's cold start spent in each stage (wall clock).
+
+    ``verify`` is hashing time and may overlap ``stream``; ``total`` is the whole load.
+    """
+
+    lease: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    manifest: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    connect: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    stream: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    verify: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    total: float = Field(ge=0, allow_inf_nan=False)
+
+
+class LoadReport(_Wire):
+    """What one replica load did: the body of ``POST /v1/pipelines/{id}/loads`` (an extension
+    of the contract). ``pipeline`` and ``at`` are filled in by the node when left out."""
+
+    pipeline: Identifier | None = None
+    tp_size: int = Field(default=1, ge=1, le=64)
+    rank: int = Field(default=0, ge=0, le=63)
+    device: str = Field(default="cpu", min_length=1, max_length=64)
+    bytes: int = Field(ge=0)
+    stages: LoadStages
+    gbps: float = Field(ge=0, allow_inf_nan=False)
+    at: float | None = Field(default=None, allow_inf_nan=False)
+    source: Literal["local", "http"] = "http"
+
+
+class LoadList(_Wire):
+    """``GET /v1/pipelines/{id}/loads`` and ``GET /v1/loads``: recent loads, newest first."""
+
+    loads: list[LoadReport]

@@ -1,0 +1,564 @@
+// weightcache dashboard: polls the node's JSON API once a second and renders it.
+// Plain browser JavaScript, no dependencies. Every string from the API goes through esc().
+(() => {
+  "use strict";
+
+  const POLL_MS = 1000;
+  const TIMEOUT_MS = 5000;
+  const TOKEN_KEY = "weightcache.token";
+  const STATES = ["warm", "warming", "cold", "failed", "evicted"];
+  const STAGES = [
+    ["lease", "Lease"],
+    ["manifest", "Manifest"],
+    ["connect", "Connect"],
+    ["stream", "Stream"],
+    ["other", "Other"],
+  ];
+  const CHART_BARS = 30;
+  const CARD_LOADS = 5;
+
+  const $ = (id) => document.getElementById(id);
+
+  const view = {
+    token: localStorage.getItem(TOKEN_KEY) || "",
+    filter: "all",
+    query: "",
+    node: null,
+    pipelines: [],
+    loads: [],
+    lastOk: 0,
+    waitingForToken: false,
+    timer: 0,
+    cards: new Map(), // pipeline key -> {el, head, rest, fill, meta, html}
+  };
+
+  // ------------------------------------------------------------------ formatting
+
+  function esc(value) {
+    return String(value ?? "").replace(/[&<>"']/g, (c) => ({
+      "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;",
+    }[c]));
+  }
+
+  function fmtBytes(n) {
+    if (n === null || n === undefined || Number.isNaN(n)) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let value = Number(n);
+    let unit = 0;
+    while (Math.abs(value) >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    const digits = unit === 0 ? 0 : value >= 100 ? 0 : value >= 10 ? 1 : 2;
+    return `${value.toFixed(digits)} ${units[unit]}`;
+  }
+
+  function fmtSeconds(s) {
+    if (s === null || s === undefined) return "–";
+    if (s < 0.001) return "0 ms";
+    if (s < 1) return `${Math.round(s * 1000)} ms`;
+    if (s < 60) return `${s.toFixed(s < 10 ? 2 : 1)} s`;
+    return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  }
+
+  function fmtRelative(ts) {
+    if (!ts) return "never";
+    const delta = Date.now() / 1000 - ts;
+    const future = delta < 0;
+    const d = Math.abs(delta);
+    let text;
+    if (d < 5) return future ? "now" : "just now";
+    if (d < 60) text = `${Math.round(d)} s`;
+    else if (d < 3600) text = `${Math.round(d / 60)} min`;
+    else if (d < 86400) text = `${Math.round(d / 3600)} h`;
+    else text = `${Math.round(d / 86400)} d`;
+    return future ? `in ${text}` : `${text} ago`;
+  }
+
+  function fmtClock(ts) {
+    const date = new Date(ts * 1000);
+    const sameDay = date.toDateString() === new Date().toDateString();
+    const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    return sameDay ? time : `${date.toLocaleDateString()} ${time}`;
+  }
+
+  function pct(part, whole) {
+    if (!whole) return 0;
+    return Math.max(0, Math.min(100, (100 * part) / whole));
+  }
+
+  function shortRevision(rev) {
+    if (!rev) return "";
+    if (/^[0-9a-f]{40}$/.test(rev)) return rev.slice(0, 10);
+    if (rev.startsWith("local-")) return rev.slice(0, 14);
+    return rev.length > 18 ? `${rev.slice(0, 17)}…` : rev;
+  }
+
+  // ------------------------------------------------------------------ API
+
+  class HttpError extends Error {
+    constructor(status, body) {
+      super((body && body.error && body.error.message) || `HTTP ${status}`);
+      this.status = status;
+    }
+  }
+
+  async function api(path) {
+    const headers = { Accept: "application/json" };
+    if (view.token) headers.Authorization = `Bearer ${view.token}`;
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), TIMEOUT_MS);
+    try {
+      const response = await fetch(path, { headers, signal: controller.signal, cache: "no-store" });
+      if (!response.ok) {
+        throw new HttpError(response.status, await response.json().catch(() => null));
+      }
+      return await response.json();
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async function poll() {
+    clearTimeout(view.timer);
+    try {
+      const [node, list, loads] = await Promise.all([
+        api("/v1/node"),
+        api("/v1/pipelines"),
+        api(`/v1/loads?limit=${CHART_BARS + 20}`).catch((error) => {
+          if (error instanceof HttpError && error.status === 401) throw error;
+          return { loads: [] }; // history is a nicety: never let it blank the page
+        }),
+      ]);
+      view.node = node;
+      view.pipelines = list.pipelines || [];
+      view.loads = loads.loads || [];
+      view.lastOk = Date.now();
+      render();
+      setLive("ok");
+    } catch (error) {
+      if (error instanceof HttpError && error.status === 401) {
+        askForToken(view.token ? "That token was not accepted by this node." : null);
+        setLive("auth");
+        return; // polling resumes when a token is saved
+      }
+      setLive("error", error);
+    }
+    view.timer = setTimeout(poll, POLL_MS);
+  }
+
+  function setLive(mode, error) {
+    const live = $("live");
+    live.dataset.live = mode;
+    const text = $("live-text");
+    if (mode === "ok") text.textContent = "live";
+    else if (mode === "auth") text.textContent = "token needed";
+    else {
+      const since = view.lastOk ? `, last update ${fmtRelative(view.lastOk / 1000)}` : "";
+      text.textContent = `offline, retrying${since}`;
+      live.title = String(error && error.message ? error.message : error || "");
+    }
+  }
+
+  // ------------------------------------------------------------------ node panel
+
+  function renderNode(node) {
+    $("node-id").textContent = node.node_id;
+    $("node-region").textContent = node.region;
+    $("node-version").textContent = node.version;
+    const cap = node.capacity || 0;
+    $("seg-used").style.width = `${pct(node.used, cap)}%`;
+    $("seg-reserved").style.width = `${pct(node.reserved, cap)}%`;
+    for (const [id, mark, label] of [
+      ["wm-low", node.low_watermark, "low"],
+      ["wm-high", node.high_watermark, "high"],
+    ]) {
+      const el = $(id);
+      el.style.left = `${Math.round(mark * 1000) / 10}%`;
+      el.firstElementChild.textContent = `${label} ${Math.round(mark * 100)}%`;
+    }
+    const usedPct = pct(node.used + node.reserved, cap);
+    $("st-used").innerHTML = `${esc(fmtBytes(node.used))}<small>${pct(node.used, cap).toFixed(0)}%</small>`;
+    $("st-reserved").textContent = fmtBytes(node.reserved);
+    $("st-free").textContent = fmtBytes(node.free);
+    $("st-capacity").textContent = fmtBytes(cap);
+    const extras = [];
+    if (node.temp) extras.push(`${fmtBytes(node.temp)} in flight`);
+    if (node.quarantined) extras.push(`${fmtBytes(node.quarantined)} quarantined`);
+    const level = usedPct >= node.high_watermark * 100 ? "above the high watermark" : `${usedPct.toFixed(0)}% allocated`;
+    $("storage-note").textContent = [level, ...extras].join(" · ");
+  }
+
+  // ------------------------------------------------------------------ filters
+
+  function renderFilters() {
+    const counts = Object.fromEntries(STATES.map((s) => [s, 0]));
+    for (const p of view.pipelines) counts[p.state] = (counts[p.state] || 0) + 1;
+    const items = [["all", "All", view.pipelines.length], ...STATES.map((s) => [s, s[0].toUpperCase() + s.slice(1), counts[s]])];
+    const html = items.map(([key, label, count]) => {
+      const dot = key === "all" ? "" : `<i class="dot dot-${key}"></i>`;
+      return `<button type="button" class="filter" role="tab" data-filter="${key}" aria-selected="${view.filter === key}">${dot}${label}<span class="count">${count}</span></button>`;
+    }).join("");
+    const filters = $("filters");
+    if (filters.dataset.html !== html) {
+      filters.innerHTML = html;
+      filters.dataset.html = html;
+    }
+  }
+
+  function visible(p) {
+    if (view.filter !== "all" && p.state !== view.filter) return false;
+    if (!view.query) return true;
+    const q = view.query.toLowerCase();
+    return p.id.toLowerCase().includes(q)
+      || p.tenant.toLowerCase().includes(q)
+      || p.models.some((m) => m.name.toLowerCase().includes(q) || m.source.toLowerCase().includes(q));
+  }
+
+  // ------------------------------------------------------------------ cold-start chart
+
+  function stageParts(load) {
+    const s = load.stages;
+    const known = s.lease + s.manifest + s.connect + s.stream;
+    return { lease: s.lease, manifest: s.manifest, connect: s.connect, stream: s.stream, other: Math.max(0, s.total - known) };
+  }
+
+  function niceMax(value) {
+    if (value <= 0) return 1;
+    const exp = Math.pow(10, Math.floor(Math.log10(value)));
+    for (const step of [1, 2, 2.5, 5, 10]) if (step * exp >= value) return step * exp;
+    return 10 * exp;
+  }
+
+  function renderChart() {
+    const loads = view.loads.slice(0, CHART_BARS).reverse(); // oldest first, left to right
+    const chart = $("chart");
+    $("legend").innerHTML = STAGES.map(([k, label]) => `<span><i class="st-${k}"></i>${label}</span>`).join("");
+    if (loads.length === 0) {
+      const html = '<div class="chart-empty">No loads reported yet.<br>Each <code>weightcache load</code> reports its stage timings here.</div>';
+      if (chart.dataset.html !== html) { chart.innerHTML = html; chart.dataset.html = html; }
+      $("chart-note").textContent = "";
+      return;
+    }
+    const W = 600, H = 132, left = 40, bottom = 16, top = 6;
+    const max = niceMax(Math.max(...loads.map((l) => l.stages.total)));
+    const plotH = H - bottom - top;
+    const slot = (W - left) / CHART_BARS;
+    const barW = Math.max(4, slot * 0.68);
+    let svg = `<svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none" role="img" aria-label="cold-start times">`;
+    for (const f of [0, 0.5, 1]) {
+      const y = top + plotH * (1 - f);
+      svg += `<line class="grid" x1="${left}" x2="${W}" y1="${y}" y2="${y}"/>`;
+      svg += `<text class="axis-label" x="${left - 6}" y="${y + 3.5}" text-anchor="end">${esc(fmtSeconds(max * f))}</text>`;
+    }
+    loads.forEach((load, i) => {
+      const x = left + slot * i + (slot - barW) / 2;
+      let y = top + plotH;
+      const parts = stageParts(load);
+      let rects = "";
+      for (const [k] of STAGES) {
+        const h = (parts[k] / max) * plotH;
+        if (h <= 0) continue;
+        y -= h;
+        rects += `<rect class="st-${k}" x="${x.toFixed(1)}" y="${y.toFixed(1)}" width="${barW.toFixed(1)}" height="${h.toFixed(1)}"/>`;
+      }
+      const title = `${load.pipeline} · TP${load.tp_size} rank ${load.rank} · ${load.device}\n`
+        + `${fmtSeconds(load.stages.total)} total · ${load.gbps.toFixed(2)} GB/s · ${fmtBytes(load.bytes)}\n`
+        + STAGES.slice(0, 4).map(([k, label]) => `${label} ${fmtSeconds(load.stages[k])}`).join(" · ")
+        + ` · Verify ${fmtSeconds(load.stages.verify)}\n${fmtRelative(load.at)}`;
+      svg += `<g class="bar"><title>${esc(title)}</title>${rects}</g>`;
+    });
+    svg += `<text class="axis-label" x="${left}" y="${H - 2}">older</text>`;
+    svg += `<text class="axis-label" x="${W}" y="${H - 2}" text-anchor="end">latest</text></svg>`;
+    if (chart.dataset.html !== svg) { chart.innerHTML = svg; chart.dataset.html = svg; }
+    const totals = loads.map((l) => l.stages.total).sort((a, b) => a - b);
+    const median = totals[Math.floor((totals.length - 1) / 2)];
+    const best = Math.max(...loads.map((l) => l.gbps));
+    const latest = loads[loads.length - 1];
+    $("chart-note").textContent = `last ${fmtSeconds(latest.stages.total)} · median ${fmtSeconds(median)} · best ${best.toFixed(1)} GB/s`;
+  }
+
+  // ------------------------------------------------------------------ pipeline cards
+
+  const ICONS = {
+    pin: '<svg viewBox="0 0 16 16"><path d="M9.8 1.5l4.7 4.7-1.4.4-2.6 2.6.3 3.4-1.2 1.2-2.8-2.8-3.6 3.6-.7-.7 3.6-3.6L3.3 7.5l1.2-1.2 3.4.3 2.6-2.6z"/></svg>',
+    flame: '<svg viewBox="0 0 16 16"><path d="M8 1c.5 2.5 4 4 4 8a4 4 0 0 1-8 0c0-1.8.9-3 2-4 0 1.2.5 2 1.3 2.3C7 5.5 7.3 3 8 1z"/></svg>',
+    lock: '<svg viewBox="0 0 16 16"><path d="M4 7V5a4 4 0 0 1 8 0v2h1v8H3V7zm2 0h4V5a2 2 0 0 0-4 0z"/></svg>',
+  };
+
+  function cardKey(p) {
+    return `${p.tenant}/${p.id}`;
+  }
+
+  function cardHead(p, showTenant) {
+    const registered = `registered ${fmtRelative(p.registered_at)}`;
+    const tenant = showTenant ? `<span>tenant ${esc(p.tenant)}</span> · ` : "";
+    return `<div class="card-head">
+        <div class="card-title">
+          <a class="pid" href="/v1/pipelines/${encodeURIComponent(p.id)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}" title="Show this pipeline's JSON">${esc(p.id)}</a><a class="json-link" href="/v1/pipelines/${encodeURIComponent(p.id)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}">JSON</a>
+          <div class="subtitle">${tenant}${esc(registered)}</div>
+        </div>
+        <span class="chip" data-state="${esc(p.state)}"><span class="chip-key">cache:</span> ${esc(p.state)}</span>
+      </div>`;
+  }
+
+  function progressText(p) {
+    const percent = p.state === "warm" ? 100 : Math.floor(p.progress * 1000) / 10;
+    const label = {
+      warm: "cached",
+      warming: "warming",
+      cold: "not cached",
+      failed: "stopped",
+      evicted: "evicted",
+    }[p.state] || p.state;
+    return `<span><strong>${esc(fmtBytes(p.bytes_cached))}</strong> / ${esc(fmtBytes(p.bytes_total))} ${label}</span><span>${percent.toFixed(p.state === "warming" ? 1 : 0)}%</span>`;
+  }
+
+  function badges(p) {
+    const out = [];
+    if (p.hot) out.push(`<span class="badge hot" title="used within the hot window">${ICONS.flame}hot</span>`);
+    if (p.pinned) out.push(`<span class="badge pinned" title="never evicted">${ICONS.pin}pinned</span>`);
+    if (p.active_leases) {
+      const n = p.active_leases;
+      out.push(`<span class="badge leases" title="replicas loading it now">${ICONS.lock}${n} lease${n === 1 ? "" : "s"}</span>`);
+    }
+    return out.join("");
+  }
+
+  function fact(key, value, dim) {
+    return `<div class="fact"><div class="fact-key">${esc(key)}</div><div class="fact-value${dim ? " dim" : ""}">${value}</div></div>`;
+  }
+
+  function stageBar(load) {
+    const parts = stageParts(load);
+    const total = Object.values(parts).reduce((a, b) => a + b, 0) || 1;
+    let x = 0;
+    let rects = "";
+    for (const [k] of STAGES) {
+      const w = (parts[k] / total) * 100;
+      if (w <= 0) continue;
+      rects += `<rect class="st-${k}" x="${x.toFixed(2)}" y="0" width="${w.toFixed(2)}" height="8"/>`;
+      x += w;
+    }
+    const title = STAGES.map(([k, label]) => `${label} ${fmtSeconds(parts[k])}`).join(" · ") + ` · Verify ${fmtSeconds(load.stages.verify)}`;
+    return `<svg class="stagebar" viewBox="0 0 100 8" preserveAspectRatio="none"><title>${esc(title)}</title>${rects}</svg>`;
+  }
+
+  function loadsTable(p) {
+    const loads = view.loads.filter((l) => l.pipeline === p.id).slice(0, CARD_LOADS);
+    if (loads.length === 0) return '<div class="no-loads">No loads reported yet.</div>';
+    const rows = loads.map((l) => `<tr>
+        <td title="${esc(fmtClock(l.at))}">${esc(fmtRelative(l.at))}</td>
+        <td>TP${l.tp_size} · r${l.rank}</td>
+        <td class="mono">${esc(l.device)}</td>
+        <td>${esc(l.source)}</td>
+        <td class="num">${esc(fmtBytes(l.bytes))}</td>
+        <td class="num">${esc(fmtSeconds(l.stages.total))}</td>
+        <td class="num gbps">${l.gbps.toFixed(1)} GB/s</td>
+        <td class="stages">${stageBar(l)}</td>
+      </tr>`).join("");
+    return `<table class="loads"><thead><tr><th>when</th><th>shard</th><th>device</th><th>via</th><th class="num">bytes</th><th class="num">total</th><th class="num">speed</th><th class="stages">stages</th></tr></thead><tbody>${rows}</tbody></table>`;
+  }
+
+  function cardRest(p) {
+    const models = p.models.map((m) => `<div class="model">
+        <span class="model-name">${esc(m.name)}</span>
+        <span class="model-source" title="${esc(m.source)}${m.revision ? ` @ ${esc(m.revision)}` : ""}">${esc(m.source)}${m.revision ? `<span class="rev">${esc(shortRevision(m.revision))}</span>` : ""}</span>
+        <span class="model-size">${m.files ? `${m.files} file${m.files === 1 ? "" : "s"} · ${esc(fmtBytes(m.bytes_total))}` : "resolving…"}</span>
+      </div>`).join("");
+    const shards = p.tp_sizes.map((tp) => {
+      const ready = (p.shards && p.shards[String(tp)]) || "pending";
+      return `<span class="shard" data-ready="${esc(ready)}" data-tp="${tp}"><b>TP ${tp}</b>${esc(ready)}</span>`;
+    }).join("");
+    let error = "";
+    if (p.error) {
+      const retry = p.error.retry_at
+        ? `retries ${esc(fmtRelative(p.error.retry_at))} (${esc(fmtClock(p.error.retry_at))})`
+        : "no automatic retry: fix the cause, then warm it again";
+      error = `<div class="error-box" role="alert">
+          <div class="error-code">${esc(p.error.code)}</div>
+          <div class="error-message">${esc(p.error.message)}</div>
+          <div class="error-retry">${retry}</div>
+        </div>`;
+    }
+    let note = "";
+    if (p.state === "evicted") note = `<div class="note-box">Evicted${p.evicted_reason ? ` (${esc(p.evicted_reason)})` : ""}: its bytes were freed; it warms again on request.</div>`;
+    else if (p.unverified_files) note = `<div class="note-box">${p.unverified_files} file${p.unverified_files === 1 ? "" : "s"} had no origin digest: size-checked, hashed on arrival.</div>`;
+    const lastUsed = p.last_used_at ? esc(fmtRelative(p.last_used_at)) : "never";
+    return `<div class="facts">
+        ${fact("Size", esc(fmtBytes(p.bytes_total)))}
+        ${fact("Last used", lastUsed, !p.last_used_at)}
+        ${fact("Active leases", String(p.active_leases || 0), !p.active_leases)}
+        ${fact("Flags", badges(p) ? `<span class="badges">${badges(p)}</span>` : "none", !badges(p))}
+      </div>
+      ${error}${note}
+      <div class="section"><div class="section-title">Models</div><div class="models">${models}</div></div>
+      <div class="section"><div class="section-title">Tensor-parallel shards</div><div class="shards">${shards}</div></div>
+      <div class="section"><div class="section-title">Recent loads</div>${loadsTable(p)}</div>`;
+  }
+
+  function makeCard(key) {
+    const el = document.createElement("article");
+    el.className = "card";
+    el.innerHTML = '<div class="card-top"></div><div class="progress"><div class="progress-fill"></div></div><div class="progress-meta"></div><div class="card-rest"></div>';
+    const card = {
+      el,
+      top: el.querySelector(".card-top"),
+      fill: el.querySelector(".progress-fill"),
+      meta: el.querySelector(".progress-meta"),
+      rest: el.querySelector(".card-rest"),
+      html: {},
+    };
+    view.cards.set(key, card);
+    return card;
+  }
+
+  function setHtml(card, part, html) {
+    if (card.html[part] !== html) {
+      card[part].innerHTML = html;
+      card.html[part] = html;
+    }
+  }
+
+  function renderCards() {
+    const container = $("pipelines");
+    const showTenant = new Set(view.pipelines.map((p) => p.tenant)).size > 1;
+    const shown = view.pipelines.filter(visible);
+    const keep = new Set();
+    shown.forEach((p, index) => {
+      const key = cardKey(p);
+      keep.add(key);
+      const card = view.cards.get(key) || makeCard(key);
+      card.el.dataset.pipeline = p.id;
+      card.el.dataset.state = p.state;
+      setHtml(card, "top", cardHead(p, showTenant));
+      const width = p.state === "warm" ? 100 : pct(p.progress, 1);
+      card.fill.style.width = `${width}%`;
+      card.fill.dataset.progress = width.toFixed(2);
+      setHtml(card, "meta", progressText(p));
+      setHtml(card, "rest", cardRest(p));
+      if (container.children[index] !== card.el) container.insertBefore(card.el, container.children[index] || null);
+    });
+    for (const [key, card] of view.cards) {
+      if (!keep.has(key)) {
+        card.el.remove();
+        view.cards.delete(key);
+      }
+    }
+    const empty = $("empty");
+    if (view.pipelines.length === 0) {
+      empty.innerHTML = "No pipelines on this node yet. Register one:<br><br><code>weightcache register chat --model llm=hf://org/model --tp 1,2 --wait</code>";
+      empty.hidden = false;
+    } else if (shown.length === 0) {
+      empty.textContent = "No pipeline matches this filter.";
+      empty.hidden = false;
+    } else {
+      empty.hidden = true;
+    }
+  }
+
+  function render() {
+    if (view.node) renderNode(view.node);
+    renderFilters();
+    renderChart();
+    renderCards();
+  }
+
+  // ------------------------------------------------------------------ token and JSON dialogs
+
+  function askForToken(reason) {
+    view.waitingForToken = true;
+    $("token-reason").textContent = reason || "This node needs a token to show its pipelines.";
+    $("token-input").value = "";
+    const dialog = $("token-dialog");
+    if (!dialog.open) dialog.showModal();
+    $("token-input").focus();
+  }
+
+  function saveToken(token) {
+    view.token = token;
+    if (token) localStorage.setItem(TOKEN_KEY, token);
+    else localStorage.removeItem(TOKEN_KEY);
+    for (const card of view.cards.values()) card.el.remove();
+    view.cards.clear();
+    view.pipelines = [];
+    view.loads = [];
+    $("token-dialog").close();
+    view.waitingForToken = false;
+    poll();
+  }
+
+  function highlightJson(value) {
+    const text = JSON.stringify(value, null, 2);
+    return esc(text).replace(
+      /(&quot;(?:[^&]|&(?!quot;))*?&quot;)(\s*:)?|\b(true|false|null)\b|(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)/g,
+      (match, str, colon, literal, number) => {
+        if (str) return colon ? `<span class="k">${str}</span>${colon}` : `<span class="s">${str}</span>`;
+        if (literal) return `<span class="l">${literal}</span>`;
+        return `<span class="n">${number}</span>`;
+      },
+    );
+  }
+
+  async function showJson(path) {
+    const dialog = $("json-dialog");
+    $("json-title").textContent = path;
+    $("json-body").textContent = "loading…";
+    if (!dialog.open) dialog.showModal();
+    try {
+      $("json-body").innerHTML = highlightJson(await api(path));
+    } catch (error) {
+      $("json-body").textContent = `Could not load ${path}: ${error.message}`;
+    }
+  }
+
+  // ------------------------------------------------------------------ wiring
+
+  function readHash() {
+    const match = /(?:^|[#&])state=([a-z]+)/.exec(location.hash);
+    view.filter = match && STATES.includes(match[1]) ? match[1] : "all";
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    readHash();
+    $("filters").addEventListener("click", (event) => {
+      const button = event.target.closest("[data-filter]");
+      if (!button) return;
+      view.filter = button.dataset.filter;
+      history.replaceState(null, "", view.filter === "all" ? location.pathname : `#state=${view.filter}`);
+      render();
+    });
+    window.addEventListener("hashchange", () => { readHash(); render(); });
+    $("search").addEventListener("input", (event) => {
+      view.query = event.target.value.trim();
+      renderCards();
+    });
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "/" && document.activeElement.tagName !== "INPUT") {
+        event.preventDefault();
+        $("search").focus();
+      }
+    });
+    document.addEventListener("click", (event) => {
+      const link = event.target.closest("[data-json-path]");
+      // a modified click opens the raw JSON (works as is when auth is off)
+      if (!link || event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
+      event.preventDefault();
+      showJson(link.dataset.jsonPath);
+    });
+    $("json-close").addEventListener("click", () => $("json-dialog").close());
+    $("token-button").addEventListener("click", () => askForToken(view.token ? "Replace or forget the token this page uses." : "Paste an API token for this node."));
+    $("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      saveToken($("token-input").value.trim());
+    });
+    $("token-clear").addEventListener("click", () => saveToken(""));
+    $("token-cancel").addEventListener("click", () => {
+      $("token-dialog").close();
+      if (view.waitingForToken) setLive("auth");
+    });
+    poll();
+    // relative times ("12 s ago") keep moving between polls that change nothing
+    setInterval(() => { if (!view.waitingForToken && view.lastOk) render(); }, 5000);
+  });
+})();
