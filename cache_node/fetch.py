@@ -36,7 +36,7 @@ from typing import Any
 import anyio
 import xxhash
 
-from cache_node.errors import IntegrityError, OriginError, WeightCacheError
+from cache_node.errors import IntegrityError, OriginError, WeightCacheError, first_error
 from cache_node.metrics import NodeMetrics
 from cache_node.origins.base import Origin, OriginFile
 from cache_node.settings import FetchSettings
@@ -252,9 +252,12 @@ class Fetcher:
                 await anyio.to_thread.run_sync(journal.commit_part, fd, index, digest)
                 ready[index].set()
 
-        async with anyio.create_task_group() as group:
-            for _ in range(min(self.settings.concurrency, max(1, len(queue)))):
-                group.start_soon(worker)
+        try:
+            async with anyio.create_task_group() as group:
+                for _ in range(min(self.settings.concurrency, max(1, len(queue)))):
+                    group.start_soon(worker)
+        except BaseExceptionGroup as group_error:
+            raise first_error(group_error) from None
 
     async def _fetch_part(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 import anyio
 
+import eviction
 from api.schema import (
     ErrorInfo,
     Lease,
@@ -23,6 +25,7 @@ from api.schema import (
     ManifestBlob,
     ManifestFile,
     ManifestTensor,
+    ModelSpec,
     ModelStatus,
     NodeInfo,
     PipelineFile,
@@ -36,12 +39,13 @@ from cache_node.errors import (
     NotFound,
     NotWarm,
     WeightCacheError,
+    first_error,
 )
 from cache_node.fetch import Fetcher, transfer_key
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.metrics import NodeMetrics
-from cache_node.origins import Origin, open_origin
-from cache_node.origins.base import OriginFile
+from cache_node.origins import Origin, open_origin, validate_source
+from cache_node.origins.base import OriginFile, Snapshot
 from cache_node.registry import (
     FileEntry,
     ModelEntry,
@@ -51,6 +55,7 @@ from cache_node.registry import (
 )
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobRecord, BlobStore, Reservation
+from loader.errors import HeaderError
 from loader.safetensors_format import read_header
 
 log = logging.getLogger("weightcache.node")
@@ -92,6 +97,10 @@ class CacheNode:
         self._blob_tenants: dict[str, set[str]] | None = None
         self._headers: dict[str, Any] = {}
         self._lock = asyncio.Lock()
+        self._resolving: dict[tuple[object, ...], asyncio.Task[Snapshot]] = {}
+        self._eviction_lock = threading.Lock()
+        self._watermark_task: asyncio.Task[None] | None = None
+        self.store.make_room = self.make_room
 
     @property
     def auth_enabled(self) -> bool:
@@ -111,8 +120,11 @@ class CacheNode:
                 with contextlib.suppress(WeightCacheError):
                     await self._start_warm(record)
         self._update_gauges()
+        self._watermark_task = asyncio.create_task(self._watermark_loop(), name="watermarks")
 
     async def stop(self) -> None:
+        if self._watermark_task is not None:
+            self._watermark_task.cancel()
         for task in list(self._jobs.values()):
             task.cancel()
         for task in list(self._jobs.values()):
@@ -150,7 +162,7 @@ class CacheNode:
         """Upsert a pipeline and start its pre-warm. Returns (status, changed)."""
         _validate_spec(spec)
         for model in spec.models:  # a bad source is a 400 before anything is recorded
-            open_origin(model, self.settings, auth_enabled=self.auth_enabled)
+            validate_source(model, self.settings, auth_enabled=self.auth_enabled)
         async with self._lock:
             existing = self.registry.get(tenant, pipeline_id)
             if (
@@ -222,6 +234,81 @@ class CacheNode:
         self._update_gauges()
         return freed
 
+    # ------------------------------------------------------------------ eviction
+    def _eviction_entries(self) -> list[eviction.Entry]:
+        leases = self.registry.active_leases()
+        return [
+            eviction.Entry(
+                pipeline_id=record.key,
+                blobs=record.blobs(),
+                last_used_at=record.last_used_at,
+                registered_at=record.registered_at,
+                pinned=record.spec.pinned,
+                # a pipeline being filled is as untouchable as a leased one
+                leased=bool(leases.get(record.key)) or record.state == "warming",
+            )
+            for record in self.registry.all()
+            if record.blobs()
+        ]
+
+    def _limits(self) -> eviction.Limits:
+        settings = self.settings.eviction
+        return eviction.Limits(
+            capacity=self.store.capacity,
+            high_watermark=settings.high_watermark,
+            low_watermark=settings.low_watermark,
+            hot_window_s=settings.hot_window_s,
+        )
+
+    def _policy_usage(self) -> eviction.Usage:
+        usage = self.store.usage()
+        return eviction.Usage(committed=usage.committed, reserved=usage.reserved + usage.temp)
+
+    def make_room(self, nbytes: int) -> int:
+        """Evict by the policy so ``nbytes`` more fit; called by the store when space is short.
+
+        An unsatisfiable plan evicts nothing (the caller answers 507). Returns bytes freed.
+        """
+        with self._eviction_lock:
+            plan = eviction.plan(
+                self._eviction_entries(),
+                need_bytes=nbytes,
+                usage=self._policy_usage(),
+                limits=self._limits(),
+                now=time.time(),
+            )
+            return self._execute(plan)
+
+    def enforce_watermarks(self) -> int:
+        """Above the high watermark, evict cold pipelines down to the low one. Returns bytes."""
+        with self._eviction_lock:
+            plan = eviction.plan_watermark(
+                self._eviction_entries(),
+                usage=self._policy_usage(),
+                limits=self._limits(),
+                now=time.time(),
+            )
+            return self._execute(plan)
+
+    def _execute(self, plan: eviction.EvictionPlan) -> int:
+        freed = 0
+        for victim in plan.victims:
+            tenant, _, pipeline_id = victim.pipeline_id.partition("/")
+            record = self.registry.get(tenant, pipeline_id)
+            if record is None:
+                continue
+            log.info("evicting %s (%s): %s", victim.pipeline_id, victim.reason, plan.reason)
+            freed += self._evict_record(record, victim.reason)
+        return freed
+
+    async def _watermark_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.eviction.interval_s)
+            try:
+                await anyio.to_thread.run_sync(self.enforce_watermarks)
+            except Exception:  # the loop must outlive one bad pass
+                log.exception("watermark pass failed")
+
     def _free_unreferenced(self, blobs: dict[str, int]) -> int:
         still_used: set[str] = set()
         for other in self.registry.all():
@@ -278,7 +365,7 @@ class CacheNode:
         try:
             models = []
             for model, origin in zip(record.spec.models, origins, strict=True):
-                snapshot = await origin.resolve()
+                snapshot = await self._resolve(model, origin)
                 previous = {
                     (f.path, f.size, f.sha256, f.etag): f.blob
                     for m in record.models
@@ -313,6 +400,19 @@ class CacheNode:
                 await origin.aclose()
             raise
         return _Prepared(record, origins, reservations)
+
+    async def _resolve(self, model: ModelSpec, origin: Origin) -> Snapshot:
+        """Resolve a source, sharing a resolution already in flight (a burst of registrations
+        of one model asks the origin once)."""
+        key = (origin.scope, model.source, model.revision, tuple(model.include or ()))
+        task = self._resolving.get(key)
+        if task is None:
+            task = asyncio.create_task(origin.resolve())
+            self._resolving[key] = task
+            task.add_done_callback(lambda _: self._resolving.pop(key, None))
+        snapshot = await asyncio.shield(task)
+        origin.pin(snapshot)
+        return snapshot
 
     def _reserve(self, record: PipelineRecord, origins: list[Origin]) -> dict[str, Reservation]:
         """Hold the space of every file still to fetch, all before the first origin byte (I5)."""
@@ -356,12 +456,15 @@ class CacheNode:
         self._progress.setdefault(record.key, {})
         limiter = anyio.CapacityLimiter(_FILES_AT_ONCE)
         try:
-            async with anyio.create_task_group() as group:
-                for model, origin in zip(record.models, prepared.origins, strict=True):
-                    for file in model.files:
-                        group.start_soon(
-                            self._fill_file, record, model, origin, file, prepared, limiter
-                        )
+            try:
+                async with anyio.create_task_group() as group:
+                    for model, origin in zip(record.models, prepared.origins, strict=True):
+                        for file in model.files:
+                            group.start_soon(
+                                self._fill_file, record, model, origin, file, prepared, limiter
+                            )
+            except BaseExceptionGroup as group_error:
+                raise first_error(group_error) from None
             await self._build_shards(record)
             current = self.registry.get(record.tenant, record.id)
             if current is None or current.generation != record.generation:
@@ -541,9 +644,10 @@ class CacheNode:
         for model in record.models:
             for file in model.files:
                 assert file.blob is not None
-                if file.path.endswith(".safetensors"):
+                weights = self._file_tensors(model.name, file.blob, file.path)
+                if weights is not None:
                     if shard_set.mode == "full":
-                        tensors.extend(self._file_tensors(model.name, file.blob))
+                        tensors.extend(weights)
                 else:
                     files.append(
                         ManifestFile(model=model.name, path=file.path, blob=file.blob,
@@ -585,10 +689,18 @@ class CacheNode:
             for f in m.files
         ]
 
-    def _file_tensors(self, model: str, blob: str) -> list[ManifestTensor]:
+    def _file_tensors(self, model: str, blob: str, path: str) -> list[ManifestTensor] | None:
+        """The tensors of a safetensors file; None for any other file (or an unparsable one,
+        which is then handed to the replica as a plain file)."""
+        if not path.endswith(".safetensors"):
+            return None
         header = self._headers.get(blob)
         if header is None:
-            header = read_header(self.store.blob_path(blob))
+            try:
+                header = read_header(self.store.blob_path(blob))
+            except (HeaderError, OSError) as exc:
+                log.warning("%s is not a readable safetensors file: %s", path, exc)
+                return None
             self._headers[blob] = header
         return [
             ManifestTensor(

@@ -210,7 +210,7 @@ class BlobStore:
                 if partial_key is not None:
                     self._active_partials.discard(partial_key)
             if attempt == 0 and self.make_room is not None:
-                self.make_room(shortfall)
+                self.make_room(nbytes)
         usage = self.usage()
         raise InsufficientStorage(
             f"not enough space: needs {nbytes} bytes, {usage.free} free of {self.capacity} "

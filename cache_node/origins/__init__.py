@@ -9,12 +9,12 @@ from cache_node.errors import InvalidInput
 from cache_node.origins.base import Origin, OriginFile, Snapshot, SourceRef, parse_source
 from cache_node.settings import NodeSettings
 
-__all__ = ["Origin", "OriginFile", "Snapshot", "SourceRef", "open_origin", "parse_source"]
+__all__ = ["Origin", "OriginFile", "Snapshot", "SourceRef", "open_origin", "parse_source", "validate_source"]
 
 
 def open_origin(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool) -> Origin:
     """The origin for one model of a pipeline; InvalidInput for a bad or forbidden source."""
-    ref = parse_source(model.source, model.revision)
+    ref = validate_source(model, settings, auth_enabled=auth_enabled)
     if ref.scheme == "hf":
         from cache_node.origins.hf import HFOrigin
 
@@ -23,10 +23,17 @@ def open_origin(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool)
         from cache_node.origins.s3 import S3Origin
 
         return S3Origin(ref, settings=settings.s3, include=model.include)
-    check_local_source(Path(ref.location), settings, auth_enabled=auth_enabled)
     from cache_node.origins.local import LocalOrigin
 
     return LocalOrigin(ref, include=model.include)
+
+
+def validate_source(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool) -> SourceRef:
+    """Parse a model's source and check it may be used here, opening nothing."""
+    ref = parse_source(model.source, model.revision)
+    if ref.scheme == "file":
+        check_local_source(Path(ref.location), settings, auth_enabled=auth_enabled)
+    return ref
 
 
 def check_local_source(path: Path, settings: NodeSettings, *, auth_enabled: bool) -> None:

@@ -63,6 +63,10 @@ class Origin(Protocol):
         """
         ...
 
+    def pin(self, snapshot: Snapshot) -> None:
+        """Adopt a snapshot that another origin of the same source and scope resolved."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections."""
         ...

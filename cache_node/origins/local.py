@@ -76,5 +76,8 @@ class LocalOrigin:
         finally:
             os.close(fd)
 
+    def pin(self, snapshot: Snapshot) -> None:
+        """Nothing to adopt: reads name the file by path."""
+
     async def aclose(self) -> None:
         return None
