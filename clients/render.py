@@ -37,7 +37,7 @@ def _ago(timestamp: float | None) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _bar(progress: float, width: int = 20) -> str:
+def _bar(progress: float, width: int = 12) -> str:
     filled = round(max(0.0, min(1.0, progress)) * width)
     return "█" * filled + "░" * (width - filled)
 
@@ -74,7 +74,7 @@ def _table(statuses: Sequence[PipelineStatus]) -> Any:
 
     table = Table(header_style="bold", expand=False)
     for header in _HEADERS:
-        table.add_column(header)
+        table.add_column(header, no_wrap=header != "detail")
     for status in statuses:
         cells = _row(status)
         cells[1] = f"[{CHIP_STYLE[status.state]}]{cells[1]}[/]"
@@ -95,7 +95,7 @@ def print_status_table(statuses: Sequence[PipelineStatus]) -> None:
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         return
-    Console().print(_table(statuses))
+    Console(width=160).print(_table(statuses))
 
 
 def watch_status(client: Client, pipeline_id: str | None, *, interval_s: float = 1.0) -> None:

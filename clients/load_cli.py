@@ -1,0 +1,82 @@
+"""``weightcache load``: a replica cold start from the command line, with its stage table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clients.client import default_token, default_url
+
+
+def report_to_node(
+    url: str, token: str | None, pipeline: str, report: dict[str, Any], *, local: bool
+) -> None:
+    """Send a load's stage timings to the node's cold-start history (best effort)."""
+    body = {
+        "tp_size": report["tp_size"],
+        "rank": report["rank"],
+        "device": report["device"],
+        "bytes": report["bytes_delivered"],
+        "gbps": report["gb_per_s"],
+        "source": "local" if local else "http",
+        "stages": {
+            "lease": report["lease_s"],
+            "manifest": report["manifest_s"],
+            "connect": report["connect_s"],
+            "stream": report["stream_s"],
+            "verify": report["verify_s"],
+            "total": report["total_s"],
+        },
+    }
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        httpx.post(f"{url}/v1/pipelines/{pipeline}/loads", json=body, headers=headers, timeout=5)
+    except httpx.HTTPError:
+        pass  # the history is a convenience; a load that worked is not failed by it
+
+
+def print_stage_table(report: dict[str, Any]) -> None:
+    rows = [
+        ("lease", report["lease_s"]),
+        ("manifest", report["manifest_s"]),
+        ("connect", report["connect_s"]),
+        ("stream", report["stream_s"]),
+        ("verify", report["verify_s"]),
+        ("total", report["total_s"]),
+    ]
+    print(f"{report['pipeline']}  tp {report['tp_size']} rank {report['rank']} → {report['device']}")
+    for stage, seconds in rows:
+        print(f"  {stage:<9} {seconds * 1000:9.1f} ms")
+    gigabytes = report["bytes_delivered"] / 1e9
+    print(f"  {gigabytes:.3f} GB at {report['gb_per_s']:.2f} GB/s")
+
+
+def run_load(args: argparse.Namespace) -> int:
+    from loader.load import load
+
+    url = default_url(args.url).rstrip("/")
+    token = default_token(args.token)
+    local_dir = Path(args.local_dir) if args.local_dir else None
+    result = load(
+        args.id,
+        tp_size=args.tp_size,
+        rank=args.rank,
+        device=args.device,
+        url=url,
+        token=token,
+        local_dir=local_dir,
+        verify=args.verify,
+    )
+    report = result.report.as_dict()
+    report["gb_per_s"] = result.report.gb_per_s
+    report["tensors"] = len(result.tensors)
+    report_to_node(url, token, args.id, report, local=local_dir is not None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_stage_table(report)
+    return 0
