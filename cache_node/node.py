@@ -238,18 +238,23 @@ class CacheNode:
     def _eviction_entries(self) -> list[eviction.Entry]:
         leases = self.registry.active_leases()
         return [
-            eviction.Entry(
-                pipeline_id=record.key,
-                blobs=record.blobs(),
-                last_used_at=record.last_used_at,
-                registered_at=record.registered_at,
-                pinned=record.spec.pinned,
-                # a pipeline being filled is as untouchable as a leased one
-                leased=bool(leases.get(record.key)) or record.state == "warming",
-            )
+            self._eviction_entry(record, leased=bool(leases.get(record.key)))
             for record in self.registry.all()
             if record.blobs()
         ]
+
+    @staticmethod
+    def _eviction_entry(record: PipelineRecord, *, leased: bool) -> eviction.Entry:
+        return eviction.Entry(
+            pipeline_id=record.key,
+            blobs=record.blobs(),
+            last_used_at=record.last_used_at,
+            registered_at=record.registered_at,
+            pinned=record.spec.pinned,
+            # a pipeline being filled is as untouchable as a leased one
+            leased=leased or record.state == "warming",
+            loads=record.loads,
+        )
 
     def _limits(self) -> eviction.Limits:
         settings = self.settings.eviction
@@ -542,10 +547,10 @@ class CacheNode:
         bytes_cached = min(bytes_total, committed + sum(progress.values()))
         shard_bytes = sum(s.bytes_total for s in record.shards.values())
         leases = self.registry.active_leases().get(record.key, 0)
-        now = time.time()
-        hot = (
-            record.last_used_at is not None
-            and now - record.last_used_at <= self.settings.eviction.hot_window_s
+        hot = eviction.is_hot(
+            self._eviction_entry(record, leased=bool(leases)),
+            now=time.time(),
+            hot_window_s=self.settings.eviction.hot_window_s,
         )
         return PipelineStatus(
             id=record.id,
@@ -665,6 +670,7 @@ class CacheNode:
                 raise NotWarm(f"pipeline {pipeline_id!r} lost blob {sha}", state="cold")
             blobs.append(_manifest_blob(blob))
         record.last_used_at = time.time()
+        record.loads += 1
         self._save(record)
         return Manifest(
             pipeline=record.id,

@@ -82,6 +82,7 @@ class PipelineRecord(BaseModel):
     registered_at: float = Field(default_factory=time.time)
     last_used_at: float | None = None
     evicted_reason: str | None = None
+    loads: int = 0  # manifests served: the policy's frequency signal
     generation: int = 0  # bumped on every (re-)registration, so stale warm jobs stop
 
     @property

@@ -92,8 +92,11 @@ class EvictionSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_EVICTION_", extra="forbid")
 
-    high_watermark: float = Field(default=0.90, gt=0, le=1)
-    low_watermark: float = Field(default=0.80, gt=0, le=1)
+    # The background trim (above high, down to low) is off by default: the eviction simulator
+    # shows that freeing bytes before they are needed costs hits on sparse traces
+    # (benchmarks/results/eviction_sim.md). Eviction on demand always runs.
+    high_watermark: float = Field(default=1.0, gt=0, le=1)
+    low_watermark: float = Field(default=1.0, gt=0, le=1)
     hot_window_s: float = Field(default=48 * 3600, ge=0)
     interval_s: float = Field(default=30.0, gt=0)
 

@@ -198,6 +198,8 @@ class _EmbeddedNode:
 def _start_node(workspace: Path, origin: object) -> _EmbeddedNode:
     import socket
 
+    from pydantic import SecretStr
+
     from cache_node.settings import NodeSettings, S3Settings
     from clients.seaweed import SeaweedServer
 
@@ -208,12 +210,12 @@ def _start_node(workspace: Path, origin: object) -> _EmbeddedNode:
     settings = NodeSettings(
         data_dir=workspace / "node",
         port=port,
-        capacity="8GiB",
+        capacity=8 * 1024**3,
         region="demo",
         s3=S3Settings(
             endpoint_url=origin.endpoint_url,
             access_key_id=origin.access_key,
-            secret_access_key=origin.secret_key,
+            secret_access_key=SecretStr(origin.secret_key),
         ),
     )
     return _EmbeddedNode(settings)

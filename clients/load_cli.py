@@ -48,7 +48,8 @@ def print_stage_table(report: dict[str, Any]) -> None:
         ("verify", report["verify_s"]),
         ("total", report["total_s"]),
     ]
-    print(f"{report['pipeline']}  tp {report['tp_size']} rank {report['rank']} → {report['device']}")
+    where = f"tp {report['tp_size']} rank {report['rank']} → {report['device']}"
+    print(f"{report['pipeline']}  {where}")
     for stage, seconds in rows:
         print(f"  {stage:<9} {seconds * 1000:9.1f} ms")
     gigabytes = report["bytes_delivered"] / 1e9

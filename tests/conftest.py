@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# Fixtures that start real servers, available to every test module.
+pytest_plugins = ["tests.fixtures.hf_hub", "tests.fixtures.seaweed"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -1,4 +1,4 @@
-"""A cache node pulling from the local HF-compatible hub: single flight, integrity, space, faults."""
+"""A node pulling from the local HF-compatible hub: single flight, integrity, space, faults."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.hf_hub import FixtureHub, hf_hub  # noqa: F401  (fixture)
+from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import running_node, wait_for_state
 
 MiB = 1024 * 1024
@@ -92,8 +92,10 @@ def test_model_larger_than_capacity_is_507_before_any_origin_byte(
     tmp_path: Path, hf_hub: FixtureHub
 ) -> None:
     hf_hub.add_repo("org/big", _model_files(size=4 * MiB))
-    with _node(tmp_path, hf_hub, capacity="2MiB") as node, node.client() as c:  # type: ignore[attr-defined]
-        answer = c.put("/v1/pipelines/big", json={"models": [{"name": "m", "source": "hf://org/big"}]})
+    small = _node(tmp_path, hf_hub, capacity="2MiB")
+    with small as node, node.client() as c:  # type: ignore[attr-defined]
+        body = {"models": [{"name": "m", "source": "hf://org/big"}]}
+        answer = c.put("/v1/pipelines/big", json=body)
         assert answer.status_code == 507
         assert answer.json()["error"]["code"] == "insufficient_storage"
         assert hf_hub.bytes_sent("model.safetensors") == 0
@@ -132,7 +134,7 @@ def test_tenant_matrix(tmp_path: Path, hf_hub: FixtureHub) -> None:
             ).status_code == 202
             wait_for_state(a, "pa", {"warm"})
             manifest = a.get("/v1/pipelines/pa/manifest").json()
-            blob = manifest["tensors"][0]["blob"] if manifest["tensors"] else manifest["files"][0]["blob"]
+            blob = (manifest["tensors"] or manifest["files"])[0]["blob"]
             assert a.get(f"/v1/blobs/{blob}").status_code == 200
         requests = [
             ("GET", "/v1/pipelines/pa"),

@@ -9,7 +9,15 @@ from cache_node.errors import InvalidInput
 from cache_node.origins.base import Origin, OriginFile, Snapshot, SourceRef, parse_source
 from cache_node.settings import NodeSettings
 
-__all__ = ["Origin", "OriginFile", "Snapshot", "SourceRef", "open_origin", "parse_source", "validate_source"]
+__all__ = [
+    "Origin",
+    "OriginFile",
+    "Snapshot",
+    "SourceRef",
+    "open_origin",
+    "parse_source",
+    "validate_source",
+]
 
 
 def open_origin(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool) -> Origin:
@@ -28,7 +36,9 @@ def open_origin(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool)
     return LocalOrigin(ref, include=model.include)
 
 
-def validate_source(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool) -> SourceRef:
+def validate_source(
+    model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool
+) -> SourceRef:
     """Parse a model's source and check it may be used here, opening nothing."""
     ref = parse_source(model.source, model.revision)
     if ref.scheme == "file":
