@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
+from cache_node import sharding
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
@@ -50,6 +52,7 @@ from cache_node.registry import (
     FileEntry,
     ModelEntry,
     PipelineRecord,
+    RankShard,
     Registry,
     ShardSet,
 )
@@ -527,7 +530,89 @@ class CacheNode:
     async def _build_shards(self, record: PipelineRecord) -> None:
         """Per-TP-size shard sets; TP 1 and unsplittable models read the original files."""
         for tp_size in record.spec.tp_sizes:
-            record.shards[str(tp_size)] = ShardSet(tp_size=tp_size, state="ready", mode="full")
+            key = str(tp_size)
+            existing = record.shards.get(key)
+            if existing is not None and existing.state == "ready" and all(
+                self.store.has(r.blob) for r in existing.ranks
+            ):
+                continue
+            if tp_size == 1:
+                record.shards[key] = ShardSet(tp_size=1, state="ready", mode="full")
+            else:
+                record.shards[key] = ShardSet(tp_size=tp_size, state="pending")
+                self._save(record)
+                record.shards[key] = await anyio.to_thread.run_sync(
+                    self._write_shards, record, tp_size
+                )
+            self._save(record)
+
+    def _write_shards(self, record: PipelineRecord, tp_size: int) -> ShardSet:
+        """Plan and write every model's rank shards for one TP size, then publish them.
+
+        A model the rules do not cover makes the whole TP size full-tensor mode (every rank
+        reads the unsplit files), which is correct for anything.
+        """
+        plans = []
+        for model in record.models:
+            config = self._model_config(model)
+            weights = {
+                f.path: self.store.blob_path(f.blob)
+                for f in model.files
+                if f.path.endswith(".safetensors") and f.blob
+            }
+            try:
+                headers = {path: read_header(blob) for path, blob in weights.items()}
+                plan = sharding.plan_rank_shards(config, headers, tp_size)
+            except (HeaderError, sharding.ShardingUnsupported) as exc:
+                return ShardSet(tp_size=tp_size, state="ready", mode="full", note=str(exc))
+            if plan.mode == "full":
+                return ShardSet(tp_size=tp_size, state="ready", mode="full", note=plan.reason)
+            plans.append((model, plan, weights))
+        ranks: list[RankShard] = []
+        for model, plan, weights in plans:
+            needed = sum(r.nbytes for r in plan.ranks) + len(plan.ranks) * (1 << 20)  # + headers
+            with self.store.reserve(needed) as reservation:
+                written = sharding.write_rank_shards(plan, weights, self.store.tmp_dir)
+                for shard in written:
+                    blob = self.store.publish(
+                        shard.path,
+                        sha256=shard.sha256,
+                        size=shard.size,
+                        chunk_xxh3_128=list(shard.chunk_xxh3_128),
+                        verified=True,
+                    )
+                    ranks.append(
+                        RankShard(
+                            model=model.name,
+                            rank=shard.rank,
+                            blob=blob.sha256,
+                            size=blob.size,
+                            tensors=[
+                                ManifestTensor(
+                                    model=model.name,
+                                    name=t.name,
+                                    dtype=t.dtype,
+                                    shape=list(t.shape),
+                                    blob=blob.sha256,
+                                    offset=t.offset,
+                                    length=t.length,
+                                )
+                                for t in shard.tensors
+                            ],
+                        )
+                    )
+                reservation.release()
+        return ShardSet(tp_size=tp_size, state="ready", mode="sharded", ranks=ranks)
+
+    def _model_config(self, model: ModelEntry) -> dict[str, Any]:
+        for file in model.files:
+            if file.path == "config.json" and file.blob:
+                try:
+                    raw = json.loads(self.store.blob_path(file.blob).read_bytes())
+                except (OSError, ValueError):
+                    return {}
+                return raw if isinstance(raw, dict) else {}
+        return {}
 
     def _blobs_present(self, record: PipelineRecord) -> bool:
         return all(
