@@ -82,6 +82,21 @@
     return sameDay ? time : `${date.toLocaleDateString()} ${time}`;
   }
 
+  function fmtRate(gbps) {
+    if (!gbps) return "–";
+    if (gbps >= 10) return `${gbps.toFixed(1)} GB/s`;
+    if (gbps >= 1) return `${gbps.toFixed(2)} GB/s`;
+    const mbps = gbps * 1000;
+    return `${mbps >= 10 ? mbps.toFixed(0) : mbps.toFixed(1)} MB/s`;
+  }
+
+  function shortSource(source) {
+    // a local path can be long: keep its scheme and last two parts, the full one is the title
+    if (!source.startsWith("file://") || source.length <= 44) return source;
+    const parts = source.slice(7).split("/").filter(Boolean);
+    return `file://…/${parts.slice(-2).join("/")}`;
+  }
+
   function pct(part, whole) {
     if (!whole) return 0;
     return Math.max(0, Math.min(100, (100 * part) / whole));
@@ -169,11 +184,15 @@
     const cap = node.capacity || 0;
     $("seg-used").style.width = `${pct(node.used, cap)}%`;
     $("seg-reserved").style.width = `${pct(node.reserved, cap)}%`;
-    for (const [id, mark, label] of [
-      ["wm-low", node.low_watermark, "low"],
-      ["wm-high", node.high_watermark, "high"],
-    ]) {
+    // watermarks at 100% mean the background trim is off (eviction runs on demand only)
+    const trimming = node.high_watermark < 1;
+    const marks = [
+      ["wm-low", node.low_watermark, "low", trimming && node.low_watermark < node.high_watermark],
+      ["wm-high", node.high_watermark, node.low_watermark < node.high_watermark ? "high" : "trim", trimming],
+    ];
+    for (const [id, mark, label, shown] of marks) {
       const el = $(id);
+      el.hidden = !shown;
       el.style.left = `${Math.round(mark * 1000) / 10}%`;
       el.firstElementChild.textContent = `${label} ${Math.round(mark * 100)}%`;
     }
@@ -182,11 +201,17 @@
     $("st-reserved").textContent = fmtBytes(node.reserved);
     $("st-free").textContent = fmtBytes(node.free);
     $("st-capacity").textContent = fmtBytes(cap);
-    const extras = [];
-    if (node.temp) extras.push(`${fmtBytes(node.temp)} in flight`);
-    if (node.quarantined) extras.push(`${fmtBytes(node.quarantined)} quarantined`);
-    const level = usedPct >= node.high_watermark * 100 ? "above the high watermark" : `${usedPct.toFixed(0)}% allocated`;
-    $("storage-note").textContent = [level, ...extras].join(" · ");
+    $("st-temp").textContent = fmtBytes(node.temp || 0);
+    $("st-quarantined").textContent = fmtBytes(node.quarantined || 0);
+    $("st-quarantined").classList.toggle("alarm", Boolean(node.quarantined));
+    const warm = view.pipelines.filter((p) => p.state === "warm").length;
+    $("st-warm").innerHTML = `${warm}<small>of ${view.pipelines.length}</small>`;
+    $("st-leases").textContent = String(view.pipelines.reduce((n, p) => n + (p.active_leases || 0), 0));
+    const allocated = `${usedPct.toFixed(usedPct < 10 ? 1 : 0)}% allocated`;
+    let policy = "evicts on demand";
+    if (trimming && usedPct >= node.high_watermark * 100) policy = "above the high watermark: trimming";
+    else if (trimming) policy = `trims to ${Math.round(node.low_watermark * 100)}% above ${Math.round(node.high_watermark * 100)}%`;
+    $("storage-note").textContent = `${allocated} · ${policy}`;
   }
 
   // ------------------------------------------------------------------ filters
@@ -240,19 +265,22 @@
       $("chart-note").textContent = "";
       return;
     }
-    const W = 600, H = 132, left = 40, bottom = 16, top = 6;
+    // drawn at the box's own pixel width, so text is never stretched
+    const W = Math.max(260, Math.round(chart.getBoundingClientRect().width) || 600);
+    const H = 132, left = 44, bottom = 16, top = 6;
     const max = niceMax(Math.max(...loads.map((l) => l.stages.total)));
     const plotH = H - bottom - top;
-    const slot = (W - left) / CHART_BARS;
-    const barW = Math.max(4, slot * 0.68);
-    let svg = `<svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none" role="img" aria-label="cold-start times">`;
+    const slots = Math.max(12, loads.length);
+    const slot = (W - left) / slots;
+    const barW = Math.min(22, Math.max(4, slot * 0.62));
+    let svg = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="cold-start times">`;
     for (const f of [0, 0.5, 1]) {
       const y = top + plotH * (1 - f);
       svg += `<line class="grid" x1="${left}" x2="${W}" y1="${y}" y2="${y}"/>`;
       svg += `<text class="axis-label" x="${left - 6}" y="${y + 3.5}" text-anchor="end">${esc(fmtSeconds(max * f))}</text>`;
     }
     loads.forEach((load, i) => {
-      const x = left + slot * i + (slot - barW) / 2;
+      const x = left + slot * (slots - loads.length + i) + (slot - barW) / 2;
       let y = top + plotH;
       const parts = stageParts(load);
       let rects = "";
@@ -263,7 +291,7 @@
         rects += `<rect class="st-${k}" x="${x.toFixed(1)}" y="${y.toFixed(1)}" width="${barW.toFixed(1)}" height="${h.toFixed(1)}"/>`;
       }
       const title = `${load.pipeline} · TP${load.tp_size} rank ${load.rank} · ${load.device}\n`
-        + `${fmtSeconds(load.stages.total)} total · ${load.gbps.toFixed(2)} GB/s · ${fmtBytes(load.bytes)}\n`
+        + `${fmtSeconds(load.stages.total)} total · ${fmtRate(load.gbps)} · ${fmtBytes(load.bytes)}\n`
         + STAGES.slice(0, 4).map(([k, label]) => `${label} ${fmtSeconds(load.stages[k])}`).join(" · ")
         + ` · Verify ${fmtSeconds(load.stages.verify)}\n${fmtRelative(load.at)}`;
       svg += `<g class="bar"><title>${esc(title)}</title>${rects}</g>`;
@@ -275,7 +303,7 @@
     const median = totals[Math.floor((totals.length - 1) / 2)];
     const best = Math.max(...loads.map((l) => l.gbps));
     const latest = loads[loads.length - 1];
-    $("chart-note").textContent = `last ${fmtSeconds(latest.stages.total)} · median ${fmtSeconds(median)} · best ${best.toFixed(1)} GB/s`;
+    $("chart-note").textContent = `last ${fmtSeconds(latest.stages.total)} · median ${fmtSeconds(median)} · best ${fmtRate(best)}`;
   }
 
   // ------------------------------------------------------------------ pipeline cards
@@ -298,20 +326,13 @@
           <a class="pid" href="/v1/pipelines/${encodeURIComponent(p.id)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}" title="Show this pipeline's JSON">${esc(p.id)}</a><a class="json-link" href="/v1/pipelines/${encodeURIComponent(p.id)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}">JSON</a>
           <div class="subtitle">${tenant}${esc(registered)}</div>
         </div>
-        <span class="chip" data-state="${esc(p.state)}"><span class="chip-key">cache:</span> ${esc(p.state)}</span>
+        <span class="chip" data-state="${esc(p.state)}"><span><span class="chip-key">cache:</span> ${esc(p.state)}</span></span>
       </div>`;
   }
 
   function progressText(p) {
     const percent = p.state === "warm" ? 100 : Math.floor(p.progress * 1000) / 10;
-    const label = {
-      warm: "cached",
-      warming: "warming",
-      cold: "not cached",
-      failed: "stopped",
-      evicted: "evicted",
-    }[p.state] || p.state;
-    return `<span><strong>${esc(fmtBytes(p.bytes_cached))}</strong> / ${esc(fmtBytes(p.bytes_total))} ${label}</span><span>${percent.toFixed(p.state === "warming" ? 1 : 0)}%</span>`;
+    return `<span><strong>${esc(fmtBytes(p.bytes_cached))}</strong> / ${esc(fmtBytes(p.bytes_total))} cached</span><span>${percent.toFixed(p.state === "warming" ? 1 : 0)}%</span>`;
   }
 
   function badges(p) {
@@ -350,20 +371,20 @@
     const rows = loads.map((l) => `<tr>
         <td title="${esc(fmtClock(l.at))}">${esc(fmtRelative(l.at))}</td>
         <td>TP${l.tp_size} · r${l.rank}</td>
-        <td class="mono">${esc(l.device)}</td>
-        <td>${esc(l.source)}</td>
+        <td class="mono col-device">${esc(l.device)}</td>
+        <td class="col-via">${esc(l.source)}</td>
         <td class="num">${esc(fmtBytes(l.bytes))}</td>
         <td class="num">${esc(fmtSeconds(l.stages.total))}</td>
-        <td class="num gbps">${l.gbps.toFixed(1)} GB/s</td>
+        <td class="num gbps">${esc(fmtRate(l.gbps))}</td>
         <td class="stages">${stageBar(l)}</td>
       </tr>`).join("");
-    return `<table class="loads"><thead><tr><th>when</th><th>shard</th><th>device</th><th>via</th><th class="num">bytes</th><th class="num">total</th><th class="num">speed</th><th class="stages">stages</th></tr></thead><tbody>${rows}</tbody></table>`;
+    return `<table class="loads"><thead><tr><th>when</th><th>shard</th><th class="col-device">device</th><th class="col-via">via</th><th class="num">bytes</th><th class="num">total</th><th class="num">speed</th><th class="stages">stages</th></tr></thead><tbody>${rows}</tbody></table>`;
   }
 
   function cardRest(p) {
     const models = p.models.map((m) => `<div class="model">
         <span class="model-name">${esc(m.name)}</span>
-        <span class="model-source" title="${esc(m.source)}${m.revision ? ` @ ${esc(m.revision)}` : ""}">${esc(m.source)}${m.revision ? `<span class="rev">${esc(shortRevision(m.revision))}</span>` : ""}</span>
+        <span class="model-source" title="${esc(m.source)}${m.revision ? ` @ ${esc(m.revision)}` : ""}">${esc(shortSource(m.source))}${m.revision ? `<span class="rev">${esc(shortRevision(m.revision))}</span>` : ""}</span>
         <span class="model-size">${m.files ? `${m.files} file${m.files === 1 ? "" : "s"} · ${esc(fmtBytes(m.bytes_total))}` : "resolving…"}</span>
       </div>`).join("");
     const shards = p.tp_sizes.map((tp) => {
@@ -383,7 +404,9 @@
     }
     let note = "";
     if (p.state === "evicted") note = `<div class="note-box">Evicted${p.evicted_reason ? ` (${esc(p.evicted_reason)})` : ""}: its bytes were freed; it warms again on request.</div>`;
-    else if (p.unverified_files) note = `<div class="note-box">${p.unverified_files} file${p.unverified_files === 1 ? "" : "s"} had no origin digest: size-checked, hashed on arrival.</div>`;
+    const unverified = p.unverified_files
+      ? `<div class="quiet">${p.unverified_files} file${p.unverified_files === 1 ? "" : "s"} without an origin digest: size-checked, then hashed on arrival.</div>`
+      : "";
     const lastUsed = p.last_used_at ? esc(fmtRelative(p.last_used_at)) : "never";
     return `<div class="facts">
         ${fact("Size", esc(fmtBytes(p.bytes_total)))}
@@ -392,7 +415,7 @@
         ${fact("Flags", badges(p) ? `<span class="badges">${badges(p)}</span>` : "none", !badges(p))}
       </div>
       ${error}${note}
-      <div class="section"><div class="section-title">Models</div><div class="models">${models}</div></div>
+      <div class="section"><div class="section-title">Models</div><div class="models">${models}</div>${unverified}</div>
       <div class="section"><div class="section-title">Tensor-parallel shards</div><div class="shards">${shards}</div></div>
       <div class="section"><div class="section-title">Recent loads</div>${loadsTable(p)}</div>`;
   }
@@ -529,6 +552,7 @@
       render();
     });
     window.addEventListener("hashchange", () => { readHash(); render(); });
+    window.addEventListener("resize", () => { if (view.lastOk) renderChart(); });
     $("search").addEventListener("input", (event) => {
       view.query = event.target.value.trim();
       renderCards();
