@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,36 @@ def test_a_reported_load_feeds_the_cold_start_histograms(tmp_path: Path) -> None
         assert c.post("/v1/pipelines/tiny/loads", json=bad).status_code == 422
         assert c.post("/v1/pipelines/missing/loads", json=body).status_code == 404
         assert moved(after, scrape(c), "weightcache_loads_total") == 0
+
+
+def test_the_grafana_dashboard_uses_only_metrics_a_node_exports() -> None:
+    from cache_node.metrics import NodeMetrics
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    exported = {
+        family.name + suffix
+        for family in NodeMetrics().registry.collect()
+        for suffix in suffixes[family.type]
+    }
+    dashboard = json.loads(
+        (Path(__file__).resolve().parent.parent / "infra" / "grafana-dashboard.json").read_text()
+    )
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"weightcache_[a-z_]+", target["expr"])
+    }
+    assert used, "the dashboard queries nothing"
+    assert used <= exported, used - exported
+    # every I10 counter has a panel
+    for name in (
+        "weightcache_origin_fetches_total",
+        "weightcache_coalesced_waiters_total",
+        "weightcache_digest_mismatches_total",
+        "weightcache_insufficient_storage_total",
+        "weightcache_evictions_total",
+        "weightcache_bytes",
+        "weightcache_cold_start_stage_seconds_bucket",
+    ):
+        assert name in used, name
