@@ -4,48 +4,62 @@ Imports only torch, numpy, httpx, pydantic, xxhash and the standard library (wha
 has), plus ``api.schema`` for the wire models.
 """
 
-from __future__ import annotations
+from loader.errors import (
+    HeaderError,
+    IntegrityError,
+    LoaderError,
+    NotWarmError,
+    RangeResponseError,
+    ServerError,
+    SourceError,
+)
+from loader.ranges import BlobDigests, ByteRange
+from loader.safetensors_format import (
+    SafetensorsHeader,
+    TensorInfo,
+    encode_header,
+    parse_header,
+    read_header,
+)
 
-import importlib
-from typing import Any
+# A cache node imports ``loader.safetensors_format`` (standard library only) and may run
+# without torch; everything that streams into tensors needs it.
+try:
+    import torch  # noqa: F401
+except ImportError:  # pragma: no cover - exercised on torch-less cache nodes
+    pass
+else:
+    from loader.load import LoadReport, LoadResult, MultiLoadResult, load, load_all_ranks
+    from loader.sinks import CpuSink, CudaSink, RingSink
+    from loader.sources import HttpRangeSource, LocalFileSource, RoutingSource
+    from loader.stream import StreamReport, stream
 
-# Exports load lazily: the cache node imports ``loader.safetensors_format`` (standard library
-# only) and must not pull in torch through this package's ``__init__``.
-_EXPORTS = {
-    "HeaderError": "loader.errors",
-    "IntegrityError": "loader.errors",
-    "LoaderError": "loader.errors",
-    "NotWarmError": "loader.errors",
-    "RangeResponseError": "loader.errors",
-    "ServerError": "loader.errors",
-    "SourceError": "loader.errors",
-    "LoadReport": "loader.load",
-    "LoadResult": "loader.load",
-    "MultiLoadResult": "loader.load",
-    "load": "loader.load",
-    "load_all_ranks": "loader.load",
-    "BlobDigests": "loader.ranges",
-    "ByteRange": "loader.ranges",
-    "SafetensorsHeader": "loader.safetensors_format",
-    "TensorInfo": "loader.safetensors_format",
-    "encode_header": "loader.safetensors_format",
-    "parse_header": "loader.safetensors_format",
-    "read_header": "loader.safetensors_format",
-    "CpuSink": "loader.sinks",
-    "CudaSink": "loader.sinks",
-    "RingSink": "loader.sinks",
-    "HttpRangeSource": "loader.sources",
-    "LocalFileSource": "loader.sources",
-    "RoutingSource": "loader.sources",
-    "StreamReport": "loader.stream",
-    "stream": "loader.stream",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'loader' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__all__ = [
+    "BlobDigests",
+    "ByteRange",
+    "CpuSink",
+    "CudaSink",
+    "HeaderError",
+    "HttpRangeSource",
+    "IntegrityError",
+    "LoadReport",
+    "LoadResult",
+    "LoaderError",
+    "LocalFileSource",
+    "MultiLoadResult",
+    "NotWarmError",
+    "RangeResponseError",
+    "RingSink",
+    "RoutingSource",
+    "SafetensorsHeader",
+    "ServerError",
+    "SourceError",
+    "StreamReport",
+    "TensorInfo",
+    "encode_header",
+    "load",
+    "load_all_ranks",
+    "parse_header",
+    "read_header",
+    "stream",
+]
