@@ -16,16 +16,9 @@ from cache_node.origins.base import OriginFile, Snapshot, SourceRef, parse_sourc
 from cache_node.origins.s3 import CHUNK_SIZE, S3Origin
 from cache_node.settings import S3Settings
 from tests.fixtures.counting_proxy import CountingProxy, Fault
-from tests.fixtures.seaweed import SeaweedServer, free_ports, seaweed
-
-__all__ = ["seaweed"]  # the session fixture, imported so pytest finds it here
+from tests.fixtures.seaweed import SeaweedServer, free_ports
 
 MakeOrigin = Callable[..., S3Origin]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
