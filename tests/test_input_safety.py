@@ -1,4 +1,4 @@
-"""Hostile input: identifiers, sources, paths and bodies get a 4xx, never a 500 or a file outside."""
+"""Hostile input: ids, sources, paths and bodies get a 4xx, never a 500 or a file outside."""
 
 from __future__ import annotations
 
