@@ -148,6 +148,6 @@ def _safe_revision(revision: str) -> bool:
     return (
         0 < len(revision) <= 256
         and ".." not in revision
-        and all(c.isalnum() or c in "._-/" for c in revision)
+        and all(c.isalnum() or c in "._-/:" for c in revision)
         and not revision.startswith("/")
     )
