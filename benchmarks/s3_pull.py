@@ -59,7 +59,7 @@ from cache_node.origins.manifest import MANIFEST_NAME  # noqa: E402
 from cache_node.origins.s3 import S3Origin  # noqa: E402
 from cache_node.settings import FetchSettings, S3Settings  # noqa: E402
 from cache_node.store import BlobStore  # noqa: E402
-from tests.fixtures.seaweed import SeaweedServer  # noqa: E402
+from clients.seaweed import SeaweedServer  # noqa: E402
 
 BUCKET = "bench"
 PREFIX = "org/model"
