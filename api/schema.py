@@ -156,6 +156,7 @@ class NodeInfo(_Wire):
     low_watermark: float
     temp: int = 0
     quarantined: int = 0
+    data_url: str | None = None  # where replicas read blobs fastest (the data plane), if any
 
 
 class ErrorBody(_Wire):

@@ -690,6 +690,7 @@ class CacheNode:
             low_watermark=self.settings.eviction.low_watermark,
             temp=usage.temp,
             quarantined=usage.quarantined,
+            data_url=self.settings.data_url,
         )
 
     def refresh_gauges(self) -> None:

@@ -123,6 +123,7 @@ class NodeSettings(BaseSettings):
     redis_url: str | None = None
     lease_ttl_s: float = Field(default=300.0, gt=0)
     verify_on_read: bool = True
+    data_url: str | None = None  # the data plane's base URL, advertised to replicas
     s3: S3Settings = Field(default_factory=S3Settings)
     hf: HFSettings = Field(default_factory=HFSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)

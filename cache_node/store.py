@@ -358,6 +358,33 @@ class BlobStore:
                     chunk=index,
                 )
 
+    def verify_range(self, record: BlobRecord, handle: Any, start: int, end: int) -> None:
+        """Check the chunks covering ``[start, end)`` of an open blob, as ``iter_verified`` does.
+
+        For servers that send the bytes themselves (sendfile from ``handle``): the same memo
+        (a chunk is hashed once while the file keeps its inode, size and mtime), the same
+        quarantine and IntegrityError on a mismatch, and no bytes handed back.
+        """
+        if not 0 <= start <= end <= record.size:
+            raise InvalidInput(f"range {start}-{end} outside blob of {record.size} bytes")
+        stat = os.fstat(handle.fileno())
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        for index in range(start // record.chunk_size, _ceil_div(end, record.chunk_size)):
+            if self._verified.get((record.sha256, index)) == identity:
+                continue
+            offset = index * record.chunk_size
+            length = min(record.chunk_size, record.size - offset)
+            if stat.st_size != record.size or (
+                _hash_region(handle.fileno(), offset, length) != record.chunk_xxh3_128[index]
+            ):
+                self.quarantine(record.sha256, f"chunk {index} mismatch")
+                raise IntegrityError(
+                    f"blob {record.sha256} chunk {index} failed verification",
+                    sha256=record.sha256,
+                    chunk=index,
+                )
+            self._verified[(record.sha256, index)] = identity
+
     def iter_verified(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
         """Yield ``[start, end)`` of a blob, each chunk verified before any of it leaves (I2).
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -53,9 +55,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.local_root:
         overrides["local_roots"] = args.local_root
     settings = NodeSettings(**overrides)
+    data_port = args.data_port if args.data_port is not None else settings.port + 1
+    data_plane: list[Any] = []
+    if args.data_workers > 0:
+        from cache_node.data_plane import run_data_plane
+
+        if settings.data_url is None:  # WEIGHTCACHE_DATA_URL names it when the bind is a wildcard
+            host = socket.getfqdn() if settings.host in ("0.0.0.0", "::", "") else settings.host
+            settings.data_url = f"http://{host}:{data_port}"
+        data_plane = run_data_plane(settings, port=data_port, workers=args.data_workers)
+        print(f"data plane: {args.data_workers} workers on {settings.data_url}", file=sys.stderr)
     print(f"weightcache node {settings.node_id} serving on http://{settings.host}:{settings.port}"
           f" (data dir {settings.data_dir})", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    try:
+        uvicorn.run(
+            create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+        )
+    finally:
+        if data_plane:
+            from cache_node.data_plane import stop_data_plane
+
+            stop_data_plane(data_plane)
     return 0
 
 
@@ -162,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--local-root", action="append", default=[],
                        help="directory file:// sources may come from (repeatable)")
     serve.add_argument("--redis", dest="redis_url", default=None)
+    serve.add_argument("--data-port", type=int, default=None,
+                       help="port of the sendfile data plane (default: --port + 1)")
+    serve.add_argument("--data-workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="data plane processes (0: none, blobs only through the API)")
     serve.set_defaults(func=cmd_serve)
 
     register = sub.add_parser("register", help="register a pipeline and start its pre-warm")

@@ -158,11 +158,11 @@ def load(
 
     ``url`` defaults to ``WEIGHTCACHE_URL`` or :data:`DEFAULT_URL`, ``token`` to
     ``WEIGHTCACHE_TOKEN``. Bytes come from ``local_dir`` (a node data dir on this host) for the
-    blobs found there, else by HTTP range requests spread over ``data_urls`` (default: ``url``),
-    failing over between them. ``verify`` checks every byte against the manifest's chunk
-    digests. The lease is released whatever happens. Raises :class:`NotWarmError` when the
-    pipeline is not warm, :class:`ServerError` for other refusals, ``SourceError`` or
-    ``IntegrityError`` when the bytes cannot be had intact.
+    blobs found there, else by HTTP range requests spread over ``data_urls`` (default: the data
+    plane URL the node advertises, else ``url``), failing over between them. ``verify`` checks
+    every byte against the manifest's chunk digests. The lease is released whatever happens.
+    Raises :class:`NotWarmError` when the pipeline is not warm, :class:`ServerError` for other
+    refusals, ``SourceError`` or ``IntegrityError`` when the bytes cannot be had intact.
     """
     url = (url or os.environ.get("WEIGHTCACHE_URL") or DEFAULT_URL).rstrip("/")
     token = token if token is not None else os.environ.get("WEIGHTCACHE_TOKEN")
@@ -186,7 +186,8 @@ def load(
             _raise_for_status(response, f"manifest of {pipeline} tp_size={tp_size} rank={rank}")
             manifest = Manifest.model_validate_json(response.content)
             report.manifest_s = time.perf_counter() - mark
-            remote = HttpRangeSource(list(data_urls or [url]), token=token)
+            data_urls = data_urls or _advertised_data_urls(client, url, headers)
+            remote = HttpRangeSource(list(data_urls), token=token)
             source: Source = (
                 RoutingSource(LocalFileSource(local_dir), remote) if local_dir else remote
             )
@@ -205,6 +206,13 @@ def load(
             client.close()
     report.total_s = time.perf_counter() - started
     return LoadResult(tensors=tensors, manifest=manifest, report=report)
+
+
+def _advertised_data_urls(client: httpx.Client, url: str, headers: dict[str, str]) -> list[str]:
+    """The node's data plane (``GET /v1/node`` → ``data_url``), or ``url`` when it has none."""
+    response = client.get(f"{url}/v1/node", headers=headers)
+    data_url = response.json().get("data_url") if response.status_code == 200 else None
+    return [data_url.rstrip("/")] if isinstance(data_url, str) and data_url else [url]
 
 
 def _release(client: httpx.Client, lease_url: str, headers: dict[str, str]) -> None:
