@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -156,7 +157,8 @@ async def _get_blob(request: web.Request) -> web.StreamResponse:
         send = request.method != "HEAD"
         if send:
             # Before any header: a mismatch quarantines the blob and becomes a 502 (I2).
-            await asyncio.to_thread(plane.store.verify_range, record, handle, start, end)
+            verify = asyncio.to_thread(plane.store.verify_range, record, handle, start, end)
+            await _until_done(verify)
         response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
         response.content_type = "application/octet-stream"
         response.content_length = end - start
@@ -168,6 +170,21 @@ async def _get_blob(request: web.Request) -> web.StreamResponse:
             await asyncio.get_running_loop().sendfile(transport, handle, start, end - start)
         await response.write_eof()
         return response
+
+
+async def _until_done(work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work``; if cancelled, still let it finish before the cancellation goes on.
+
+    The hashing thread reads the handle's file descriptor: closing it under the thread could let
+    the number be reused by another file, whose bytes would then fail the check (a false 502).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        task.exception()  # looked at: the request is gone whatever the outcome
+        raise
 
 
 @web.middleware
