@@ -10,7 +10,6 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.routes import blobs, dashboard, loads, pipelines, replicas
 from api.routes import node as node_routes
-from cache_node.load_history import LoadHistory
 from cache_node.node import VERSION, CacheNode
 from cache_node.settings import NodeSettings
 
@@ -29,7 +28,7 @@ def create_app(settings: NodeSettings, *, node: CacheNode | None = None) -> Fast
 
     app = FastAPI(title="weightcache", version=VERSION, lifespan=lifespan)
     app.state.node = cache_node
-    app.state.load_history = LoadHistory(cache_node.meta, cache_node.metrics)
+    app.state.load_history = cache_node.load_history
     install_error_handlers(app)
     for router in (
         pipelines.router,

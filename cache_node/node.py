@@ -44,6 +44,7 @@ from cache_node.errors import (
     first_error,
 )
 from cache_node.fetch import Fetcher, transfer_key
+from cache_node.load_history import LoadHistory
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.metrics import NodeMetrics
 from cache_node.origins import Origin, open_origin, validate_source
@@ -95,11 +96,13 @@ class CacheNode:
         )
         self.registry = Registry(self.meta)
         self.fetcher = Fetcher(self.store, settings.fetch, metrics=self.metrics)
+        self.load_history = LoadHistory(self.meta, self.metrics)
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._progress: dict[str, dict[str, int]] = {}  # pipeline key → path → bytes in flight
         self._blob_tenants: dict[str, set[str]] | None = None
         self._headers: dict[str, Any] = {}
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
         self._resolving: dict[tuple[object, ...], asyncio.Task[Snapshot]] = {}
         self._eviction_lock = threading.Lock()
         self._watermark_task: asyncio.Task[None] | None = None
@@ -130,7 +133,8 @@ class CacheNode:
             self._watermark_task.cancel()
         for task in list(self._jobs.values()):
             task.cancel()
-        for task in list(self._jobs.values()):
+        self.fetcher.cancel_all()
+        for task in list(self._jobs.values()) + list(self._closing):
             with contextlib.suppress(BaseException):
                 await task
         self.meta.close()
@@ -207,6 +211,7 @@ class CacheNode:
         record = self._find(tenant, pipeline_id)
         self._cancel_job(record.key)
         self.registry.delete(record.tenant, record.id)
+        self.load_history.forget(record.tenant, record.id)
         self._blob_tenants = None
         await anyio.to_thread.run_sync(lambda: self._free_unreferenced(record.blobs()))
         self._update_gauges()
@@ -341,6 +346,20 @@ class CacheNode:
         task = asyncio.create_task(self._fill(prepared), name=f"warm {record.key}")
         self._jobs[record.key] = task
         task.add_done_callback(lambda _: self._jobs.pop(record.key, None))
+
+    def _close_when_idle(self, origin: Origin) -> None:
+        """Close an origin once no transfer reads from it: a pipeline that stops (failed,
+        evicted, deleted) may have started a transfer other pipelines are still waiting on."""
+
+        async def close() -> None:
+            pending = self.fetcher.tasks_using(origin)
+            if pending:
+                await asyncio.wait(pending)
+            await origin.aclose()
+
+        task = asyncio.create_task(close(), name="close origin")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _cancel_job(self, key: str) -> None:
         task = self._jobs.pop(key, None)
@@ -489,7 +508,7 @@ class CacheNode:
             for reservation in prepared.reservations.values():
                 reservation.release()
             for origin in prepared.origins:
-                await origin.aclose()
+                self._close_when_idle(origin)
             self._progress.pop(record.key, None)
             self._update_gauges()
 

@@ -18,6 +18,7 @@ from api.schema import ModelSpec, PipelineStatus
 from clients.client import Client, WarmFailed
 from clients.errors import ApiError
 from clients.render import print_status_table, wait_with_progress, watch_status
+from loader.errors import LoaderError, NotWarmError
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -249,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ApiError as exc:
         print(f"error: {exc.code or exc.status}: {exc.message}", file=sys.stderr)
+        return 2
+    except LoaderError as exc:
+        reason = "not_warm" if isinstance(exc, NotWarmError) else getattr(exc, "code", None)
+        print(f"error: {reason or type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

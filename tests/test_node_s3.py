@@ -127,7 +127,7 @@ def _serve(data_dir: Path, port: int, proxy: CountingProxy, seaweed: SeaweedServ
         "WEIGHTCACHE_FETCH_CONCURRENCY": "2",
     }
     command = [sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(data_dir),
-               "--port", str(port), "--capacity", "1GiB"]
+               "--port", str(port), "--capacity", "1GiB", "--data-workers", "0"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30

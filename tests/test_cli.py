@@ -1,0 +1,69 @@
+"""The ``weightcache`` CLI against a real node: register, status, pull, load, evict, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from clients.cli import main
+from tests.fixtures.node_server import running_node
+from tests.fixtures.tiny_llama import make_tiny_llama
+
+
+def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = make_tiny_llama(tmp_path / "src", num_kv_heads=2)
+    with running_node(data_dir=tmp_path / "data") as node:
+        url = ["--url", node.url]
+        model = f"llm=file://{source}"
+        assert main([*url, "register", "tiny", "--model", model, "--tp", "1,2", "--wait"]) == 0
+        assert "tiny: warm" in capsys.readouterr().out
+
+        assert main([*url, "status", "tiny", "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["state"] == "warm" and status["shards"] == {"1": "ready", "2": "ready"}
+
+        assert main([*url, "status"]) == 0
+        table = capsys.readouterr().out
+        assert "tiny" in table and "cache: warm" in table
+
+        dest = tmp_path / "pulled"
+        assert main([*url, "pull", "tiny", "--dest", str(dest)]) == 0
+        capsys.readouterr()
+        for path in source.iterdir():
+            if path.suffix in (".json", ".safetensors"):
+                pulled = (dest / path.name).read_bytes()
+                assert hashlib.sha256(pulled).digest() == hashlib.sha256(path.read_bytes()).digest()
+
+        assert main([*url, "load", "tiny", "--tp-size", "2", "--rank", "1", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["tp_size"] == 2 and report["rank"] == 1 and report["bytes_delivered"] > 0
+        assert main([*url, "load", "tiny", "--verify"]) == 0
+        assert "GB/s" in capsys.readouterr().out
+
+        assert main([*url, "evict", "tiny"]) == 0
+        assert "tiny: evicted" in capsys.readouterr().out
+        assert main([*url, "load", "tiny"]) == 2
+        assert "not_warm" in capsys.readouterr().err
+
+        assert main([*url, "delete", "tiny"]) == 0
+        assert main([*url, "status", "tiny"]) == 2
+        assert "not_found" in capsys.readouterr().err
+    assert load_file(str(source / "model.safetensors"))
+
+
+def test_cli_reports_a_failed_warm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with running_node(data_dir=tmp_path / "data") as node:
+        missing = f"llm=file://{tmp_path / 'nowhere'}"
+        code = main(["--url", node.url, "register", "gone", "--model", missing, "--wait"])
+        assert code == 1
+        assert "origin_not_found" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["register", "x", "--model", "no-equals-sign"])
+    assert "NAME=SOURCE" in capsys.readouterr().err
