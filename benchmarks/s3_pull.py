@@ -18,8 +18,9 @@ What it does, in one run:
      pool that large;
    * ``weightcache``: ``S3Origin.resolve()`` then ``Fetcher.fetch()`` for every file, up to
      ``files_at_once`` files at a time (as the node's warm job does), into a fresh ``BlobStore``.
-     This verifies each file's sha256 against the manifest, computes the store's chunk digests
-     and fsyncs every part (crash-safe resume) and the blob before publishing. boto3 does none of
+     This verifies each file's sha256 against the manifest, computes the store's chunk digests,
+     makes finished parts durable for resume (fsync in batches) and fsyncs the blob before
+     publishing. boto3 does none of
      that, so ``boto3_matched_then_verify`` adds hashing and fsyncing the downloads afterwards.
 
 Seconds are wall-clock for the transfers only (resolve is reported apart); GB/s is 10^9 bytes per
