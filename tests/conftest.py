@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# huggingface_hub must never phone home from a test.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Fixtures that start real servers, available to every test module.
 pytest_plugins = ["tests.fixtures.hf_hub", "tests.fixtures.seaweed"]
