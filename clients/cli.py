@@ -14,8 +14,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
+
 from api.schema import ModelSpec, PipelineStatus
-from clients.client import Client, WarmFailed
+from clients.client import Client, WarmFailed, default_url
 from clients.errors import ApiError
 from clients.render import print_status_table, wait_with_progress, watch_status
 from loader.errors import LoaderError, NotWarmError
@@ -48,8 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api import create_app
     from cache_node.settings import NodeSettings
 
-    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
-    for name in ("data_dir", "capacity", "region", "tokens_file", "redis_url"):
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "data_dir", "capacity", "region", "tokens_file", "redis_url"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -174,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a cache node")
     serve.add_argument("--data-dir", default=None)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8470)
+    serve.add_argument("--host", default=None, help="default 127.0.0.1 ($WEIGHTCACHE_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="default 8470 ($WEIGHTCACHE_PORT)")
     serve.add_argument("--capacity", default=None, help="e.g. 100GiB")
     serve.add_argument("--region", default=None)
     serve.add_argument("--tokens", dest="tokens_file", default=None,
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="start vLLM on a pipeline: launch ID -- vllm serve")
     launch.add_argument("id")
     launch.add_argument("--tp-size", type=int, default=1)
-    launch.add_argument("command", nargs=argparse.REMAINDER)
+    launch.add_argument("command", nargs="*", help="the engine command, after --")
     launch.set_defaults(func=cmd_launch)
 
     for name, func, text in (
@@ -240,12 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line; everything after the first ``--`` is ``launch``'s engine command.
+
+    argparse alone would read the engine's flags (or the launcher's own, after the id) wrongly.
+    """
+    parser = build_parser()
+    words, tail = list(argv), []
+    if "--" in words:
+        at = words.index("--")
+        words, tail = words[:at], words[at + 1 :]
+    args = parser.parse_args(words)
+    if args.command_name == "launch":
+        args.command = list(args.command) + tail
+    elif tail:
+        parser.error(f"unexpected arguments after --: {' '.join(tail)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``weightcache`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "command", None) and args.command[:1] == ["--"]:
-        args.command = args.command[1:]
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         code: int = args.func(args)
     except ApiError as exc:
@@ -257,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except httpx.TransportError as exc:
+        print(f"error: cannot reach the node at {default_url(args.url)}: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

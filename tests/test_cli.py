@@ -67,3 +67,18 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["register", "x", "--model", "no-equals-sign"])
     assert "NAME=SOURCE" in capsys.readouterr().err
+
+
+def test_launch_arguments_after_the_separator_belong_to_the_engine() -> None:
+    from clients.cli import parse_args
+
+    args = parse_args(["launch", "chat", "--tp-size", "2", "--", "vllm", "serve", "--port", "1"])
+    assert args.id == "chat" and args.tp_size == 2
+    assert args.command == ["vllm", "serve", "--port", "1"]
+    args = parse_args(["launch", "--tp-size", "4", "chat", "--", "vllm", "serve"])
+    assert args.tp_size == 4 and args.command == ["vllm", "serve"]
+
+
+def test_unreachable_node_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--url", "http://127.0.0.1:9", "status"]) == 2
+    assert "cannot reach the node" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cache_node.settings import NodeSettings
+from cache_node.settings import DEFAULT_PORT, NodeSettings
 from clients.cli import build_parser
 from clients.client import default_token, default_url
 
@@ -71,7 +71,7 @@ def parse_cli(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
 def serve_ports() -> tuple[int, int]:
     """The API and data-plane ports ``serve`` uses when given none (data: ``--port`` + 1)."""
     defaults, _ = parse_cli(["serve"])
-    api = int(defaults.port)
+    api = defaults.port if defaults.port is not None else DEFAULT_PORT  # NodeSettings' default
     return api, defaults.data_port if defaults.data_port is not None else api + 1
 
 
@@ -173,7 +173,8 @@ def test_compose_cache_node(monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.command_name == "serve" and args.host == "0.0.0.0"
     assert any(v.split(":")[1] == args.data_dir for v in node["volumes"])
     published = {int(p.rsplit(":", 1)[1]) for p in node["ports"]}
-    assert published == {args.port, args.data_port or args.port + 1} == {api, data}
+    port = args.port if args.port is not None else api
+    assert published == {port, args.data_port or port + 1} == {api, data}
     assert url_host_port(args.redis_url)[0] in services
 
     env = {k: compose_value(str(v)) for k, v in node["environment"].items()}
