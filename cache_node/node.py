@@ -68,6 +68,7 @@ ADMIN_TENANT = "admin"
 DEFAULT_TENANT = "default"
 VERSION = "0.1.0"
 _FILES_AT_ONCE = 4
+_FILL_ROUNDS = 3
 
 
 @dataclass
@@ -106,6 +107,8 @@ class CacheNode:
         self._resolving: dict[tuple[object, ...], asyncio.Task[Snapshot]] = {}
         self._eviction_lock = threading.Lock()
         self._watermark_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start(); for other threads
+        self._rewarming: set[asyncio.Task[None]] = set()
         self.store.make_room = self.make_room
 
     @property
@@ -116,6 +119,8 @@ class CacheNode:
     async def start(self) -> None:
         """Reconcile disk with metadata, then resume the pipelines that were warming."""
         report = await anyio.to_thread.run_sync(lambda: self.store.check(fix=True))
+        self._loop = asyncio.get_running_loop()
+        self._collect_orphans()  # before any job: left by transfers of pipelines now gone
         if report.missing or report.quarantined or report.orphans_removed:
             log.warning("start-up reconcile: %s", report)
         for record in list(self.registry.all()):
@@ -131,7 +136,7 @@ class CacheNode:
     async def stop(self) -> None:
         if self._watermark_task is not None:
             self._watermark_task.cancel()
-        for task in list(self._jobs.values()):
+        for task in list(self._jobs.values()) + list(self._rewarming):
             task.cancel()
         self.fetcher.cancel_all()
         for task in list(self._jobs.values()) + list(self._closing):
@@ -227,6 +232,7 @@ class CacheNode:
         self._cancel_job(record.key)
         blobs = record.blobs()
         record.state = "evicted"
+        record.generation += 1  # a warm job still running must not write its record back
         record.evicted_reason = reason
         record.error = None
         for model in record.models:
@@ -343,9 +349,51 @@ class CacheNode:
             if isinstance(exc, InsufficientStorage | InvalidInput):
                 raise
             return
+        if not self._is_current(record):  # evicted, deleted or registered again meanwhile
+            self._release_unused(prepared)
+            for origin in prepared.origins:
+                self._close_when_idle(origin)
+            return
         task = asyncio.create_task(self._fill(prepared), name=f"warm {record.key}")
         self._jobs[record.key] = task
-        task.add_done_callback(lambda _: self._jobs.pop(record.key, None))
+        task.add_done_callback(lambda _: self._job_done(record.key, task))
+
+    def _is_current(self, record: PipelineRecord) -> bool:
+        """Whether ``record`` is still the registry's generation of its pipeline."""
+        current = self.registry.get(record.tenant, record.id)
+        return current is not None and current.generation == record.generation
+
+    def _release_unused(self, prepared: _Prepared) -> None:
+        """Give back the space of files the job never started to fetch."""
+        for key, reservation in prepared.reservations.items():
+            reservation.release()
+            if not self.fetcher.in_flight(key):
+                self.store.release_partial(key)  # its partial, if any, counts as temp again
+        prepared.reservations.clear()
+
+    def _job_done(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._jobs.get(key) is task:  # not a newer job of the same pipeline
+            del self._jobs[key]
+        self._collect_orphans()
+
+    def _collect_orphans(self) -> int:
+        """Free the blobs no pipeline references, unless a warm job is running. Returns bytes.
+
+        A transfer is shared and outlives a pipeline evicted or deleted while it was filling,
+        so it can land as a blob nobody holds. A running job's blob is unreferenced from its
+        commit until the job records it, so nothing is collected while any job runs.
+        """
+        if self._jobs:
+            return 0
+        referenced: set[str] = set()
+        for record in self.registry.all():
+            referenced.update(record.blobs())
+        orphans = [r.sha256 for r in self.store.records() if r.sha256 not in referenced]
+        freed = sum(self.store.delete(sha) for sha in orphans)
+        if freed:
+            log.info("freed %d bytes of %d blobs no pipeline holds", freed, len(orphans))
+            self._update_gauges()
+        return freed
 
     def _close_when_idle(self, origin: Origin) -> None:
         """Close an origin once no transfer reads from it: a pipeline that stops (failed,
@@ -363,8 +411,14 @@ class CacheNode:
 
     def _cancel_job(self, key: str) -> None:
         task = self._jobs.pop(key, None)
+        self._progress.pop(key, None)  # an evicted or deleted pipeline has nothing in flight
         if task is not None:
-            task.cancel()
+            loop = self._loop
+            if loop is not None and not loop.is_closed() and not _on_loop(loop):
+                # evictions run in worker threads; Task.cancel is not thread-safe
+                loop.call_soon_threadsafe(task.cancel)
+            else:
+                task.cancel()
 
     def _fail(self, record: PipelineRecord, exc: WeightCacheError) -> None:
         if isinstance(exc, InsufficientStorage):
@@ -382,6 +436,7 @@ class CacheNode:
         )
         self._save(record)
         self._progress.pop(record.key, None)
+        self._collect_orphans()  # a failed re-registration leaves the old version's blobs
         self._update_gauges()
 
     async def _prepare(self, record: PipelineRecord) -> _Prepared:
@@ -420,7 +475,8 @@ class CacheNode:
                     )
                 )
             record.models = models
-            self._save(record)
+            if self._is_current(record):  # an eviction or deletion meanwhile wins
+                self._save(record)
             reservations = await anyio.to_thread.run_sync(lambda: self._reserve(record, origins))
         except BaseException:
             for origin in origins:
@@ -451,6 +507,9 @@ class CacheNode:
                 if file.sha256 and self.store.has(file.sha256):
                     continue
                 key = transfer_key(origin, model.source, model.revision or "", _origin_file(file))
+                known = self.store.meta.get(f"transfer:{key}")
+                if known is not None and self.store.has(known["sha256"]):
+                    continue  # fetched before under this key and still here: a hit, no bytes
                 if not self.fetcher.in_flight(key):
                     needed[key] = file.size
         total = sum(needed.values()) + self._shard_bytes_estimate(record)
@@ -460,6 +519,7 @@ class CacheNode:
                 needed=total,
                 capacity=self.store.capacity,
             )
+        self._make_room_for(needed)
         reservations: dict[str, Reservation] = {}
         try:
             for key, size in needed.items():
@@ -472,6 +532,31 @@ class CacheNode:
             raise
         return reservations
 
+    def _make_room_for(self, needed: dict[str, int]) -> None:
+        """Evict for all of ``needed`` at once, or fail having evicted nothing.
+
+        Reserving file by file would make room for the first files and then fail on a later
+        one, throwing warm pipelines away for nothing. A file's own idle partial (a transfer
+        to resume) is counted as temp now and stops counting once its reservation is made.
+        """
+        own_partials = 0
+        for key in needed:
+            with contextlib.suppress(FileNotFoundError):
+                own_partials += self.store.partial_path(key).stat().st_size
+        extra = sum(needed.values()) - own_partials
+        if extra <= self.store.usage().free:
+            return
+        self.make_room(extra)
+        free = self.store.usage().free
+        if extra > free:
+            raise InsufficientStorage(
+                f"not enough space: the pipeline needs {extra} bytes, {free} free of "
+                f"{self.store.capacity} after eviction",
+                needed=extra,
+                free=free,
+                capacity=self.store.capacity,
+            )
+
     def _shard_bytes_estimate(self, record: PipelineRecord) -> int:
         weights = sum(
             f.size for m in record.models for f in m.files if f.path.endswith(".safetensors")
@@ -483,15 +568,25 @@ class CacheNode:
         self._progress.setdefault(record.key, {})
         limiter = anyio.CapacityLimiter(_FILES_AT_ONCE)
         try:
-            try:
-                async with anyio.create_task_group() as group:
-                    for model, origin in zip(record.models, prepared.origins, strict=True):
-                        for file in model.files:
-                            group.start_soon(
-                                self._fill_file, record, model, origin, file, prepared, limiter
-                            )
-            except BaseExceptionGroup as group_error:
-                raise first_error(group_error) from None
+            for _ in range(_FILL_ROUNDS):
+                try:
+                    async with anyio.create_task_group() as group:
+                        for model, origin in zip(record.models, prepared.origins, strict=True):
+                            for file in model.files:
+                                group.start_soon(
+                                    self._fill_file, record, model, origin, file, prepared,
+                                    limiter,
+                                )
+                except BaseExceptionGroup as group_error:
+                    raise first_error(group_error) from None
+                # A blob this job got (fetched, or found already there) is unreferenced until
+                # the job records it; a pipeline evicted or deleted just then may have freed
+                # it. Fetch what is missing again rather than call the pipeline warm.
+                if all(f.blob and self.store.has(f.blob) for m in record.models
+                       for f in m.files):
+                    break
+            else:
+                raise WeightCacheError("blobs were freed while the pipeline was filling")
             await self._build_shards(record)
             current = self.registry.get(record.tenant, record.id)
             if current is None or current.generation != record.generation:
@@ -505,8 +600,7 @@ class CacheNode:
             log.exception("warm job of %s failed", record.key)
             self._fail(record, WeightCacheError(f"internal error: {type(exc).__name__}"))
         finally:
-            for reservation in prepared.reservations.values():
-                reservation.release()
+            self._release_unused(prepared)
             for origin in prepared.origins:
                 self._close_when_idle(origin)
             self._progress.pop(record.key, None)
@@ -532,19 +626,32 @@ class CacheNode:
         origin_file = _origin_file(file)
         key = transfer_key(origin, model.source, model.revision or "", origin_file)
         async with limiter:
-            blob = await self.fetcher.fetch(
-                origin,
-                origin_file,
-                source=model.source,
-                revision=model.revision or "",
-                reservation=prepared.reservations.pop(key, None),
-                on_progress=on_progress,
+            fetching = asyncio.ensure_future(
+                self.fetcher.fetch(
+                    origin,
+                    origin_file,
+                    source=model.source,
+                    revision=model.revision or "",
+                    reservation=prepared.reservations.pop(key, None),
+                    on_progress=on_progress,
+                )
             )
+            try:
+                blob = await asyncio.shield(fetching)
+            except asyncio.CancelledError:
+                # The transfer goes on without this job: whatever it lands, nobody holds.
+                fetching.add_done_callback(self._abandoned_fetch_done)
+                raise
         file.blob = blob.sha256
         progress.pop(progress_key, None)
         current = self.registry.get(record.tenant, record.id)
         if current is not None and current.generation == record.generation:
             self._save(record)
+
+    def _abandoned_fetch_done(self, fetching: asyncio.Future[BlobRecord]) -> None:
+        if not fetching.cancelled():
+            fetching.exception()  # retrieved: the job that wanted it is gone
+        self._collect_orphans()
 
     async def _build_shards(self, record: PipelineRecord) -> None:
         """Per-TP-size shard sets; TP 1 and unsplittable models read the original files."""
@@ -735,6 +842,32 @@ class CacheNode:
         self.metrics.digest_mismatches.labels("read").inc()
         log.error("blob %s quarantined: %s", sha256, reason)
         self._blob_tenants = None
+        # A warm pipeline must have every blob: the ones that lost this one are cold until
+        # it is fetched again, which starts now (start() does it for a node not yet running).
+        for record in list(self.registry.all()):
+            if record.state == "warm" and sha256 in record.blobs():
+                record.state = "cold"
+                self._save(record)
+                self._rewarm_soon(record.key)
+
+    def _rewarm_soon(self, key: str) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def spawn() -> None:
+            task = loop.create_task(self._rewarm(key), name=f"rewarm {key}")
+            self._rewarming.add(task)
+            task.add_done_callback(self._rewarming.discard)
+
+        loop.call_soon_threadsafe(spawn)  # quarantine may happen in a worker thread
+
+    async def _rewarm(self, key: str) -> None:
+        tenant, _, pipeline_id = key.partition("/")
+        record = self.registry.get(tenant, pipeline_id)
+        if record is not None and record.state == "cold":
+            with contextlib.suppress(WeightCacheError):  # a failure is recorded on the pipeline
+                await self._start_warm(record)
 
     # ------------------------------------------------------------------ replica side
     def manifest(self, tenant: str, pipeline_id: str, *, tp_size: int, rank: int) -> Manifest:
@@ -865,6 +998,13 @@ class CacheNode:
         for data in self.store.iter_verified(sha256, start, end):
             self.metrics.bytes_served.inc(len(data))
             yield data
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _validate_spec(spec: PipelineSpec) -> None:
