@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -686,6 +687,9 @@ class CacheNode:
                 for f in model.files
                 if f.path.endswith(".safetensors") and f.blob
             }
+            for path in weights.values():
+                # shards inherit their source's bytes: check them before they are copied
+                self._verify_blob(path.name)
             try:
                 headers = {path: read_header(blob) for path, blob in weights.items()}
                 plan = sharding.plan_rank_shards(config, headers, tp_size)
@@ -696,8 +700,10 @@ class CacheNode:
             plans.append((model, plan, weights))
         ranks: list[RankShard] = []
         for model, plan, weights in plans:
-            needed = sum(r.nbytes for r in plan.ranks) + len(plan.ranks) * (1 << 20)  # + headers
-            with self.store.reserve(needed) as reservation:
+            # one reservation per rank file (tensor bytes plus room for its header), each
+            # handed to publish, so committed + reserved never counts a shard twice
+            reservations = [self.store.reserve(r.nbytes + (1 << 20)) for r in plan.ranks]
+            try:
                 written = sharding.write_rank_shards(plan, weights, self.store.tmp_dir)
                 for shard in written:
                     blob = self.store.publish(
@@ -706,6 +712,7 @@ class CacheNode:
                         size=shard.size,
                         chunk_xxh3_128=list(shard.chunk_xxh3_128),
                         verified=True,
+                        reservation=reservations[shard.rank],
                     )
                     ranks.append(
                         RankShard(
@@ -727,7 +734,9 @@ class CacheNode:
                             ],
                         )
                     )
-                reservation.release()
+            finally:
+                for reservation in reservations:
+                    reservation.release()
         return ShardSet(tp_size=tp_size, state="ready", mode="sharded", ranks=ranks)
 
     def _model_config(self, model: ModelEntry) -> dict[str, Any]:
@@ -842,6 +851,7 @@ class CacheNode:
         self.metrics.digest_mismatches.labels("read").inc()
         log.error("blob %s quarantined: %s", sha256, reason)
         self._blob_tenants = None
+        self._headers.pop(sha256, None)
         # A warm pipeline must have every blob: the ones that lost this one are cold until
         # it is fetched again, which starts now (start() does it for a node not yet running).
         for record in list(self.registry.all()):
@@ -941,6 +951,7 @@ class CacheNode:
         header = self._headers.get(blob)
         if header is None:
             try:
+                self._verify_blob(blob, header_only=True)  # offsets must come from good bytes
                 header = read_header(self.store.blob_path(blob))
             except (HeaderError, OSError) as exc:
                 log.warning("%s is not a readable safetensors file: %s", path, exc)
@@ -958,6 +969,17 @@ class CacheNode:
             )
             for t in header.tensors
         ]
+
+    def _verify_blob(self, sha256: str, *, header_only: bool = False) -> None:
+        """Check a blob's chunks (only those of its safetensors header with ``header_only``);
+        a mismatch quarantines it and raises IntegrityError."""
+        record, handle = self.store.open(sha256)
+        with handle:
+            end = record.size
+            if header_only and record.size >= 8:
+                header_size = int.from_bytes(os.pread(handle.fileno(), 8, 0), "little")
+                end = min(record.size, 8 + header_size)
+            self.store.verify_range(record, handle, 0, end)
 
     def create_lease(self, tenant: str, pipeline_id: str) -> Lease:
         record = self._find(tenant, pipeline_id)

@@ -383,7 +383,8 @@ class BlobStore:
                     sha256=record.sha256,
                     chunk=index,
                 )
-            self._verified[(record.sha256, index)] = identity
+            if _settled(stat):
+                self._verified[(record.sha256, index)] = identity
 
     def iter_verified(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
         """Yield ``[start, end)`` of a blob, each chunk verified before any of it leaves (I2).
@@ -423,21 +424,29 @@ class BlobStore:
                         sha256=sha256,
                         chunk=index,
                     )
-                self._verified[(sha256, index)] = identity
+                if _settled(stat):
+                    self._verified[(sha256, index)] = identity
                 yield data[position - chunk_start : stop - chunk_start]
                 position = stop
 
     # ----------------------------------------------------------------- reconcile
-    def check(self, *, fix: bool = True, deep: bool = False) -> CheckReport:
+    def check(
+        self, *, fix: bool = True, deep: bool = False, partial_max_age_s: float = 7 * 86400
+    ) -> CheckReport:
         """Reconcile metadata with disk at start-up (layout contract, I3).
 
-        Removes unique temps; keeps resumable partials (their journal lets a fill resume);
+        Removes unique temps; keeps resumable partials (their journal lets a fill resume)
+        unless untouched for ``partial_max_age_s``;
         removes orphan blob files that no record describes; drops records whose file is missing;
         quarantines blobs of the wrong size, and with ``deep`` also those whose chunks mismatch.
         """
         report = CheckReport()
+        stale_before = time.time() - partial_max_age_s
         for entry in os.scandir(self.tmp_dir):
-            if entry.name.endswith((".partial", ".journal")):
+            # a resumable transfer nobody came back for in a week is only taking space
+            if entry.name.endswith((".partial", ".journal")) and (
+                entry.stat().st_mtime >= stale_before
+            ):
                 report.partials_kept += entry.name.endswith(".partial")
                 continue
             report.temps_removed += 1
@@ -477,6 +486,16 @@ class BlobStore:
         with self._lock:
             self._committed = sum(r.size for r in self.records())
         return report
+
+
+#: File timestamps are coarse (a kernel tick, a few ms). A chunk is remembered as verified only
+#: when the file was last written more than this long ago, so any later write, even within the
+#: same tick as the check, leaves a different mtime and voids the memo.
+_MEMO_SETTLE_NS = 100_000_000
+
+
+def _settled(stat: os.stat_result) -> bool:
+    return time.time_ns() - stat.st_mtime_ns > _MEMO_SETTLE_NS
 
 
 def _hash_region(fd: int, offset: int, length: int) -> str:
