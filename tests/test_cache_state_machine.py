@@ -265,6 +265,13 @@ class CacheMachine(RuleBasedStateMachine):
         except NotWarm:
             assert state != "warm", f"warm {pipeline} refused a manifest"
             return
+        except IntegrityError as exc:  # a flipped safetensors header: caught before use
+            sha = exc.details["sha256"]
+            assert not self.node.store.has(sha)
+            assert (self.data_dir / "quarantine" / sha).exists()
+            assert self.node.status(DEFAULT_TENANT, pipeline).state != "warm"
+            self.counter.quarantined += 1
+            return
         assert state == "warm"
         for blob in manifest.blobs:
             self.node.authorize_blob(DEFAULT_TENANT, blob.sha256)

@@ -251,6 +251,9 @@ def test_a_read_in_flight_completes_with_correct_bytes_when_its_pipeline_is_evic
     sha = hashlib.sha256(expected).hexdigest()
     with running_node(**_settings(tmp_path, capacity=64 * MiB)) as node, node.client() as c:
         _warm(c, "big", src / "big")
+        blob_file = tmp_path / "data" / "blobs" / sha[:2] / sha
+        an_hour_ago = time.time() - 3600
+        os.utime(blob_file, (an_hour_ago, an_hour_ago))  # as old as most blobs are
         # A whole read first: the chunk is then known good, and later reads stream it in
         # pieces straight from the open file, so most of the body is read after the unlink.
         assert hashlib.sha256(c.get(f"/v1/blobs/{sha}").content).hexdigest() == sha
@@ -271,6 +274,7 @@ def test_a_read_in_flight_completes_with_correct_bytes_when_its_pipeline_is_evic
 
         # The same at the store: a generator holding the file open outlives the delete.
         _warm(c, "big", src / "big")
+        os.utime(blob_file, (an_hour_ago, an_hour_ago))
         store = node.node.store
         assert b"".join(store.iter_verified(sha, 0, len(expected))) == expected
         reading = store.iter_verified(sha, 0, len(expected))
