@@ -38,13 +38,10 @@ from cache_node.metadata import DiskcacheKeyValue
 from cache_node.registry import Registry
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobStore, check_sha256
+from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
 
 __all__ = ["BlobIndex", "create_app", "run_data_plane", "stop_data_plane"]
 
-# The node's tenant names (cache_node.node), repeated so that a worker starts without importing
-# the node service and everything it pulls in.
-ADMIN_TENANT = "admin"
-DEFAULT_TENANT = "default"
 #: How stale the tenant → blobs index may get (a deleted pipeline stops granting access then).
 INDEX_MAX_AGE_S = 5.0
 _START_TIMEOUT_S = 60.0

@@ -60,13 +60,12 @@ from cache_node.registry import (
 )
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobRecord, BlobStore, Reservation
+from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
 from loader.errors import HeaderError
 from loader.safetensors_format import read_header
 
 log = logging.getLogger("weightcache.node")
 
-ADMIN_TENANT = "admin"
-DEFAULT_TENANT = "default"
 VERSION = "0.1.0"
 _FILES_AT_ONCE = 4
 _FILL_ROUNDS = 3
