@@ -40,7 +40,7 @@ from cache_node.errors import IntegrityError, OriginError, WeightCacheError, fir
 from cache_node.metrics import NodeMetrics
 from cache_node.origins.base import Origin, OriginFile
 from cache_node.settings import FetchSettings
-from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation
+from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation, feed_region
 
 ProgressCallback = Callable[[int], None]
 _HASH_BLOCK = 8 * 1024 * 1024
@@ -490,14 +490,8 @@ class _Journal:
                     continue
                 start, end = parts[index]
                 hasher = xxhash.xxh3_64()
-                position = start
-                while position < end:
-                    data = os.pread(fd, min(_HASH_BLOCK, end - position), position)
-                    if not data:
-                        break
-                    hasher.update(data)
-                    position += len(data)
-                if position == end and hasher.intdigest() == digest:
+                complete = feed_region(fd, start, end - start, hasher) == end - start
+                if complete and hasher.intdigest() == digest:
                     done.add(index)
         finally:
             os.close(fd)

@@ -498,8 +498,9 @@ def _settled(stat: os.stat_result) -> bool:
     return time.time_ns() - stat.st_mtime_ns > _MEMO_SETTLE_NS
 
 
-def _hash_region(fd: int, offset: int, length: int) -> str:
-    hasher = xxhash.xxh3_128()
+def feed_region(fd: int, offset: int, length: int, hasher: Any) -> int:
+    """Feed ``length`` bytes of ``fd`` from ``offset`` to ``hasher``; returns the bytes fed
+    (fewer when the file is shorter)."""
     position = offset
     stop = offset + length
     while position < stop:
@@ -508,7 +509,13 @@ def _hash_region(fd: int, offset: int, length: int) -> str:
             break
         hasher.update(data)
         position += len(data)
-    return hasher.hexdigest()
+    return position - offset
+
+
+def _hash_region(fd: int, offset: int, length: int) -> str:
+    hasher = xxhash.xxh3_128()
+    feed_region(fd, offset, length, hasher)
+    return str(hasher.hexdigest())
 
 
 def _ceil_div(a: int, b: int) -> int:
