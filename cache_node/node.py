@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
-import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 
@@ -24,9 +21,6 @@ from api.schema import (
     ErrorInfo,
     Lease,
     Manifest,
-    ManifestBlob,
-    ManifestFile,
-    ManifestTensor,
     ModelSpec,
     ModelStatus,
     NodeInfo,
@@ -34,7 +28,6 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
-from cache_node import sharding
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
@@ -44,8 +37,10 @@ from cache_node.errors import (
     WeightCacheError,
     first_error,
 )
+from cache_node.evictor import Evictor, eviction_entry
 from cache_node.fetch import Fetcher, transfer_key
 from cache_node.load_history import LoadHistory
+from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.metrics import NodeMetrics
 from cache_node.origins import Origin, open_origin, validate_source
@@ -54,15 +49,13 @@ from cache_node.registry import (
     FileEntry,
     ModelEntry,
     PipelineRecord,
-    RankShard,
     Registry,
     ShardSet,
 )
 from cache_node.settings import NodeSettings
+from cache_node.shard_sets import write_shard_set
 from cache_node.store import BlobRecord, BlobStore, Reservation
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
-from loader.errors import HeaderError
-from loader.safetensors_format import read_header
 
 log = logging.getLogger("weightcache.node")
 
@@ -101,14 +94,16 @@ class CacheNode:
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._progress: dict[str, dict[str, int]] = {}  # pipeline key → path → bytes in flight
         self._blob_tenants: dict[str, set[str]] | None = None
-        self._headers: dict[str, Any] = {}
+        self.manifests = ManifestBuilder(self.store)
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
         self._resolving: dict[tuple[object, ...], asyncio.Task[Snapshot]] = {}
-        self._eviction_lock = threading.Lock()
         self._watermark_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start(); for other threads
         self._rewarming: set[asyncio.Task[None]] = set()
+        self.evictor = Evictor(
+            self.registry, self.store, settings.eviction, evict=self._evict_record
+        )
         self.store.make_room = self.make_room
 
     @property
@@ -249,76 +244,13 @@ class CacheNode:
         return freed
 
     # ------------------------------------------------------------------ eviction
-    def _eviction_entries(self) -> list[eviction.Entry]:
-        leases = self.registry.active_leases()
-        return [
-            self._eviction_entry(record, leased=bool(leases.get(record.key)))
-            for record in self.registry.all()
-            if record.blobs()
-        ]
-
-    @staticmethod
-    def _eviction_entry(record: PipelineRecord, *, leased: bool) -> eviction.Entry:
-        return eviction.Entry(
-            pipeline_id=record.key,
-            blobs=record.blobs(),
-            last_used_at=record.last_used_at,
-            registered_at=record.registered_at,
-            pinned=record.spec.pinned,
-            # a pipeline being filled is as untouchable as a leased one
-            leased=leased or record.state == "warming",
-            loads=record.loads,
-        )
-
-    def _limits(self) -> eviction.Limits:
-        settings = self.settings.eviction
-        return eviction.Limits(
-            capacity=self.store.capacity,
-            high_watermark=settings.high_watermark,
-            low_watermark=settings.low_watermark,
-            hot_window_s=settings.hot_window_s,
-        )
-
-    def _policy_usage(self) -> eviction.Usage:
-        usage = self.store.usage()
-        return eviction.Usage(committed=usage.committed, reserved=usage.reserved + usage.temp)
-
     def make_room(self, nbytes: int) -> int:
-        """Evict by the policy so ``nbytes`` more fit; called by the store when space is short.
-
-        An unsatisfiable plan evicts nothing (the caller answers 507). Returns bytes freed.
-        """
-        with self._eviction_lock:
-            plan = eviction.plan(
-                self._eviction_entries(),
-                need_bytes=nbytes,
-                usage=self._policy_usage(),
-                limits=self._limits(),
-                now=time.time(),
-            )
-            return self._execute(plan)
+        """Evict by the policy so ``nbytes`` more fit (the store's hook). Returns bytes freed."""
+        return self.evictor.make_room(nbytes)
 
     def enforce_watermarks(self) -> int:
         """Above the high watermark, evict cold pipelines down to the low one. Returns bytes."""
-        with self._eviction_lock:
-            plan = eviction.plan_watermark(
-                self._eviction_entries(),
-                usage=self._policy_usage(),
-                limits=self._limits(),
-                now=time.time(),
-            )
-            return self._execute(plan)
-
-    def _execute(self, plan: eviction.EvictionPlan) -> int:
-        freed = 0
-        for victim in plan.victims:
-            tenant, _, pipeline_id = victim.pipeline_id.partition("/")
-            record = self.registry.get(tenant, pipeline_id)
-            if record is None:
-                continue
-            log.info("evicting %s (%s): %s", victim.pipeline_id, victim.reason, plan.reason)
-            freed += self._evict_record(record, victim.reason)
-        return freed
+        return self.evictor.enforce_watermarks()
 
     async def _watermark_loop(self) -> None:
         while True:
@@ -668,85 +600,15 @@ class CacheNode:
                 record.shards[key] = ShardSet(tp_size=tp_size, state="pending")
                 self._save(record)
                 record.shards[key] = await anyio.to_thread.run_sync(
-                    self._write_shards, record, tp_size
+                    functools.partial(
+                        write_shard_set,
+                        self.store,
+                        record,
+                        tp_size,
+                        verify_blob=self.manifests.verify_blob,
+                    )
                 )
             self._save(record)
-
-    def _write_shards(self, record: PipelineRecord, tp_size: int) -> ShardSet:
-        """Plan and write every model's rank shards for one TP size, then publish them.
-
-        A model the rules do not cover makes the whole TP size full-tensor mode (every rank
-        reads the unsplit files), which is correct for anything.
-        """
-        plans = []
-        for model in record.models:
-            config = self._model_config(model)
-            weights = {
-                f.path: self.store.blob_path(f.blob)
-                for f in model.files
-                if f.path.endswith(".safetensors") and f.blob
-            }
-            for path in weights.values():
-                # shards inherit their source's bytes: check them before they are copied
-                self._verify_blob(path.name)
-            try:
-                headers = {path: read_header(blob) for path, blob in weights.items()}
-                plan = sharding.plan_rank_shards(config, headers, tp_size)
-            except (HeaderError, sharding.ShardingUnsupported) as exc:
-                return ShardSet(tp_size=tp_size, state="ready", mode="full", note=str(exc))
-            if plan.mode == "full":
-                return ShardSet(tp_size=tp_size, state="ready", mode="full", note=plan.reason)
-            plans.append((model, plan, weights))
-        ranks: list[RankShard] = []
-        for model, plan, weights in plans:
-            # one reservation per rank file (tensor bytes plus room for its header), each
-            # handed to publish, so committed + reserved never counts a shard twice
-            reservations = [self.store.reserve(r.nbytes + (1 << 20)) for r in plan.ranks]
-            try:
-                written = sharding.write_rank_shards(plan, weights, self.store.tmp_dir)
-                for shard in written:
-                    blob = self.store.publish(
-                        shard.path,
-                        sha256=shard.sha256,
-                        size=shard.size,
-                        chunk_xxh3_128=list(shard.chunk_xxh3_128),
-                        verified=True,
-                        reservation=reservations[shard.rank],
-                    )
-                    ranks.append(
-                        RankShard(
-                            model=model.name,
-                            rank=shard.rank,
-                            blob=blob.sha256,
-                            size=blob.size,
-                            tensors=[
-                                ManifestTensor(
-                                    model=model.name,
-                                    name=t.name,
-                                    dtype=t.dtype,
-                                    shape=list(t.shape),
-                                    blob=blob.sha256,
-                                    offset=t.offset,
-                                    length=t.length,
-                                )
-                                for t in shard.tensors
-                            ],
-                        )
-                    )
-            finally:
-                for reservation in reservations:
-                    reservation.release()
-        return ShardSet(tp_size=tp_size, state="ready", mode="sharded", ranks=ranks)
-
-    def _model_config(self, model: ModelEntry) -> dict[str, Any]:
-        for file in model.files:
-            if file.path == "config.json" and file.blob:
-                try:
-                    raw = json.loads(self.store.blob_path(file.blob).read_bytes())
-                except (OSError, ValueError):
-                    return {}
-                return raw if isinstance(raw, dict) else {}
-        return {}
 
     def _blobs_present(self, record: PipelineRecord) -> bool:
         return all(
@@ -767,7 +629,7 @@ class CacheNode:
         shard_bytes = sum(s.bytes_total for s in record.shards.values())
         leases = self.registry.active_leases().get(record.key, 0)
         hot = eviction.is_hot(
-            self._eviction_entry(record, leased=bool(leases)),
+            eviction_entry(record, leased=bool(leases)),
             now=time.time(),
             hot_window_s=self.settings.eviction.hot_window_s,
         )
@@ -850,7 +712,7 @@ class CacheNode:
         self.metrics.digest_mismatches.labels("read").inc()
         log.error("blob %s quarantined: %s", sha256, reason)
         self._blob_tenants = None
-        self._headers.pop(sha256, None)
+        self.manifests.forget(sha256)
         # A warm pipeline must have every blob: the ones that lost this one are cold until
         # it is fetched again, which starts now (start() does it for a node not yet running).
         for record in list(self.registry.all()):
@@ -880,105 +742,22 @@ class CacheNode:
 
     # ------------------------------------------------------------------ replica side
     def manifest(self, tenant: str, pipeline_id: str, *, tp_size: int, rank: int) -> Manifest:
-        """The files and tensors rank ``rank`` of a TP-``tp_size`` replica reads."""
+        """What rank ``rank`` of a TP-``tp_size`` replica reads; counts as a use."""
         record = self._find(tenant, pipeline_id)
         if record.state != "warm":
             raise NotWarm(f"pipeline {pipeline_id!r} is {record.state}", state=record.state)
-        if tp_size not in record.spec.tp_sizes:
-            raise InvalidInput(
-                f"tp_size {tp_size} not registered (have {record.spec.tp_sizes})", field="tp_size"
-            )
-        if not 0 <= rank < tp_size:
-            raise InvalidInput(f"rank must be in [0, {tp_size})", field="rank")
-        shard_set = record.shards[str(tp_size)]
-        files: list[ManifestFile] = []
-        tensors: list[ManifestTensor] = []
-        for model in record.models:
-            for file in model.files:
-                assert file.blob is not None
-                weights = self._file_tensors(model.name, file.blob, file.path)
-                if weights is not None:
-                    if shard_set.mode == "full":
-                        tensors.extend(weights)
-                else:
-                    files.append(
-                        ManifestFile(model=model.name, path=file.path, blob=file.blob,
-                                     size=file.size)
-                    )
-        if shard_set.mode == "sharded":
-            for shard in shard_set.ranks:
-                if shard.rank == rank:
-                    tensors.extend(shard.tensors)
-        blob_ids = sorted({t.blob for t in tensors} | {f.blob for f in files})
-        blobs = []
-        for sha in blob_ids:
-            blob = self.store.get(sha)
-            if blob is None:
-                raise NotWarm(f"pipeline {pipeline_id!r} lost blob {sha}", state="cold")
-            blobs.append(_manifest_blob(blob))
+        manifest = self.manifests.build(record, tp_size=tp_size, rank=rank)
         record.last_used_at = time.time()
         record.loads += 1
         self._save(record)
-        return Manifest(
-            pipeline=record.id,
-            tp_size=tp_size,
-            rank=rank,
-            bytes_total=sum(t.length for t in tensors) + sum(f.size for f in files),
-            files=files,
-            tensors=tensors,
-            blobs=blobs,
-            mode=shard_set.mode,
-        )
+        return manifest
 
     def files(self, tenant: str, pipeline_id: str) -> list[PipelineFile]:
         """Every origin file of a warm pipeline with its blob (to materialise it on disk)."""
         record = self._find(tenant, pipeline_id)
         if record.state != "warm":
             raise NotWarm(f"pipeline {pipeline_id!r} is {record.state}", state=record.state)
-        return [
-            PipelineFile(model=m.name, path=f.path, blob=f.blob or "", size=f.size,
-                         verified=f.verified)
-            for m in record.models
-            for f in m.files
-        ]
-
-    def _file_tensors(self, model: str, blob: str, path: str) -> list[ManifestTensor] | None:
-        """The tensors of a safetensors file; None for any other file (or an unparsable one,
-        which is then handed to the replica as a plain file)."""
-        if not path.endswith(".safetensors"):
-            return None
-        header = self._headers.get(blob)
-        if header is None:
-            try:
-                self._verify_blob(blob, header_only=True)  # offsets must come from good bytes
-                header = read_header(self.store.blob_path(blob))
-            except (HeaderError, OSError) as exc:
-                log.warning("%s is not a readable safetensors file: %s", path, exc)
-                return None
-            self._headers[blob] = header
-        return [
-            ManifestTensor(
-                model=model,
-                name=t.name,
-                dtype=t.dtype,
-                shape=list(t.shape),
-                blob=blob,
-                offset=header.data_offset + t.start,
-                length=t.nbytes,
-            )
-            for t in header.tensors
-        ]
-
-    def _verify_blob(self, sha256: str, *, header_only: bool = False) -> None:
-        """Check a blob's chunks (only those of its safetensors header with ``header_only``);
-        a mismatch quarantines it and raises IntegrityError."""
-        record, handle = self.store.open(sha256)
-        with handle:
-            end = record.size
-            if header_only and record.size >= 8:
-                header_size = int.from_bytes(os.pread(handle.fileno(), 8, 0), "little")
-                end = min(record.size, 8 + header_size)
-            self.store.verify_range(record, handle, 0, end)
+        return self.manifests.files(record)
 
     def create_lease(self, tenant: str, pipeline_id: str) -> Lease:
         record = self._find(tenant, pipeline_id)
@@ -1046,13 +825,4 @@ def _origin_file(file: FileEntry) -> OriginFile:
         git_sha1=file.git_sha1,
         md5=file.md5,
         etag=file.etag,
-    )
-
-
-def _manifest_blob(blob: BlobRecord) -> ManifestBlob:
-    return ManifestBlob(
-        sha256=blob.sha256,
-        size=blob.size,
-        chunk_size=blob.chunk_size,
-        chunk_xxh3_128=list(blob.chunk_xxh3_128),
     )
