@@ -18,8 +18,12 @@ before each run; the files are fsynced first, so the drop takes):
 - InstantTensor and Run:ai Model Streamer, when importable (else recorded as skipped);
 - weightcache ``LocalFileSource`` -> device (the node-local path);
 - weightcache ``HttpRangeSource`` from a local multi-process range server
-  (``tests/fixtures/blob_server.py``, sendfile, SO_REUSEPORT). The cache node's own data plane
-  will replace it here once it serves at that speed.
+  (``tests/fixtures/blob_server.py``, sendfile, SO_REUSEPORT): the transport alone;
+- a real cache node on the same host (``weightcache serve`` with ``--http-processes`` data-plane
+  workers), the checkpoint registered as a ``file://`` pipeline with TP sizes 1 and 2, then
+  ``loader.load`` of it over HTTP, node-local (``local_dir``), and TP 2 rank 0 (its shard: half
+  the split bytes; at ``--scale`` below 1 the shapes no longer match the config, so TP 2 falls
+  back to full-tensor mode and reads everything).
 
 Each path runs ``--repeat`` times; the JSON in ``benchmarks/results/`` keeps every time, the
 median, GB/s, and the machine it ran on. Times include a device synchronise. With
@@ -46,12 +50,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.schema import Manifest, ManifestTensor  # noqa: E402
-from loader.load import load_manifest  # noqa: E402
+from loader.load import load, load_manifest  # noqa: E402
 from loader.safetensors_format import encode_header, read_header  # noqa: E402
 from loader.sources import HttpRangeSource, LocalFileSource, blob_path  # noqa: E402
 
@@ -215,6 +220,72 @@ def start_http_server(data_dir: Path, processes: int) -> tuple[subprocess.Popen[
     raise RuntimeError("range server did not start")
 
 
+LLAMA_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTER,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "num_hidden_layers": LAYERS,
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def start_node(work: Path, model_dir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    """``weightcache serve`` on loopback with ``workers`` data-plane processes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "clients.cli", "serve",
+        "--data-dir", str(work / "node"), "--port", str(port), "--capacity", "1TiB",
+        "--data-workers", str(workers), "--local-root", str(model_dir),
+    ]  # fmt: skip
+    node = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return node, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    node.kill()
+    raise RuntimeError("cache node did not start")
+
+
+def node_pipeline(url: str, paths: list[Path], model_dir: Path) -> dict[str, int]:
+    """Register the checkpoint (hard links, no copy) with TP 1 and 2; wait until warm.
+
+    Returns the tensor bytes each node leg moves.
+    """
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for number, path in enumerate(paths, start=1):
+        name = model_dir / f"model-{number:05d}-of-{len(paths):05d}.safetensors"
+        if not name.exists():
+            os.link(path, name)
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
+    body = {"models": [{"name": "llm", "source": f"file://{model_dir}"}], "tp_sizes": [1, 2]}
+    httpx.put(f"{url}/v1/pipelines/bench", json=body, timeout=600).raise_for_status()
+    started = time.monotonic()
+    while (state := httpx.get(f"{url}/v1/pipelines/bench").json())["state"] != "warm":
+        if state["state"] == "failed":
+            raise RuntimeError(f"warm failed: {state['error']}")
+        time.sleep(0.5)
+    print(f"node: pipeline warm (TP 1 and 2) in {time.monotonic() - started:.1f} s")
+    sizes = {}
+    for tp_size in (1, 2):
+        manifest = httpx.get(
+            f"{url}/v1/pipelines/bench/manifest", params={"tp_size": tp_size, "rank": 0}
+        ).json()
+        sizes[f"tp{tp_size}"] = sum(t["length"] for t in manifest["tensors"])
+    return sizes
+
+
 def candidates(
     paths: list[Path], manifest: Manifest, data_dir: Path, device: torch.device, args: Any
 ) -> dict[str, Callable[[], Any] | str]:
@@ -296,7 +367,10 @@ def main() -> None:
     )
 
     server, url = start_http_server(data_dir, args.http_processes)
+    model_dir = work / "model"
+    node, node_url = start_node(work, model_dir, args.http_processes)
     try:
+        leg_bytes = node_pipeline(node_url, paths, model_dir)
         runs = candidates(paths, manifest, data_dir, device, args)
 
         def over_http() -> Any:
@@ -310,6 +384,18 @@ def main() -> None:
             )
 
         runs["weightcache http (range server)"] = over_http
+        options = {"workers": args.workers, "request_size": args.request_mib << 20}
+        runs["weightcache node http"] = lambda: load(
+            "bench", url=node_url, device=device, **options
+        )
+        runs["weightcache node-local shard"] = lambda: load(
+            "bench", url=node_url, device=device, local_dir=work / "node", **options
+        )
+        runs["weightcache node http tp2 rank0"] = lambda: load(
+            "bench", tp_size=2, rank=0, url=node_url, device=device, **options
+        )
+        sizes = {name: total for name in runs}
+        sizes["weightcache node http tp2 rank0"] = leg_bytes["tp2"]
         results: dict[str, Any] = {}
         for name, run in runs.items():
             if isinstance(run, str):
@@ -332,16 +418,19 @@ def main() -> None:
                         break
                 else:
                     median = statistics.median(times)
+                    moved = sizes[name]
                     entry[mode] = {
                         "times_s": times,
                         "median_s": median,
-                        "gb_per_s": total / median / 1e9,
+                        "bytes": moved,
+                        "gb_per_s": moved / median / 1e9,
                     }
-                    print(f"{name:40s} {mode}: {median:.3f} s  {total / median / 1e9:6.2f} GB/s")
+                    print(f"{name:40s} {mode}: {median:.3f} s  {moved / median / 1e9:6.2f} GB/s")
             results[name] = entry
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
+        for process in (server, node):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
 
     machine = {
         "platform": platform.platform(),
