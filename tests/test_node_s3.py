@@ -11,33 +11,17 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.node_server import free_port, running_node, wait_for_state
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def bucket(seaweed: SeaweedServer) -> str:
-    name = f"b-{uuid.uuid4().hex[:10]}"
-    seaweed.create_bucket(name)
-    return name
-
-
-@pytest.fixture
-def proxy(seaweed: SeaweedServer) -> Iterator[CountingProxy]:
-    with CountingProxy(seaweed.endpoint_url) as running:
-        yield running
 
 
 def _upload(seaweed: SeaweedServer, bucket: str, files: dict[str, bytes], *, sums: bool) -> None:

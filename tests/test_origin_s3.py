@@ -6,7 +6,7 @@ import base64
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from pydantic import SecretStr
@@ -19,19 +19,6 @@ from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.seaweed import SeaweedServer, free_ports
 
 MakeOrigin = Callable[..., S3Origin]
-
-
-@pytest.fixture
-def bucket(seaweed: SeaweedServer) -> str:
-    name = f"t-{uuid.uuid4().hex[:16]}"
-    seaweed.create_bucket(name)
-    return name
-
-
-@pytest.fixture
-def proxy(seaweed: SeaweedServer) -> Iterator[CountingProxy]:
-    with CountingProxy(seaweed.endpoint_url) as running:
-        yield running
 
 
 def settings_for(
