@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint typecheck system-deps bench clean
+.PHONY: demo test test-all test-gpu lint typecheck system-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP) system-deps lint typecheck
 
 test-all: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -m "not gpu"
+
+# On a GPU host: the CUDA path end to end.
+test-gpu: $(STAMP)
+	$(BIN)/pytest -m gpu
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/eviction_sim.py

@@ -435,6 +435,19 @@ class CacheMachine(RuleBasedStateMachine):
 @pytest.mark.filterwarnings("ignore:coroutine '.*' was never awaited:RuntimeWarning")
 def test_cache_state_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """≥ 2,000 steps of random operations with every invariant checked after each."""
+    _run_machine(tmp_path, monkeypatch, examples=EXAMPLES, min_steps=MIN_STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:coroutine '.*' was never awaited:RuntimeWarning")
+def test_cache_state_machine_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten times as many examples, for ``make test-all`` (several minutes)."""
+    _run_machine(tmp_path, monkeypatch, examples=10 * EXAMPLES, min_steps=10 * MIN_STEPS)
+
+
+def _run_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, examples: int, min_steps: int
+) -> None:
     monkeypatch.setattr(anyio.to_thread, "run_sync", _inline_run_sync)
     pool = _build_pool(tmp_path / "pool")
     base = tmp_path / "nodes"
@@ -448,7 +461,7 @@ def test_cache_state_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     run_state_machine_as_test(
         Machine,
         settings=settings(
-            max_examples=EXAMPLES,
+            max_examples=examples,
             stateful_step_count=STEPS_PER_EXAMPLE,
             deadline=None,
             database=None,
@@ -459,4 +472,4 @@ def test_cache_state_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         f"state machine: {counter.steps} steps in {counter.examples} examples, "
         f"{counter.quarantined} flipped bytes caught: {counter.kinds}"
     )
-    assert counter.steps >= MIN_STEPS, counter.steps
+    assert counter.steps >= min_steps, counter.steps
