@@ -106,25 +106,3 @@ class OriginNotFound(OriginError):
 
     def __init__(self, message: str, *, status: int | None = None, **details: Any) -> None:
         super().__init__(message, status=status, retryable=False, **details)
-
-
-def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error to report from a task group: its first WeightCacheError, else its first error.
-
-    Concurrent parts of one job fail together (the group cancels the rest); the caller wants
-    the reason, not the group.
-    """
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
-
-    collect(group)
-    for leaf in leaves:
-        if isinstance(leaf, WeightCacheError):
-            return leaf
-    return leaves[0] if leaves else group

@@ -36,11 +36,12 @@ from typing import Any
 import anyio
 import xxhash
 
-from cache_node.errors import IntegrityError, OriginError, WeightCacheError, first_error
+from cache_node.errors import IntegrityError, OriginError, WeightCacheError
 from cache_node.metrics import NodeMetrics
 from cache_node.origins.base import Origin, OriginFile
 from cache_node.settings import FetchSettings
 from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation, feed_region
+from cache_node.tasks import run_all
 
 ProgressCallback = Callable[[int], None]
 _HASH_BLOCK = 8 * 1024 * 1024
@@ -273,12 +274,7 @@ class Fetcher:
                     await anyio.to_thread.run_sync(journal.flush, fd)
                 ready[index].set()
 
-        try:
-            async with anyio.create_task_group() as group:
-                for _ in range(min(self.settings.concurrency, max(1, len(queue)))):
-                    group.start_soon(worker)
-        except BaseExceptionGroup as group_error:
-            raise first_error(group_error) from None
+        await run_all(worker() for _ in range(min(self.settings.concurrency, max(1, len(queue)))))
 
     async def _fetch_part(
         self,

@@ -35,7 +35,6 @@ from cache_node.errors import (
     NotFound,
     NotWarm,
     WeightCacheError,
-    first_error,
 )
 from cache_node.evictor import Evictor, eviction_entry
 from cache_node.fetch import Fetcher, transfer_key
@@ -55,6 +54,7 @@ from cache_node.registry import (
 from cache_node.settings import NodeSettings
 from cache_node.shard_sets import write_shard_set
 from cache_node.store import BlobRecord, BlobStore, Reservation
+from cache_node.tasks import run_all
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
 
 log = logging.getLogger("weightcache.node")
@@ -501,16 +501,11 @@ class CacheNode:
         limiter = anyio.CapacityLimiter(_FILES_AT_ONCE)
         try:
             for _ in range(_FILL_ROUNDS):
-                try:
-                    async with anyio.create_task_group() as group:
-                        for model, origin in zip(record.models, prepared.origins, strict=True):
-                            for file in model.files:
-                                group.start_soon(
-                                    self._fill_file, record, model, origin, file, prepared,
-                                    limiter,
-                                )
-                except BaseExceptionGroup as group_error:
-                    raise first_error(group_error) from None
+                await run_all(
+                    self._fill_file(record, model, origin, file, prepared, limiter)
+                    for model, origin in zip(record.models, prepared.origins, strict=True)
+                    for file in model.files
+                )
                 # A blob this job got (fetched, or found already there) is unreferenced until
                 # the job records it; a pipeline evicted or deleted just then may have freed
                 # it. Fetch what is missing again rather than call the pipeline warm.

@@ -430,16 +430,12 @@ class CacheMachine(RuleBasedStateMachine):
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-# anyio wraps each task-group child in a coroutine of its own; a child cancelled before its
-# first step (an eviction right after a fill started) leaves the inner one never awaited.
-@pytest.mark.filterwarnings("ignore:coroutine '.*' was never awaited:RuntimeWarning")
 def test_cache_state_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """≥ 2,000 steps of random operations with every invariant checked after each."""
     _run_machine(tmp_path, monkeypatch, examples=EXAMPLES, min_steps=MIN_STEPS)
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:coroutine '.*' was never awaited:RuntimeWarning")
 def test_cache_state_machine_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ten times as many examples, for ``make test-all`` (several minutes)."""
     _run_machine(tmp_path, monkeypatch, examples=10 * EXAMPLES, min_steps=10 * MIN_STEPS)
