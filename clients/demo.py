@@ -13,8 +13,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from api.embedded import EmbeddedNode
 
 DEMO_BUCKET = "models"
 DEMO_PREFIX = "demo-llama"
@@ -181,51 +185,17 @@ def run_demo(*, keep: bool = False) -> int:
             shutil.rmtree(workspace, ignore_errors=True)
 
 
-class _EmbeddedNode:
-    """A cache node served by uvicorn in a background thread."""
-
-    def __init__(self, settings: object) -> None:
-        import threading
-
-        import uvicorn
-
-        from api import create_app
-        from cache_node.settings import NodeSettings
-
-        assert isinstance(settings, NodeSettings)
-        self.url = f"http://127.0.0.1:{settings.port}"
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the embedded cache node did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)
-
-
-def _start_node(workspace: Path, origin: object) -> _EmbeddedNode:
-    import socket
-
+def _start_node(workspace: Path, origin: object) -> EmbeddedNode:
     from pydantic import SecretStr
 
+    from api.embedded import EmbeddedNode, free_port
     from cache_node.settings import NodeSettings, S3Settings
     from clients.seaweed import SeaweedServer
 
     assert isinstance(origin, SeaweedServer)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     settings = NodeSettings(
         data_dir=workspace / "node",
-        port=port,
+        port=free_port(),
         capacity=8 * 1024**3,
         region="demo",
         s3=S3Settings(
@@ -234,4 +204,4 @@ def _start_node(workspace: Path, origin: object) -> _EmbeddedNode:
             secret_access_key=SecretStr(origin.secret_key),
         ),
     )
-    return _EmbeddedNode(settings)
+    return EmbeddedNode(settings).start()
