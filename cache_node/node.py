@@ -36,6 +36,7 @@ from cache_node.errors import (
     NotWarm,
     WeightCacheError,
 )
+from cache_node.events import emit
 from cache_node.evictor import Evictor, eviction_entry
 from cache_node.fetch import Fetcher, transfer_key
 from cache_node.load_history import LoadHistory
@@ -186,6 +187,8 @@ class CacheNode:
                 if existing.spec.models == spec.models:
                     record.models = existing.models
             self._save(record)
+        emit("pipeline.registered", tenant=tenant, pipeline=pipeline_id,
+             generation=record.generation, models=len(spec.models), tp_sizes=spec.tp_sizes)
         await self._start_warm(record)
         return self.status(tenant, pipeline_id), True
 
@@ -215,6 +218,7 @@ class CacheNode:
         self._blob_tenants = None
         await anyio.to_thread.run_sync(lambda: self._free_unreferenced(record.blobs()))
         self._update_gauges()
+        emit("pipeline.deleted", tenant=record.tenant, pipeline=record.id)
 
     async def evict(self, tenant: str, pipeline_id: str, *, reason: str = "manual") -> int:
         """Free a pipeline's bytes (those not shared with pipelines that stay). Returns bytes."""
@@ -241,6 +245,8 @@ class CacheNode:
         self.metrics.evictions.labels(reason).inc()
         self.metrics.evicted_bytes.labels(reason).inc(freed)
         self._update_gauges()
+        emit("pipeline.evicted", tenant=record.tenant, pipeline=record.id, reason=reason,
+             bytes_freed=freed)
         return freed
 
     # ------------------------------------------------------------------ eviction
@@ -274,6 +280,8 @@ class CacheNode:
         record.error = None
         record.evicted_reason = None
         self._save(record)
+        emit("warm.started", tenant=record.tenant, pipeline=record.id,
+             generation=record.generation)
         try:
             prepared = await self._prepare(record)
         except WeightCacheError as exc:
@@ -367,6 +375,8 @@ class CacheNode:
             retry_at=float(retry_at) if retry_at is not None else None,
         )
         self._save(record)
+        emit("warm.failed", level=logging.WARNING, tenant=record.tenant, pipeline=record.id,
+             code=exc.code, message=exc.message, retry_at=record.error.retry_at)
         self._progress.pop(record.key, None)
         self._collect_orphans()  # a failed re-registration leaves the old version's blobs
         self._update_gauges()
@@ -521,6 +531,8 @@ class CacheNode:
             record.state = "warm"
             record.error = None
             self._save(record)
+            emit("warm.finished", tenant=record.tenant, pipeline=record.id,
+                 bytes_total=sum(f.size for m in record.models for f in m.files))
         except WeightCacheError as exc:
             self._fail(record, exc)
         except Exception as exc:  # a bug must not leave the pipeline "warming" forever
@@ -705,7 +717,7 @@ class CacheNode:
 
     def _on_quarantine(self, sha256: str, reason: str) -> None:
         self.metrics.digest_mismatches.labels("read").inc()
-        log.error("blob %s quarantined: %s", sha256, reason)
+        emit("blob.quarantined", level=logging.ERROR, blob=sha256, reason=reason)
         self._blob_tenants = None
         self.manifests.forget(sha256)
         # A warm pipeline must have every blob: the ones that lost this one are cold until

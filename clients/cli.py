@@ -48,7 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api import create_app
+    from cache_node.events import configure_logging
     from cache_node.settings import NodeSettings
+
+    configure_logging(args.log_format)
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "data_dir", "capacity", "region", "tokens_file", "redis_url"):
@@ -189,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port of the sendfile data plane (default: --port + 1)")
     serve.add_argument("--data-workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="data plane processes (0: none, blobs only through the API)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="structured event lines on stderr: text, or one JSON object a line")
     serve.set_defaults(func=cmd_serve)
 
     register = sub.add_parser("register", help="register a pipeline and start its pre-warm")
