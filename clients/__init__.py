@@ -4,11 +4,17 @@ from clients.client import AsyncClient, Client, WarmFailed
 from clients.errors import (
     ApiError,
     AuthError,
+    ClientError,
     ConflictError,
+    ForbiddenError,
     InsufficientStorageError,
     NotFoundError,
     NotWarmError,
+    RateLimitedError,
     ServerError,
+    UnreachableError,
+    UsageError,
+    raise_for_status,
 )
 
 __all__ = [
@@ -16,10 +22,16 @@ __all__ = [
     "AsyncClient",
     "AuthError",
     "Client",
+    "ClientError",
     "ConflictError",
+    "ForbiddenError",
     "InsufficientStorageError",
     "NotFoundError",
     "NotWarmError",
+    "RateLimitedError",
     "ServerError",
+    "UnreachableError",
+    "UsageError",
     "WarmFailed",
+    "raise_for_status",
 ]

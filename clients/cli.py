@@ -18,9 +18,35 @@ import httpx
 
 from api.schema import ModelSpec, PipelineStatus
 from clients.client import Client, WarmFailed, default_url
-from clients.errors import ApiError
+from clients.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    ApiError,
+    ClientError,
+    UnreachableError,
+    UsageError,
+)
 from clients.render import print_status_table, wait_with_progress, watch_status
-from loader.errors import LoaderError, NotWarmError
+
+_EXIT_CODES = f"""\
+exit codes:
+  0    done
+  {EXIT_FAILURE}    failed: a warm or load failed, bytes did not verify, the node is unreachable
+  {EXIT_USAGE}    usage error: a bad argument or value
+  {EXIT_REFUSED}    refused by the node: unauthorised, not found, not warm, conflict, no room
+  {EXIT_INTERRUPTED}  interrupted
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("weightcache")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -46,6 +72,7 @@ def _parse_tp(text: str) -> list[int]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from api import create_app
     from cache_node.events import configure_logging
@@ -60,7 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             overrides[name] = value
     if args.local_root:
         overrides["local_roots"] = args.local_root
-    settings = NodeSettings(**overrides)
+    try:
+        settings = NodeSettings(**overrides)
+    except ValidationError as exc:
+        raise UsageError(_settings_problem(exc)) from None
     data_port = args.data_port if args.data_port is not None else settings.port + 1
     data_plane: list[Any] = []
     if args.data_workers > 0:
@@ -85,6 +115,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_problem(exc: Any) -> str:
+    """The first problem of a settings ValidationError, as the flag a user would recognise."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    flag = {"tokens_file": "tokens", "redis_url": "redis", "local_roots": "local-root"}.get(
+        where, where
+    ).replace("_", "-")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"--{flag}: {message}" if flag else message
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.register(
@@ -97,7 +138,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             final = wait_with_progress(client, args.id)
         except WarmFailed as exc:
             print(f"{args.id}: failed: {exc.code}: {exc.message}", file=sys.stderr)
-            return 1
+            return EXIT_FAILURE
         print(f"{final.id}: warm ({final.bytes_total:,} bytes)")
         return 0
 
@@ -155,6 +196,10 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from loader.launcher import launch
 
+    if not args.command:
+        raise UsageError("launch needs the engine command after --, e.g. "
+                         f"weightcache launch {args.id} -- vllm serve")
+
     code: int = launch(
         args.id, tp_size=args.tp_size, command=args.command, url=args.url, token=args.token
     )
@@ -170,14 +215,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="weightcache", description="Regional weight cache for serverless GPU inference."
+        prog="weightcache",
+        description="Regional weight cache for serverless GPU inference.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"weightcache {_version()}")
     parser.add_argument("--url", default=None, help="node URL (default $WEIGHTCACHE_URL or "
                         "http://127.0.0.1:8470)")
     parser.add_argument("--token", default=None, help="bearer token (default $WEIGHTCACHE_TOKEN)")
-    sub = parser.add_subparsers(dest="command_name", required=True)
+    # --url and --token work after the subcommand too; SUPPRESS keeps the value given before it
+    # when they are not repeated there.
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--url", default=argparse.SUPPRESS, help="node URL")
+    connection.add_argument("--token", default=argparse.SUPPRESS, help="bearer token")
+    subparsers = parser.add_subparsers(dest="command_name", required=True)
 
-    serve = sub.add_parser("serve", help="run a cache node")
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("epilog", _EXIT_CODES)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        made: argparse.ArgumentParser = subparsers.add_parser(
+            name, parents=[connection], **kwargs
+        )
+        return made
+
+    serve = command("serve", help="run a cache node")
     serve.add_argument("--data-dir", default=None)
     serve.add_argument("--host", default=None, help="default 127.0.0.1 ($WEIGHTCACHE_HOST)")
     serve.add_argument("--port", type=int, default=None, help="default 8470 ($WEIGHTCACHE_PORT)")
@@ -196,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="structured event lines on stderr: text, or one JSON object a line")
     serve.set_defaults(func=cmd_serve)
 
-    register = sub.add_parser("register", help="register a pipeline and start its pre-warm")
+    register = command("register", help="register a pipeline and start its pre-warm")
     register.add_argument("id")
     register.add_argument("--model", type=_parse_model, action="append", required=True,
                           help="NAME=SOURCE (hf://ORG/REPO[@REV], s3://BUCKET/PREFIX, "
@@ -206,13 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--wait", action="store_true", help="show progress until warm")
     register.set_defaults(func=cmd_register)
 
-    status = sub.add_parser("status", help="show pipelines")
+    status = command("status", help="show pipelines")
     status.add_argument("id", nargs="?")
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true", help="live table")
     status.set_defaults(func=cmd_status)
 
-    load = sub.add_parser("load", help="a replica cold start: stream a rank's weights")
+    load = command("load", help="a replica cold start: stream a rank's weights")
     load.add_argument("id")
     load.add_argument("--tp-size", type=int, default=1)
     load.add_argument("--rank", type=int, default=0)
@@ -222,12 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--json", action="store_true")
     load.set_defaults(func=cmd_load)
 
-    pull = sub.add_parser("pull", help="materialise a pipeline's files in a directory")
+    pull = command("pull", help="materialise a pipeline's files in a directory")
     pull.add_argument("id")
     pull.add_argument("--dest", required=True)
     pull.set_defaults(func=cmd_pull)
 
-    launch = sub.add_parser("launch", help="start vLLM on a pipeline: launch ID -- vllm serve")
+    launch = command("launch", help="start vLLM on a pipeline: launch ID -- vllm serve")
     launch.add_argument("id")
     launch.add_argument("--tp-size", type=int, default=1)
     launch.add_argument("command", nargs="*", help="the engine command, after --")
@@ -237,11 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("evict", cmd_evict, "free a pipeline's bytes"),
         ("delete", cmd_delete, "forget a pipeline"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = command(name, help=text)
         p.add_argument("id")
         p.set_defaults(func=func)
 
-    demo = sub.add_parser("demo", help="the main job end to end on this machine")
+    demo = command("demo", help="the main job end to end on this machine")
     demo.add_argument("--keep", action="store_true", help="keep the demo's data dir")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -266,26 +328,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``weightcache`` console script."""
+    """Entry point of the ``weightcache`` console script.
+
+    Every error a user can cause or meet ends here, as one line on stderr and an exit code from
+    :mod:`clients.errors`; a traceback is printed only for a bug.
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         code: int = args.func(args)
-    except ApiError as exc:
-        print(f"error: {exc.code or exc.status}: {exc.message}", file=sys.stderr)
-        return 2
-    except LoaderError as exc:
-        reason = "not_warm" if isinstance(exc, NotWarmError) else getattr(exc, "code", None)
-        print(f"error: {reason or type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except httpx.TransportError as exc:
-        print(f"error: cannot reach the node at {default_url(args.url)}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return code
+        error: ClientError = UnreachableError(
+            f"cannot reach the node at {default_url(args.url)}: {exc or type(exc).__name__}"
+        )
+    except ClientError as exc:
+        error = exc
+    except OSError as exc:  # a local file or directory the command was pointed at
+        error = ClientError(str(exc))
+    else:
+        return code
+    message = error.message if isinstance(error, ApiError) else str(error)
+    print(f"error: {error.code}: {message}", file=sys.stderr)
+    return error.exit_code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from clients.client import default_token, default_url
+from clients.errors import UsageError
 
 
 def report_to_node(
@@ -56,9 +57,33 @@ def print_stage_table(report: dict[str, Any]) -> None:
     print(f"  {gigabytes:.3f} GB at {report['gb_per_s']:.2f} GB/s")
 
 
+def parse_device(text: str) -> Any:
+    """``--device`` as a torch device this machine has; :class:`UsageError` otherwise."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {text!r} is not a device torch knows; use cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available) or not is_available():
+        raise UsageError(f"--device {text}: this machine has no {device.type} device "
+                         f"(torch {torch.__version__})")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {text}: this machine has {count} {device.type} device(s)")
+    return device
+
+
 def run_load(args: argparse.Namespace) -> int:
     from loader.load import load
 
+    device = parse_device(args.device)
     url = default_url(args.url).rstrip("/")
     token = default_token(args.token)
     local_dir = Path(args.local_dir) if args.local_dir else None
@@ -66,7 +91,7 @@ def run_load(args: argparse.Namespace) -> int:
         args.id,
         tp_size=args.tp_size,
         rank=args.rank,
-        device=args.device,
+        device=device,
         url=url,
         token=token,
         local_dir=local_dir,

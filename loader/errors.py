@@ -2,26 +2,38 @@
 
 The tree::
 
-    LoaderError                          base of every error the loader raises on purpose
+    LoaderError(ClientError)             base of every error the loader raises on purpose
     ├── HeaderError(ValueError)          a malformed or unsupported safetensors header
-    ├── NotWarmError                     the node answered 409 not_warm: nothing to stream yet
-    ├── ServerError                      the node answered an unexpected status (code, status)
     ├── SourceError(OSError)             bytes could not be read: a missing blob file, a short
     │   │                                read, or every base URL failed for a range
     │   └── RangeResponseError           a server answered a range request wrongly (status,
     │                                    Content-Range, length)
     └── IntegrityError(ValueError)       bytes that do not match the manifest's chunk digests
 
-Foreign errors (``httpx``, ``OSError``) are translated where they are met: the sources raise
-``SourceError`` with the original as ``__cause__``.
+A node's error answers (not warm, not found, a server error) are the client side's one tree,
+:mod:`clients.errors`; ``NotWarmError`` and ``ServerError`` are re-exported here for the loader's
+callers. Foreign errors (``httpx``, ``OSError``) are translated where they are met: the sources
+raise ``SourceError`` with the original as ``__cause__``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from clients.errors import ClientError, NotWarmError, ServerError
 
-class LoaderError(Exception):
+__all__ = [
+    "HeaderError",
+    "IntegrityError",
+    "LoaderError",
+    "NotWarmError",
+    "RangeResponseError",
+    "ServerError",
+    "SourceError",
+]
+
+
+class LoaderError(ClientError):
     """Base of every error the loader raises on purpose."""
 
     def __init__(self, message: str, **details: Any) -> None:
@@ -29,28 +41,13 @@ class LoaderError(Exception):
         self.message = message
         self.details = details
 
+    @property
+    def code(self) -> str:
+        return _CODES.get(type(self).__name__, "load_error")
+
 
 class HeaderError(LoaderError, ValueError):
     """A safetensors header that is malformed, truncated, inconsistent or unsupported."""
-
-
-class NotWarmError(LoaderError):
-    """The pipeline is not warm on the node (409 ``not_warm``); ``state`` says where it is."""
-
-    def __init__(self, message: str, *, state: str | None = None, **details: Any) -> None:
-        super().__init__(message, state=state, **details)
-        self.state = state
-
-
-class ServerError(LoaderError):
-    """The node answered with an unexpected status; ``status`` and ``code`` come from it."""
-
-    def __init__(
-        self, message: str, *, status: int, code: str | None = None, **details: Any
-    ) -> None:
-        super().__init__(message, status=status, code=code, **details)
-        self.status = status
-        self.code = code
 
 
 class SourceError(LoaderError, OSError):
@@ -63,3 +60,11 @@ class RangeResponseError(SourceError):
 
 class IntegrityError(LoaderError, ValueError):
     """Received bytes do not match the manifest's per-chunk xxh3-128 digests."""
+
+
+_CODES = {
+    "HeaderError": "invalid_header",
+    "SourceError": "source_error",
+    "RangeResponseError": "bad_range_response",
+    "IntegrityError": "integrity_error",
+}

@@ -28,7 +28,8 @@ import httpx
 import torch
 
 from api.schema import Lease, Manifest, ManifestFile
-from loader.errors import LoaderError, NotWarmError, ServerError
+from clients.errors import raise_for_status
+from loader.errors import LoaderError
 from loader.layout import plan_layout, tensor_view
 from loader.ranges import BlobDigests
 from loader.sinks import CpuSink, RingSink, Sink
@@ -109,29 +110,6 @@ def tensor_keys(manifest: Manifest) -> list[str]:
     return [tensor.name for tensor in manifest.tensors]
 
 
-def _raise_for_status(response: httpx.Response, what: str) -> None:
-    """The one place the loader turns a node's error answer into a loader error."""
-    if response.is_success:
-        return
-    code: str | None = None
-    message = response.text[:500]
-    state: str | None = None
-    try:
-        error = response.json().get("error", {})
-        code = error.get("code")
-        message = error.get("message", message)
-        state = error.get("state")
-    except (ValueError, AttributeError):
-        pass
-    if response.status_code == 409 and code == "not_warm":
-        raise NotWarmError(f"{what}: the pipeline is not warm yet (state {state})", state=state)
-    raise ServerError(
-        f"{what}: HTTP {response.status_code} {code or ''} {message}".strip(),
-        status=response.status_code,
-        code=code,
-    )
-
-
 def _make_sink(size: int, device: torch.device, *, slot_size: int, workers: int) -> Sink:
     if device.type == "cpu":
         return CpuSink(size)
@@ -161,8 +139,9 @@ def load(
     blobs found there, else by HTTP range requests spread over ``data_urls`` (default: the data
     plane URL the node advertises, else ``url``), failing over between them. ``verify`` checks
     every byte against the manifest's chunk digests. The lease is released whatever happens.
-    Raises :class:`NotWarmError` when the pipeline is not warm, :class:`ServerError` for other
-    refusals, ``SourceError`` or ``IntegrityError`` when the bytes cannot be had intact.
+    Raises :class:`~clients.errors.NotWarmError` when the pipeline is not warm, the matching
+    :class:`~clients.errors.ApiError` for other refusals, ``SourceError`` or ``IntegrityError``
+    when the bytes cannot be had intact.
     """
     url = (url or os.environ.get("WEIGHTCACHE_URL") or DEFAULT_URL).rstrip("/")
     token = token if token is not None else os.environ.get("WEIGHTCACHE_TOKEN")
@@ -173,7 +152,7 @@ def load(
     started = time.perf_counter()
     try:
         response = client.post(f"{url}/v1/pipelines/{pipeline}/leases", headers=headers)
-        _raise_for_status(response, f"lease on {pipeline}")
+        raise_for_status(response, context=f"lease on {pipeline}")
         lease = Lease.model_validate_json(response.content)
         report.lease_s = time.perf_counter() - started
         try:
@@ -183,7 +162,8 @@ def load(
                 params={"tp_size": tp_size, "rank": rank},
                 headers=headers,
             )
-            _raise_for_status(response, f"manifest of {pipeline} tp_size={tp_size} rank={rank}")
+            where = f"manifest of {pipeline} tp_size={tp_size} rank={rank}"
+            raise_for_status(response, context=where)
             manifest = Manifest.model_validate_json(response.content)
             report.manifest_s = time.perf_counter() - mark
             data_urls = data_urls or _advertised_data_urls(client, url, headers)

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from clients.cli import main
+from clients.errors import EXIT_FAILURE, EXIT_REFUSED
 from tests.fixtures.node_server import running_node
 from tests.fixtures.tiny_llama import make_tiny_llama
 
@@ -46,11 +47,11 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
         assert main([*url, "evict", "tiny"]) == 0
         assert "tiny: evicted" in capsys.readouterr().out
-        assert main([*url, "load", "tiny"]) == 2
+        assert main([*url, "load", "tiny"]) == EXIT_REFUSED
         assert "not_warm" in capsys.readouterr().err
 
         assert main([*url, "delete", "tiny"]) == 0
-        assert main([*url, "status", "tiny"]) == 2
+        assert main([*url, "status", "tiny"]) == EXIT_REFUSED
         assert "not_found" in capsys.readouterr().err
     assert load_file(str(source / "model.safetensors"))
 
@@ -80,5 +81,5 @@ def test_launch_arguments_after_the_separator_belong_to_the_engine() -> None:
 
 
 def test_unreachable_node_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--url", "http://127.0.0.1:9", "status"]) == 2
-    assert "cannot reach the node" in capsys.readouterr().err
+    assert main(["--url", "http://127.0.0.1:9", "status"]) == EXIT_FAILURE
+    assert "unreachable: cannot reach the node" in capsys.readouterr().err

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loader import NotWarmError, ServerError, load, load_all_ranks
+from clients.errors import NotFoundError
+from loader import NotWarmError, load, load_all_ranks
 from tests.fixtures.node_server import running_node, wait_for_state
 
 
@@ -85,7 +86,7 @@ def test_load_through_a_node(tmp_path: Path) -> None:
 def test_not_warm_and_missing(tmp_path: Path) -> None:
     _make_model(tmp_path / "src")
     with running_node(data_dir=tmp_path / "data", capacity="1GiB") as node, node.client() as client:
-        with pytest.raises(ServerError) as missing:
+        with pytest.raises(NotFoundError) as missing:
             load("nope", url=node.url)
         assert missing.value.status == 404
         client.put(

@@ -1,0 +1,148 @@
+"""Every user error of the CLI ends in one clear line and a documented exit code, never a traceback.
+
+The CLI runs as users run it: the ``weightcache`` module in a subprocess, its stderr read whole.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clients.errors import (
+    EXIT_FAILURE,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    ApiError,
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    InsufficientStorageError,
+    NotFoundError,
+    NotWarmError,
+    RateLimitedError,
+    ServerError,
+    raise_for_status,
+)
+from loader import errors as loader_errors
+from tests.fixtures.node_server import running_node
+
+ROOT = Path(__file__).parents[1]
+
+
+def weightcache(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WEIGHTCACHE_URL", None)
+    return subprocess.run([sys.executable, "-m", "clients.cli", *argv], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120, check=False)
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines, "no message at all"
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["load", "p", "--device", "tpu"], ["--device", "tpu"]),
+        (["load", "p", "--device", "cuda:0"], ["--device cuda:0", "no cuda device"]),
+        (["load", "p", "--device", "nonsense:x"], ["--device"]),
+        (["launch", "p"], ["launch needs the engine command", "vllm serve"]),
+        (["serve", "--capacity", "10XB", "--data-dir", "/nonexistent/x"], ["--capacity"]),
+        (["register", "p", "--model", "no-equals"], ["NAME=SOURCE"]),
+        (["register", "p", "--model", "m=s3://b/k", "--tp", "x"], ["--tp"]),
+        (["no-such-command"], ["invalid choice"]),
+    ],
+)
+def test_usage_errors(argv: list[str], words: list[str]) -> None:
+    if argv[:3] == ["load", "p", "--device"] and argv[3].startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():  # the case is about a machine without CUDA
+            argv = ["load", "p", "--device", f"cuda:{torch.cuda.device_count()}"]
+            words = ["--device"]
+    assert_one_clear_line(weightcache(*argv), EXIT_USAGE, *words)
+
+
+def test_version() -> None:
+    result = weightcache("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("weightcache ")
+
+
+def test_help_documents_the_exit_codes() -> None:
+    for argv in (["--help"], ["load", "--help"]):
+        result = weightcache(*argv)
+        assert result.returncode == 0
+        assert "exit codes:" in result.stdout
+        assert "refused by the node" in result.stdout
+
+
+def test_url_and_token_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text('{"tok-a": "team-a"}')
+    with running_node(data_dir=tmp_path / "data", tokens_file=tokens) as node:
+        for argv in (
+            ["--url", node.url, "--token", "tok-a", "status"],
+            ["status", "--url", node.url, "--token", "tok-a"],
+            ["--url", node.url, "status", "--token", "tok-a"],
+        ):
+            result = weightcache(*argv)
+            assert result.returncode == 0, (argv, result.stderr)
+        refused = weightcache("status", "--url", node.url, "--token", "wrong")
+        assert_one_clear_line(refused, EXIT_REFUSED, "unauthorized")
+        missing = weightcache("status", "nope", "--url", node.url, "--token", "tok-a")
+        assert_one_clear_line(missing, EXIT_REFUSED, "not_found")
+
+
+def test_unreachable_node_is_a_failure() -> None:
+    result = weightcache("status", "--url", "http://127.0.0.1:9")
+    assert_one_clear_line(result, EXIT_FAILURE, "unreachable", "127.0.0.1:9")
+
+
+def _answer(status: int, code: str = "", **extra: object) -> httpx.Response:
+    body = {"error": {"code": code, "message": "m", **extra}} if code else {"detail": "x"}
+    return httpx.Response(status, json=body, request=httpx.Request("GET", "http://n/x"))
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "cls"),
+    [
+        (401, "unauthorized", AuthError),
+        (403, "source_not_allowed", ForbiddenError),
+        (404, "not_found", NotFoundError),
+        (409, "not_warm", NotWarmError),
+        (409, "leased", ConflictError),
+        (429, "too_many_streams", RateLimitedError),
+        (507, "insufficient_storage", InsufficientStorageError),
+        (500, "internal", ServerError),
+        (502, "", ServerError),
+        (400, "invalid_input", ApiError),
+    ],
+)
+def test_one_mapping_from_answers_to_errors(status: int, code: str, cls: type) -> None:
+    with pytest.raises(cls) as caught:
+        raise_for_status(_answer(status, code, state="evicted"), context="ctx")
+    assert type(caught.value) is cls
+    assert caught.value.status == status
+    assert caught.value.message.startswith("ctx: ")
+    expected = EXIT_FAILURE if status >= 500 and status != 507 else EXIT_REFUSED
+    assert caught.value.exit_code == expected
+
+
+def test_the_loader_raises_the_same_classes() -> None:
+    # one tree: the loader's names are the client's classes, not look-alikes
+    assert loader_errors.NotWarmError is NotWarmError
+    assert loader_errors.ServerError is ServerError
+    with pytest.raises(NotWarmError) as caught:
+        raise_for_status(_answer(409, "not_warm", state="cold"))
+    assert caught.value.state == "cold"
