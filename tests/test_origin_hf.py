@@ -640,3 +640,16 @@ def test_fixture_works_with_hf_hub_download(hf_hub: FixtureHub, tmp_path: object
         with open(path, "rb") as fh:
             assert fh.read() == data
         assert f"snapshots/{commit}/" in path
+
+
+def test_retry_after_never_raises_and_ignores_nonsense() -> None:
+    # one parser for every origin: a "-0000" date (naive datetime) once raised TypeError in the
+    # S3 origin, turning a retryable 503 into an internal error
+    from cache_node.origins.s3 import _retry_after
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 -0000", now=now) == 30.0
+    assert _retry_after({"Retry-After": "Thu, 01 Jan 2026 00:00:30 -0000"}) is not None
+    for nonsense in ("nan", "inf", "-5", "1e400", "٣", "3 s", "Mon, 99 Foo 2026 99:99:99 GMT"):
+        assert parse_retry_after(nonsense, now=now) is None, nonsense
+        assert _retry_after({"retry-after": nonsense}) is None, nonsense

@@ -14,12 +14,10 @@ is an ``IntegrityError`` naming the expected and the actual digest or size, with
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -36,6 +34,7 @@ from huggingface_hub.errors import (
 from cache_node.errors import IntegrityError, OriginError, OriginNotFound, OriginUnauthorized
 from cache_node.origins.base import OriginFile, Snapshot, SourceRef, safe_relative_path
 from cache_node.origins.patterns import select_files
+from cache_node.origins.retry_after import parse_retry_after
 from cache_node.settings import HFSettings
 
 __all__ = ["HFOrigin", "parse_retry_after"]
@@ -360,23 +359,6 @@ class HFOrigin:
         """Close the HTTP client if this origin made it."""
         if self._owns_http:
             await self._http.aclose()
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value.strip()))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _hub_transport_errors() -> tuple[type[Exception], ...]:

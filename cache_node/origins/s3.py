@@ -26,8 +26,6 @@ import hashlib
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -51,6 +49,7 @@ from cache_node.errors import (
 from cache_node.origins.base import OriginFile, Snapshot, SourceRef, safe_relative_path
 from cache_node.origins.manifest import MANIFEST_NAME, parse_sha256sums
 from cache_node.origins.patterns import select_files
+from cache_node.origins.retry_after import parse_retry_after
 from cache_node.settings import S3Settings
 
 #: Bytes handed to the fetcher per chunk: large enough that per-chunk costs (hash update,
@@ -410,14 +409,4 @@ def _translate(exc: BaseException, *, action: str, target: str) -> OriginError:
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return parse_retry_after(value)
