@@ -122,7 +122,6 @@ class NodeSettings(BaseSettings):
     local_roots: list[Path] = Field(default_factory=list)
     redis_url: str | None = None
     lease_ttl_s: float = Field(default=300.0, gt=0)
-    verify_on_read: bool = True
     data_url: str | None = None  # the data plane's base URL, advertised to replicas
     s3: S3Settings = Field(default_factory=S3Settings)
     hf: HFSettings = Field(default_factory=HFSettings)

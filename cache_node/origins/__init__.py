@@ -26,11 +26,13 @@ def open_origin(model: ModelSpec, settings: NodeSettings, *, auth_enabled: bool)
     if ref.scheme == "hf":
         from cache_node.origins.hf import HFOrigin
 
-        return HFOrigin(ref, settings=settings.hf, include=model.include)
+        return HFOrigin(ref, settings=settings.hf, include=model.include,
+                        connect_timeout_s=settings.fetch.connect_timeout_s)
     if ref.scheme == "s3":
         from cache_node.origins.s3 import S3Origin
 
-        return S3Origin(ref, settings=settings.s3, include=model.include)
+        return S3Origin(ref, settings=settings.s3, include=model.include,
+                        connect_timeout_s=settings.fetch.connect_timeout_s)
     from cache_node.origins.local import LocalOrigin
 
     return LocalOrigin(ref, include=model.include)

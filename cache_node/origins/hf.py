@@ -66,6 +66,7 @@ class HFOrigin:
         settings: HFSettings,
         include: Sequence[str] | None = None,
         http: httpx.AsyncClient | None = None,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         self.ref = ref
         self.repo_id = ref.location
@@ -79,7 +80,7 @@ class HFOrigin:
         )
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(
-            follow_redirects=False, timeout=httpx.Timeout(60.0, connect=10.0)
+            follow_redirects=False, timeout=httpx.Timeout(60.0, connect=connect_timeout_s)
         )
         self._commit: str | None = None
 
