@@ -178,6 +178,20 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    if args.hf_cache is not None:
+        from pathlib import Path
+
+        from clients.hf_cache import default_hf_cache, print_progress, pull_to_hf_cache
+
+        cache_dir = Path(args.hf_cache) if args.hf_cache else default_hf_cache()
+        with _client(args) as client:
+            pulled = pull_to_hf_cache(client, args.id, cache_dir=cache_dir,
+                                      progress=print_progress)
+        fetched = sum(1 for f in pulled if not f.skipped)
+        repos = sorted({f.repo_id for f in pulled})
+        print(f"{args.id}: {len(pulled)} files ({fetched} fetched, {len(pulled) - fetched} "
+              f"already present) in {cache_dir} as {', '.join(repos)}")
+        return 0
     from clients.pull import pull
 
     with _client(args) as client:
@@ -286,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pull = command("pull", help="materialise a pipeline's files in a directory")
     pull.add_argument("id")
-    pull.add_argument("--dest", required=True)
+    where = pull.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dest", help="a directory: the files as the model has them")
+    where.add_argument("--hf-cache", nargs="?", const="", default=None, metavar="DIR",
+                       help="the Hugging Face cache layout, so from_pretrained(ORG/NAME) works "
+                       "offline (default: $HF_HUB_CACHE, else $HF_HOME/hub)")
     pull.set_defaults(func=cmd_pull)
 
     launch = command("launch", help="start vLLM on a pipeline: launch ID -- vllm serve")
