@@ -48,6 +48,9 @@ class ModelSpec(_Wire):
     source: str = Field(min_length=1, max_length=1024, description="hf://, s3:// or file:// URL")
     revision: str | None = Field(default=None, max_length=256)
     include: list[str] | None = Field(default=None, max_length=64)
+    exclude: list[str] | None = Field(
+        default=None, max_length=64, description="patterns of files to skip, after include"
+    )
 
 
 class PipelineSpec(_Wire):

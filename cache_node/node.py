@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -45,6 +46,7 @@ from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.metrics import NodeMetrics
 from cache_node.origins import Origin, open_origin, validate_source
 from cache_node.origins.base import OriginFile, Snapshot
+from cache_node.origins.patterns import without_excluded
 from cache_node.registry import (
     FileEntry,
     ModelEntry,
@@ -437,6 +439,11 @@ class CacheNode:
             task.add_done_callback(lambda _: self._resolving.pop(key, None))
         snapshot = await asyncio.shield(task)
         origin.pin(snapshot)
+        if model.exclude:
+            kept = set(without_excluded([f.path for f in snapshot.files], model.exclude))
+            snapshot = dataclasses.replace(
+                snapshot, files=tuple(f for f in snapshot.files if f.path in kept)
+            )
         return snapshot
 
     def _reserve(self, record: PipelineRecord, origins: list[Origin]) -> dict[str, Reservation]:

@@ -127,9 +127,17 @@ def _settings_problem(exc: Any) -> str:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    models = [
+        model.model_copy(update={
+            "revision": model.revision or args.revision,
+            "include": args.include or None,
+            "exclude": args.exclude or None,
+        })
+        for model in args.model
+    ]
     with _client(args) as client:
         status = client.register(
-            args.id, models=args.model, tp_sizes=args.tp or [1], pinned=args.pin
+            args.id, models=models, tp_sizes=args.tp or [1], pinned=args.pin
         )
         if not args.wait:
             print(f"{status.id}: {status.state}")
@@ -278,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="NAME=SOURCE (hf://ORG/REPO[@REV], s3://BUCKET/PREFIX, "
                           "file:///PATH); repeatable")
     register.add_argument("--tp", type=_parse_tp, default=None, help="TP sizes, e.g. 1,2")
+    register.add_argument("--revision", default=None,
+                          help="branch, tag or commit (for every model without hf://...@REV)")
+    register.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                          help="only files matching a pattern, as hf download (repeatable)")
+    register.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                          help="skip files matching a pattern, after --include (repeatable)")
     register.add_argument("--pin", action="store_true", help="never evict this pipeline")
     register.add_argument("--wait", action="store_true", help="show progress until warm")
     register.set_defaults(func=cmd_register)

@@ -42,3 +42,11 @@ def select_files(paths: Sequence[str], include: Sequence[str] | None = None) -> 
     has_safetensors = any(p.endswith(".safetensors") for p in visible)
     patterns = DEFAULT_INCLUDE if has_safetensors else DEFAULT_INCLUDE + DUPLICATE_WEIGHT_INCLUDE
     return [p for p in visible if _matches(p, patterns)]
+
+
+def without_excluded(paths: Sequence[str], exclude: Sequence[str] | None) -> list[str]:
+    """``paths`` less those matching an ``exclude`` pattern (by full path or base name), as
+    ``hf download --exclude`` applies them after ``--include``."""
+    if not exclude:
+        return list(paths)
+    return [p for p in paths if not _matches(p, exclude)]
