@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import anyio
 
-import eviction
 from api.schema import (
     ErrorInfo,
     Lease,
@@ -38,7 +37,7 @@ from cache_node.errors import (
     WeightCacheError,
 )
 from cache_node.events import emit
-from cache_node.evictor import Evictor, eviction_entry
+from cache_node.evictor import Evictor
 from cache_node.fetch import Fetcher, transfer_key
 from cache_node.load_history import LoadHistory
 from cache_node.manifests import ManifestBuilder
@@ -642,10 +641,10 @@ class CacheNode:
         bytes_cached = min(bytes_total, committed + sum(progress.values()))
         shard_bytes = sum(s.bytes_total for s in record.shards.values())
         leases = self.registry.active_leases().get(record.key, 0)
-        hot = eviction.is_hot(
-            eviction_entry(record, leased=bool(leases)),
-            now=time.time(),
-            hot_window_s=self.settings.eviction.hot_window_s,
+        # "hot" on the wire means used by a replica within the hot window; the policy also
+        # shelters a just-registered pipeline, but it has not been used, so it is not hot.
+        hot = record.last_used_at is not None and (
+            time.time() - record.last_used_at < self.settings.eviction.hot_window_s
         )
         return PipelineStatus(
             id=record.id,

@@ -42,44 +42,79 @@ def _bar(progress: float, width: int = 12) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
-def _row(status: PipelineStatus) -> list[str]:
-    shards = " ".join(
-        f"tp{tp}:{'✓' if state == 'ready' else '…'}" for tp, state in status.shards.items()
-    )
-    detail = ""
+def _detail(status: PipelineStatus) -> str:
     if status.error is not None:
         detail = f"{status.error.code}: {status.error.message}"
         if status.error.retry_at:
             retry = datetime.fromtimestamp(status.error.retry_at).strftime("%H:%M:%S")
             detail += f" (retry {retry})"
-    elif status.evicted_reason:
-        detail = f"evicted: {status.evicted_reason}"
+        return detail
+    if status.evicted_reason:
+        return f"evicted: {status.evicted_reason}"
+    return ""
+
+
+def _sizes(cached: int, total: int) -> str:
+    """``7.5 / 15.0 GiB``: one unit when both share it."""
+    left, right = human_bytes(cached), human_bytes(total)
+    if left.split()[-1] == right.split()[-1]:
+        return f"{left.split()[0]} / {right}"
+    return f"{left} / {right}"
+
+
+def _row(status: PipelineStatus, *, bar: bool = True) -> list[str]:
+    shards = " ".join(
+        f"tp{tp}:{'✓' if state == 'ready' else '…'}" for tp, state in status.shards.items()
+    )
     return [
         status.id,
         f"cache: {status.state}",
-        f"{_bar(status.progress)} {status.progress * 100:5.1f}%",
-        f"{human_bytes(status.bytes_cached)} / {human_bytes(status.bytes_total)}",
+        (f"{_bar(status.progress)} " if bar else "") + f"{status.progress * 100:5.1f}%",
+        _sizes(status.bytes_cached, status.bytes_total),
         shards,
         _ago(status.last_used_at),
-        ("hot " if status.hot else "") + ("pinned" if status.pinned else ""),
-        detail,
+        " ".join(flag for flag, on in (("hot", status.hot), ("pinned", status.pinned)) if on),
     ]
 
 
-_HEADERS = ["pipeline", "state", "progress", "size", "TP shards", "last used", "", "detail"]
+_HEADERS = ["pipeline", "state", "progress", "size", "TP shards", "last used", ""]
+#: Below this many columns the progress bar gives way to the percentage alone.
+_BAR_MIN_WIDTH = 110
+#: A longer pipeline id is cut with "…" (``status ID`` and ``--json`` show it whole).
+_ID_MAX_WIDTH = 28
 
 
-def _table(statuses: Sequence[PipelineStatus]) -> Any:
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def _table(statuses: Sequence[PipelineStatus], *, width: int) -> Any:
+    """One line per pipeline within ``width`` columns, then one line per failure reason."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(header_style="bold", expand=False)
+    rows = [_row(status, bar=width >= _BAR_MIN_WIDTH) for status in statuses]
+    natural = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_HEADERS)]
+    others = sum(natural[1:]) + 2 * (len(_HEADERS) - 1)  # two spaces between columns
+    id_width = max(8, min(_ID_MAX_WIDTH, natural[0], width - others))
+    table = Table(header_style="bold", expand=False, box=None, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
     for header in _HEADERS:
-        table.add_column(header, no_wrap=header != "detail")
-    for status in statuses:
-        cells = _row(status)
+        if header == "pipeline":
+            table.add_column(header, no_wrap=True, overflow="ellipsis", min_width=id_width,
+                             max_width=id_width)
+        else:
+            table.add_column(header, no_wrap=True)
+    for status, cells in zip(statuses, rows, strict=True):
         cells[1] = f"[{CHIP_STYLE[status.state]}]{cells[1]}[/]"
         table.add_row(*cells)
-    return table
+    reasons = [
+        Text(_fit(f"  {status.id}: {detail}", width), style="red" if status.error else "")
+        for status in statuses
+        if (detail := _detail(status))
+    ]
+    return Group(table, *reasons) if reasons else table
 
 
 def print_status_table(statuses: Sequence[PipelineStatus]) -> None:
@@ -94,8 +129,12 @@ def print_status_table(statuses: Sequence[PipelineStatus]) -> None:
         widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADERS))]
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        for status in statuses:
+            if detail := _detail(status):
+                print(f"  {status.id}: {detail}")
         return
-    Console(width=160).print(_table(statuses))
+    console = Console()  # the terminal's width, or $COLUMNS when not a terminal
+    console.print(_table(statuses, width=console.width))
 
 
 def watch_status(client: Client, pipeline_id: str | None, *, interval_s: float = 1.0) -> None:
@@ -105,11 +144,15 @@ def watch_status(client: Client, pipeline_id: str | None, *, interval_s: float =
     def statuses() -> list[PipelineStatus]:
         return [client.status(pipeline_id)] if pipeline_id else client.pipelines()
 
-    with Live(_table(statuses()), refresh_per_second=4) as live:
+    from rich.console import Console
+
+    console = Console()
+    with Live(_table(statuses(), width=console.width), console=console,
+              refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(interval_s)
-                live.update(_table(statuses()))
+                live.update(_table(statuses(), width=console.width))
         except KeyboardInterrupt:
             pass
 

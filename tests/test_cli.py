@@ -83,3 +83,26 @@ def test_launch_arguments_after_the_separator_belong_to_the_engine() -> None:
 def test_unreachable_node_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--url", "http://127.0.0.1:9", "status"]) == EXIT_FAILURE
     assert "unreachable: cannot reach the node" in capsys.readouterr().err
+
+
+def test_status_fits_a_100_column_terminal(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    source = make_tiny_llama(tmp_path / "src")
+    with running_node(data_dir=tmp_path / "data", local_roots=[tmp_path]) as node:
+        url = ["--url", node.url]
+        for name in ("a-pipeline-with-a-rather-long-name-for-a-terminal", "b"):
+            assert main([*url, "register", name, "--model", f"llm=file://{source}", "--tp", "1,2",
+                         "--wait"]) == 0
+        missing = f"llm=file://{tmp_path / 'nowhere'}"
+        main([*url, "register", "failed-one", "--model", missing, "--wait"])
+        env = {**os.environ, "COLUMNS": "100", "PYTHONPATH": str(Path(__file__).parents[1])}
+        result = subprocess.run([sys.executable, "-m", "clients.cli", *url, "status"],
+                                capture_output=True, text=True, env=env, check=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100, result.stdout
+    assert sum("cache: warm" in line for line in lines) == 2
+    assert any("failed-one:" in line and "origin_not_found" in line for line in lines)
+    assert not any(" hot" in line for line in lines)  # registered, never used: not hot
