@@ -332,7 +332,7 @@ def test_cli_evict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert _metric(c, "weightcache_evicted_bytes_total", reason="manual") == freed
 
         # a leased pipeline is being loaded by a replica: refused, and it stays warm
-        assert cli.main(["--url", node.url, "evict", "held"]) == 2
+        assert cli.main(["--url", node.url, "evict", "held"]) == cli.EXIT_REFUSED
         assert "conflict" in capsys.readouterr().err
         assert c.get("/v1/pipelines/held").json()["state"] == "warm"
         assert _metric(c, "weightcache_evictions_total", reason="manual") == 1
