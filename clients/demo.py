@@ -169,13 +169,29 @@ def run_demo(*, keep: bool = False) -> int:
             finally:
                 node.stop()
         _say("What happened")
+        weights = sum(m.bytes_total for m in status.models)
+        copies = status.bytes_total - weights
         print(
             f"  The node resolved s3://{DEMO_BUCKET}/{DEMO_PREFIX} to an immutable snapshot,\n"
             f"  reserved its space, pulled every file once with parallel ranged GETs, checked\n"
-            f"  each against SHA256SUMS, published it content-addressed and wrote one shard per\n"
-            f"  rank for TP 2 ({status.bytes_total / 1e6:.0f} MB in all) in {warm_s:.1f} s.\n"
+            f"  each against SHA256SUMS and published it content-addressed, in {warm_s:.1f} s.\n"
+            f"  The size it reports, {status.bytes_total / 1e6:.0f} MB, is the model's "
+            f"{weights / 1e6:.0f} MB of files plus\n"
+            f"  {copies / 1e6:.0f} MB of stored TP 2 copies: one shard file per rank, so each rank "
+            f"of a\n  TP 2 replica reads one contiguous stream of its own bytes (TP 1 reads the "
+            f"files).\n"
             f"  Replicas then streamed their weights over HTTP, every 64 MiB chunk verified.\n"
-            f"  Total {time.monotonic() - started:.0f} s; the dashboard was at {node.url}/."
+            f"  Total {time.monotonic() - started:.0f} s."
+        )
+        _say("Next")
+        print(
+            "  weightcache serve --capacity 100GiB         "
+            "# a node on :8470; its dashboard at http://127.0.0.1:8470/\n"
+            "  weightcache register chat --model llm=hf://ORG/REPO --tp 1,2 --wait\n"
+            "  weightcache status                          # chips, progress, sizes, TP shards\n"
+            "  weightcache load chat --device cuda:0 --verify     # a replica cold start\n"
+            "  weightcache launch chat --tp-size 2 -- vllm serve  # vLLM on the cached weights\n"
+            "  weightcache demo --keep                     # this demo, keeping its data dir"
         )
         return 0
     finally:

@@ -63,21 +63,27 @@ def _sizes(cached: int, total: int) -> str:
 
 
 def _row(status: PipelineStatus, *, bar: bool = True) -> list[str]:
+    # bytes_total counts the model files and the stored TP copies (one shard file per rank):
+    # the size column shows the weights, the TP column what the copies add on disk
+    weights = sum(m.bytes_total for m in status.models)
+    copies = max(0, status.bytes_total - weights)
     shards = " ".join(
         f"tp{tp}:{'✓' if state == 'ready' else '…'}" for tp, state in status.shards.items()
     )
+    if copies:
+        shards += f" +{human_bytes(copies)}"
     return [
         status.id,
         f"cache: {status.state}",
         (f"{_bar(status.progress)} " if bar else "") + f"{status.progress * 100:5.1f}%",
-        _sizes(status.bytes_cached, status.bytes_total),
+        _sizes(max(0, min(weights, status.bytes_cached - copies)), weights),
         shards,
         _ago(status.last_used_at),
         " ".join(flag for flag, on in (("hot", status.hot), ("pinned", status.pinned)) if on),
     ]
 
 
-_HEADERS = ["pipeline", "state", "progress", "size", "TP shards", "last used", ""]
+_HEADERS = ["pipeline", "state", "progress", "weights", "TP shards (+copies)", "last used", ""]
 #: Below this many columns the progress bar gives way to the percentage alone.
 _BAR_MIN_WIDTH = 110
 #: A longer pipeline id is cut with "…" (``status ID`` and ``--json`` show it whole).
