@@ -51,7 +51,7 @@ def _loader_class() -> type:
     from vllm.model_executor.model_loader import BaseModelLoader
 
     from loader.load import load
-    from loader.vllm_weights import copy_rank_weights
+    from loader.vllm_weights import check_all_filled, copy_rank_weights, model_parameters
 
     class WeightcacheModelLoader(BaseModelLoader):  # type: ignore[misc]
         """Streams this rank's weights from the regional cache into its GPU."""
@@ -86,7 +86,8 @@ def _loader_class() -> type:
             if result.manifest.mode == "full":
                 model.load_weights(iter(tensors))
             else:
-                copy_rank_weights(dict(model.named_parameters()), tensors)
+                params, aliases = model_parameters(model)
+                check_all_filled(model, copy_rank_weights(params, tensors, aliases=aliases))
             torch.cuda.synchronize()
 
     return WeightcacheModelLoader
