@@ -192,14 +192,19 @@ def plan_destinations(
     return destinations, filled, skipped
 
 
-def check_all_filled(model: torch.nn.Module, filled: Iterable[str]) -> None:
+def check_all_filled(
+    model: torch.nn.Module, filled: Iterable[str], *, vllm_exemptions: bool = False
+) -> None:
     """Raise ``WeightMismatch(code="unfilled")`` naming every parameter left unfilled.
 
     Exempt, as in vLLM's ``DefaultModelLoader`` weight tracking: parameters of modules whose
     quantization method quantizes online (``uses_meta_device``) or is a KV-cache scale method
     (``BaseKVCacheMethod``): checkpoints need not carry them. Buffers (rotary caches, attention
-    scales) are not parameters and are never checked. Unlike vLLM's check for unquantized
-    models, linear and embedding layers are *not* exempt: a rank shard must fill them all.
+    scales) are not parameters and are never checked. A rank shard must fill everything else,
+    linear and embedding layers included. ``vllm_exemptions`` applies vLLM's own, looser rule
+    for unquantized models (every module with a ``process_weights_after_loading`` method is
+    exempt); it is used where ``model.load_weights`` placed the tensors (full-tensor mode), so
+    that mode accepts exactly what vLLM's default loader accepts.
     """
     exempt: set[str] = set()
     for module_name, module in model.named_modules():
@@ -207,7 +212,8 @@ def check_all_filled(model: torch.nn.Module, filled: Iterable[str]) -> None:
         if method is None:
             continue
         kv_cache = any(cls.__name__ == "BaseKVCacheMethod" for cls in type(method).__mro__)
-        if getattr(method, "uses_meta_device", False) or kv_cache:
+        processed = vllm_exemptions and hasattr(method, "process_weights_after_loading")
+        if getattr(method, "uses_meta_device", False) or kv_cache or processed:
             for param_name, _ in module.named_parameters():
                 exempt.add(f"{module_name}.{param_name}" if module_name else param_name)
     names = {name for name, _ in model.named_parameters()}
