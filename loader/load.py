@@ -509,20 +509,30 @@ def stream_into(
         sink.close()
 
 
+def default_devices(count: int) -> list[torch.device]:
+    """One device per rank: the current accelerator's first ``count``, else the CPU."""
+    accelerator = getattr(torch, "accelerator", None)
+    kind = accelerator.current_accelerator() if accelerator and accelerator.is_available() else None
+    if kind is None:
+        return [torch.device("cpu")] * count
+    return [torch.device(kind.type, index) for index in range(count)]
+
+
 def load_all_ranks(
     pipeline: str,
     *,
     tp_size: int,
-    devices: Sequence[str] | None = None,
+    devices: Sequence[str | torch.device] | None = None,
     **options: Any,
 ) -> MultiLoadResult:
     """Load every rank of ``pipeline`` at ``tp_size`` at once, rank ``r`` into ``devices[r]``.
 
-    ``devices`` defaults to ``cuda:0`` .. ``cuda:{tp_size-1}``. Each rank runs :func:`load` in
+    ``devices`` defaults to the accelerator's devices 0 .. ``tp_size - 1`` (``cuda:0`` ... on
+    NVIDIA), or the CPU for every rank when there is no accelerator. Each rank runs :func:`load` in
     its own thread (with its own lease and staging ring), so the wall time is that of the
     slowest shard. ``options`` go to :func:`load` unchanged.
     """
-    targets = list(devices) if devices is not None else [f"cuda:{r}" for r in range(tp_size)]
+    targets = list(devices) if devices is not None else default_devices(tp_size)
     if len(targets) != tp_size:
         raise ValueError(f"{len(targets)} devices for tp_size {tp_size}")
     started = time.perf_counter()

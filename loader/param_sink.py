@@ -78,7 +78,9 @@ def plan_param_stream(
     previous: tuple[str, int, bool] | None = None  # (blob, end offset, same dtype)
     for index in order:
         tensor, key = tensors[index], keys[index]
-        dest = destinations[key]
+        # Detached: the same storage, writable from the stream's worker threads, which do not
+        # inherit the caller's no_grad mode (vLLM's parameters may still require grad).
+        dest = destinations[key].detach()
         src_dtype = torch_dtype(tensor.dtype)
         itemsize = torch.empty((), dtype=src_dtype).element_size()
         if dest.numel() * itemsize != tensor.length or list(dest.shape) != list(tensor.shape):

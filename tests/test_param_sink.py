@@ -117,8 +117,11 @@ def test_merged_and_split_reads_land_in_the_right_elements(
         )
         blob += data
         offset += len(data)
-    destinations = {f"t{i}": torch.full(t.shape, float("nan"), dtype=engine)
-                    for i, t in enumerate(originals)}
+    # Parameters that still require grad: the worker threads write them outside no_grad.
+    destinations = {
+        f"t{i}": torch.nn.Parameter(torch.full(t.shape, float("nan"), dtype=engine))
+        for i, t in enumerate(originals)
+    }
     segments, ranges = plan_param_stream(
         tensors, destinations, keys=[t.name for t in tensors], merge=merge
     )
