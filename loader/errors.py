@@ -43,7 +43,8 @@ class LoaderError(ClientError):
 
     @property
     def code(self) -> str:
-        return _CODES.get(type(self).__name__, "load_error")
+        given = self.details.get("code")
+        return str(given) if given else _CODES.get(type(self).__name__, "load_error")
 
 
 class HeaderError(LoaderError, ValueError):
