@@ -117,6 +117,7 @@ class CacheNode:
         report = await anyio.to_thread.run_sync(lambda: self.store.check(fix=True))
         self._loop = asyncio.get_running_loop()
         self._collect_orphans()  # before any job: left by transfers of pipelines now gone
+        self.fetcher.verified.sweep()  # facts about blobs reconcile removed or quarantined
         if report.missing or report.quarantined or report.orphans_removed:
             log.warning("start-up reconcile: %s", report)
         for record in list(self.registry.all()):
@@ -270,7 +271,10 @@ class CacheNode:
         still_used: set[str] = set()
         for other in self.registry.all():
             still_used.update(other.blobs())
-        return sum(self.store.delete(sha) for sha in blobs if sha not in still_used)
+        freed = sum(self.store.delete(sha) for sha in blobs if sha not in still_used)
+        if freed:
+            self.fetcher.verified.sweep()  # facts about a freed blob go with it
+        return freed
 
     # ------------------------------------------------------------------ warm jobs
     async def _start_warm(self, record: PipelineRecord) -> None:
@@ -332,6 +336,7 @@ class CacheNode:
         freed = sum(self.store.delete(sha) for sha in orphans)
         if freed:
             log.info("freed %d bytes of %d blobs no pipeline holds", freed, len(orphans))
+            self.fetcher.verified.sweep()
             self._update_gauges()
         return freed
 
@@ -390,12 +395,7 @@ class CacheNode:
             models = []
             for model, origin in zip(record.spec.models, origins, strict=True):
                 snapshot = await self._resolve(model, origin)
-                previous = {
-                    (f.path, f.size, f.sha256, f.etag): f.blob
-                    for m in record.models
-                    if m.name == model.name
-                    for f in m.files
-                }
+                previous = self._verified_blobs(record, model, origin, snapshot)
                 models.append(
                     ModelEntry(
                         name=model.name,
@@ -426,6 +426,23 @@ class CacheNode:
             raise
         return _Prepared(record, origins, reservations)
 
+    def _verified_blobs(
+        self, record: PipelineRecord, model: ModelSpec, origin: Origin, snapshot: Snapshot
+    ) -> dict[tuple[str, int, str | None, str | None], str | None]:
+        """The blobs the pipeline already held for ``model``'s files, kept only where this
+        node verified that very object in ``origin``'s scope (the scope may have changed)."""
+        previous: dict[tuple[str, int, str | None, str | None], str | None] = {}
+        for entry in record.models:
+            if entry.name != model.name:
+                continue
+            for file in entry.files:
+                known = self.fetcher.already_verified(
+                    origin, _origin_file(file), source=model.source, revision=snapshot.revision
+                )
+                if known is not None and known.sha256 == file.blob:
+                    previous[(file.path, file.size, file.sha256, file.etag)] = file.blob
+        return previous
+
     async def _resolve(self, model: ModelSpec, origin: Origin) -> Snapshot:
         """Resolve a source, sharing a resolution already in flight (a burst of registrations
         of one model asks the origin once)."""
@@ -446,12 +463,13 @@ class CacheNode:
             for file in model.files:
                 if file.blob and self.store.has(file.blob):
                     continue
-                if file.sha256 and self.store.has(file.sha256):
-                    continue
-                key = transfer_key(origin, model.source, model.revision or "", _origin_file(file))
-                known = self.store.meta.get(f"transfer:{key}")
-                if known is not None and self.store.has(known["sha256"]):
-                    continue  # fetched before under this key and still here: a hit, no bytes
+                origin_file = _origin_file(file)
+                revision = model.revision or ""
+                if self.fetcher.already_verified(
+                    origin, origin_file, source=model.source, revision=revision
+                ):
+                    continue  # this object was verified here in this scope: no bytes to fetch
+                key = transfer_key(origin, model.source, revision, origin_file)
                 if not self.fetcher.in_flight(key):
                     needed[key] = file.size
         total = sum(needed.values()) + self._shard_bytes_estimate(record)
