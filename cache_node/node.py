@@ -28,6 +28,7 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
+from cache_node.access import TenantAccess
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
@@ -43,7 +44,7 @@ from cache_node.load_history import LoadHistory
 from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.metrics import NodeMetrics
-from cache_node.origins import Origin, open_origin, validate_source
+from cache_node.origins import Origin, open_origin
 from cache_node.origins.base import OriginFile, Snapshot
 from cache_node.registry import (
     FileEntry,
@@ -80,7 +81,8 @@ class CacheNode:
     def __init__(self, settings: NodeSettings, *, meta: KeyValue | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.tokens = settings.load_tokens()
+        self.access = TenantAccess(settings)  # the tokens file: tenants, sources, credentials
+        self.tokens = self.access.tokens
         self.metrics = NodeMetrics()
         self.meta = meta or DiskcacheKeyValue(settings.data_dir / "meta")
         self.store = BlobStore(
@@ -170,8 +172,8 @@ class CacheNode:
     ) -> tuple[PipelineStatus, bool]:
         """Upsert a pipeline and start its pre-warm. Returns (status, changed)."""
         _validate_spec(spec)
-        for model in spec.models:  # a bad source is a 400 before anything is recorded
-            validate_source(model, self.settings, auth_enabled=self.auth_enabled)
+        for model in spec.models:  # a bad source is a 400, a forbidden one a 403, up front
+            self.access.check_source(tenant, model, pipeline=pipeline_id)
         async with self._lock:
             existing = self.registry.get(tenant, pipeline_id)
             if (
@@ -387,9 +389,11 @@ class CacheNode:
         self._update_gauges()
 
     async def _prepare(self, record: PipelineRecord) -> _Prepared:
+        for model in record.spec.models:  # the tokens file may have changed since
+            self.access.check_source(record.tenant, model, pipeline=record.id)
+        settings = self.access.settings_for(record.tenant)  # the tenant's own credentials
         origins = [
-            open_origin(m, self.settings, auth_enabled=self.auth_enabled)
-            for m in record.spec.models
+            open_origin(m, settings, auth_enabled=self.auth_enabled) for m in record.spec.models
         ]
         try:
             models = []
