@@ -4,7 +4,10 @@ The tree::
 
     WeightCacheError                     code, http_status, message, details
     ├── InvalidInput(ValueError)         400 invalid_input
+    │   └── LocalSourceNotAllowed        400 invalid_input, reason no_local_root /
+    │                                        outside_local_roots / data_dir (file:// sources)
     ├── Unauthorized                     401 unauthorized (missing or bad token)
+    ├── SourceNotAllowed                 403 source_not_allowed (outside the tenant's sources)
     ├── NotFound(LookupError)            404 not_found (also: another tenant's pipeline or blob)
     ├── Conflict                         409 conflict
     │   └── NotWarm                      409 not_warm
@@ -44,9 +47,24 @@ class InvalidInput(WeightCacheError, ValueError):
     http_status = 400
 
 
+class LocalSourceNotAllowed(InvalidInput):
+    """A ``file://`` source this node does not serve from; ``reason`` says which rule.
+
+    The code stays ``invalid_input`` (what clients always got for it); ``reason`` tells apart a
+    node without ``--local-root`` from a path outside it.
+    """
+
+
 class Unauthorized(WeightCacheError):
     code = "unauthorized"
     http_status = 401
+
+
+class SourceNotAllowed(WeightCacheError):
+    """A well-formed source this tenant may not use (outside its ``sources``)."""
+
+    code = "source_not_allowed"
+    http_status = 403
 
 
 class NotFound(WeightCacheError, LookupError):

@@ -18,6 +18,9 @@ One :class:`Fetcher` per node. ``await fetcher.fetch(origin, file)`` returns the
   a stalled stream detected and resumed by range (I6).
 - **Integrity** (I1): size and every declared digest must match before publish; otherwise the
   partial is removed and :class:`~cache_node.errors.IntegrityError` names expected and actual.
+- **No trust in declared digests** (I1, I7): a blob already stored is reused only for an object
+  that was read and hashed to it before in the same credential scope (``cache_node.verified``);
+  any other object is fetched and verified, even when its declared sha256 names a stored blob.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from cache_node.origins.base import Origin, OriginFile
 from cache_node.settings import FetchSettings
 from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation, feed_region
 from cache_node.tasks import run_all
+from cache_node.verified import VerifiedObjects, object_key
 
 ProgressCallback = Callable[[int], None]
 _HASH_BLOCK = 8 * 1024 * 1024
@@ -98,7 +102,14 @@ class Fetcher:
         self.metrics = metrics or NodeMetrics()
         self._sleep = sleep
         self._transfers: dict[str, _Transfer] = {}
+        self.verified = VerifiedObjects(store.meta, store)
         self._recent_failures: dict[str, tuple[float, WeightCacheError]] = {}
+
+    def already_verified(
+        self, origin: Origin, file: OriginFile, *, source: str, revision: str
+    ) -> BlobRecord | None:
+        """The stored blob this object was verified to be in ``origin``'s scope, if any."""
+        return self.verified.lookup(object_key(origin.scope, source, revision, file))
 
     def in_flight(self, key: str) -> bool:
         """Whether a transfer with this key is running now."""
@@ -124,20 +135,19 @@ class Fetcher:
         reservation: Reservation | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> BlobRecord:
-        """The committed blob of ``file``, fetching it unless it is here or already coming."""
-        if file.sha256 and (record := self.store.get(file.sha256)) is not None:
+        """The committed blob of ``file``, fetching it unless it is here or already coming.
+
+        "Here" means this very object was read and hashed before with this credential scope:
+        a stored blob whose sha256 merely equals the digest the origin declares is not used,
+        since a declared digest is a claim anyone can make (see ``cache_node.verified``).
+        """
+        record = self.already_verified(origin, file, source=source, revision=revision)
+        if record is not None:
             self.metrics.cache_requests.labels("hit").inc()
             if reservation is not None:
                 reservation.release()
             return record
         key = transfer_key(origin, source, revision, file)
-        known = self.store.meta.get(f"transfer:{key}")
-        if known is not None and (record := self.store.get(known["sha256"])) is not None:
-            # an object the origin gave no sha256 for, fetched before under the same key
-            self.metrics.cache_requests.labels("hit").inc()
-            if reservation is not None:
-                reservation.release()
-            return record
         failure = self._recent_failures.get(key)
         if failure is not None and time.monotonic() - failure[0] < self.settings.negative_cache_s:
             raise failure[1]
@@ -149,7 +159,8 @@ class Fetcher:
             if on_progress is not None:
                 transfer.listeners.append(on_progress)
             transfer.task = asyncio.create_task(
-                self._run(origin, file, transfer, reservation), name=f"fetch {file.path}"
+                self._run(origin, file, transfer, reservation, source=source, revision=revision),
+                name=f"fetch {file.path}",
             )
         else:
             self.metrics.coalesced_waiters.inc()
@@ -172,10 +183,15 @@ class Fetcher:
         file: OriginFile,
         transfer: _Transfer,
         reservation: Reservation | None,
+        *,
+        source: str,
+        revision: str,
     ) -> BlobRecord:
         own_reservation = reservation or self.store.reserve(file.size, partial_key=transfer.key)
         try:
             record = await self._transfer(origin, file, transfer, own_reservation)
+            # The bytes of this object, read in this scope, hashed to the blob: a fact now.
+            self.verified.record(object_key(origin.scope, source, revision, file), record)
         except WeightCacheError as exc:
             self.metrics.origin_fetches.labels(
                 "integrity" if isinstance(exc, IntegrityError) else "error"
@@ -247,7 +263,6 @@ class Fetcher:
             )
         )
         journal.remove()
-        self.store.meta.set(f"transfer:{transfer.key}", {"sha256": record.sha256})
         return record
 
     async def _download_parts(

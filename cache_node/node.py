@@ -28,6 +28,7 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
+from cache_node.access import TenantAccess
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
@@ -43,7 +44,7 @@ from cache_node.load_history import LoadHistory
 from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.metrics import NodeMetrics
-from cache_node.origins import Origin, open_origin, validate_source
+from cache_node.origins import Origin, open_origin
 from cache_node.origins.base import OriginFile, Snapshot
 from cache_node.origins.patterns import without_excluded
 from cache_node.registry import (
@@ -82,7 +83,8 @@ class CacheNode:
     def __init__(self, settings: NodeSettings, *, meta: KeyValue | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.tokens = settings.load_tokens()
+        self.access = TenantAccess(settings)  # the tokens file: tenants, sources, credentials
+        self.tokens = self.access.tokens
         self.metrics = NodeMetrics()
         self.meta = meta or DiskcacheKeyValue(settings.data_dir / "meta")
         self.store = BlobStore(
@@ -119,6 +121,7 @@ class CacheNode:
         report = await anyio.to_thread.run_sync(lambda: self.store.check(fix=True))
         self._loop = asyncio.get_running_loop()
         self._collect_orphans()  # before any job: left by transfers of pipelines now gone
+        self.fetcher.verified.sweep()  # facts about blobs reconcile removed or quarantined
         if report.missing or report.quarantined or report.orphans_removed:
             log.warning("start-up reconcile: %s", report)
         for record in list(self.registry.all()):
@@ -171,8 +174,8 @@ class CacheNode:
     ) -> tuple[PipelineStatus, bool]:
         """Upsert a pipeline and start its pre-warm. Returns (status, changed)."""
         _validate_spec(spec)
-        for model in spec.models:  # a bad source is a 400 before anything is recorded
-            validate_source(model, self.settings, auth_enabled=self.auth_enabled)
+        for model in spec.models:  # a bad source is a 400, a forbidden one a 403, up front
+            self.access.check_source(tenant, model, pipeline=pipeline_id)
         async with self._lock:
             existing = self.registry.get(tenant, pipeline_id)
             if (
@@ -272,7 +275,10 @@ class CacheNode:
         still_used: set[str] = set()
         for other in self.registry.all():
             still_used.update(other.blobs())
-        return sum(self.store.delete(sha) for sha in blobs if sha not in still_used)
+        freed = sum(self.store.delete(sha) for sha in blobs if sha not in still_used)
+        if freed:
+            self.fetcher.verified.sweep()  # facts about a freed blob go with it
+        return freed
 
     # ------------------------------------------------------------------ warm jobs
     async def _start_warm(self, record: PipelineRecord) -> None:
@@ -334,6 +340,7 @@ class CacheNode:
         freed = sum(self.store.delete(sha) for sha in orphans)
         if freed:
             log.info("freed %d bytes of %d blobs no pipeline holds", freed, len(orphans))
+            self.fetcher.verified.sweep()
             self._update_gauges()
         return freed
 
@@ -384,20 +391,17 @@ class CacheNode:
         self._update_gauges()
 
     async def _prepare(self, record: PipelineRecord) -> _Prepared:
+        for model in record.spec.models:  # the tokens file may have changed since
+            self.access.check_source(record.tenant, model, pipeline=record.id)
+        settings = self.access.settings_for(record.tenant)  # the tenant's own credentials
         origins = [
-            open_origin(m, self.settings, auth_enabled=self.auth_enabled)
-            for m in record.spec.models
+            open_origin(m, settings, auth_enabled=self.auth_enabled) for m in record.spec.models
         ]
         try:
             models = []
             for model, origin in zip(record.spec.models, origins, strict=True):
                 snapshot = await self._resolve(model, origin)
-                previous = {
-                    (f.path, f.size, f.sha256, f.etag): f.blob
-                    for m in record.models
-                    if m.name == model.name
-                    for f in m.files
-                }
+                previous = self._verified_blobs(record, model, origin, snapshot)
                 models.append(
                     ModelEntry(
                         name=model.name,
@@ -428,6 +432,23 @@ class CacheNode:
             raise
         return _Prepared(record, origins, reservations)
 
+    def _verified_blobs(
+        self, record: PipelineRecord, model: ModelSpec, origin: Origin, snapshot: Snapshot
+    ) -> dict[tuple[str, int, str | None, str | None], str | None]:
+        """The blobs the pipeline already held for ``model``'s files, kept only where this
+        node verified that very object in ``origin``'s scope (the scope may have changed)."""
+        previous: dict[tuple[str, int, str | None, str | None], str | None] = {}
+        for entry in record.models:
+            if entry.name != model.name:
+                continue
+            for file in entry.files:
+                known = self.fetcher.already_verified(
+                    origin, _origin_file(file), source=model.source, revision=snapshot.revision
+                )
+                if known is not None and known.sha256 == file.blob:
+                    previous[(file.path, file.size, file.sha256, file.etag)] = file.blob
+        return previous
+
     async def _resolve(self, model: ModelSpec, origin: Origin) -> Snapshot:
         """Resolve a source, sharing a resolution already in flight (a burst of registrations
         of one model asks the origin once)."""
@@ -453,12 +474,13 @@ class CacheNode:
             for file in model.files:
                 if file.blob and self.store.has(file.blob):
                     continue
-                if file.sha256 and self.store.has(file.sha256):
-                    continue
-                key = transfer_key(origin, model.source, model.revision or "", _origin_file(file))
-                known = self.store.meta.get(f"transfer:{key}")
-                if known is not None and self.store.has(known["sha256"]):
-                    continue  # fetched before under this key and still here: a hit, no bytes
+                origin_file = _origin_file(file)
+                revision = model.revision or ""
+                if self.fetcher.already_verified(
+                    origin, origin_file, source=model.source, revision=revision
+                ):
+                    continue  # this object was verified here in this scope: no bytes to fetch
+                key = transfer_key(origin, model.source, revision, origin_file)
                 if not self.fetcher.in_flight(key):
                     needed[key] = file.size
         total = sum(needed.values()) + self._shard_bytes_estimate(record)

@@ -6,12 +6,11 @@ standard ones the origins document (``HF_TOKEN``, ``HF_ENDPOINT``, ``AWS_*``), a
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +35,7 @@ class S3Settings(BaseSettings):
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
+    profile: str | None = None  # a named profile of the AWS config files, instead of keys
     region: str | None = None
 
     @model_validator(mode="after")
@@ -135,12 +135,13 @@ class NodeSettings(BaseSettings):
         return self
 
     def load_tokens(self) -> dict[str, str] | None:
-        """The token → tenant map, or None when auth is off. Raises ValueError on a bad file."""
+        """The token → tenant map, or None when auth is off. Raises ValueError on a bad file.
+
+        The file may also carry per-tenant policies (``cache_node.access``); this is only the
+        map, which is all a data-plane worker needs.
+        """
         if self.tokens_file is None:
             return None
-        raw: Any = json.loads(Path(self.tokens_file).read_text())
-        if not isinstance(raw, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and k and v for k, v in raw.items()
-        ):
-            raise ValueError("tokens file must be a JSON object mapping token to tenant name")
-        return dict(raw)
+        from cache_node.access import load_access  # it imports this module
+
+        return load_access(Path(self.tokens_file)).tokens

@@ -91,6 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = NodeSettings(**overrides)
     except ValidationError as exc:
         raise UsageError(_settings_problem(exc)) from None
+    refusal = _serve_refusal(settings, allow_unauthenticated=args.allow_unauthenticated)
+    if refusal is not None:
+        raise UsageError(refusal)
     data_port = args.data_port if args.data_port is not None else settings.port + 1
     data_plane: list[Any] = []
     if args.data_workers > 0:
@@ -124,6 +127,32 @@ def _settings_problem(exc: Any) -> str:
     ).replace("_", "-")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"--{flag}: {message}" if flag else message
+
+
+def _serve_refusal(settings: Any, *, allow_unauthenticated: bool) -> str | None:
+    """Why this node must not start (a bad tokens file; no auth on an open address), or None."""
+    import logging
+
+    from cache_node.access import TenantAccess, is_loopback_host
+    from cache_node.events import emit
+
+    if settings.tokens_file is not None:
+        try:
+            TenantAccess(settings)
+        except ValueError as exc:
+            emit("serve.refused", level=logging.ERROR, reason="bad_tokens_file")
+            return str(exc)
+        return None
+    if allow_unauthenticated or is_loopback_host(settings.host):
+        return None
+    emit("serve.refused", level=logging.ERROR, reason="no_auth_on_open_address",
+         host=settings.host)
+    return (
+        f"refusing to serve on {settings.host!r} without auth: anyone who can reach it could "
+        "read and register weights. Pass --tokens FILE, bind a loopback address "
+        "(--host 127.0.0.1), or pass --allow-unauthenticated if the network in front of it "
+        "is trusted."
+    )
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -297,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--capacity", default=None, help="e.g. 100GiB")
     serve.add_argument("--region", default=None)
     serve.add_argument("--tokens", dest="tokens_file", default=None,
-                       help="JSON file mapping token to tenant; enables auth")
+                       help="JSON file mapping token to tenant (and tenant policies); "
+                       "enables auth")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="serve without --tokens on a non-loopback address (refused "
+                       "otherwise); only behind a network you trust")
     serve.add_argument("--local-root", action="append", default=[],
                        help="directory file:// sources may come from (repeatable)")
     serve.add_argument("--redis", dest="redis_url", default=None)

@@ -143,6 +143,7 @@ class CacheMachine(RuleBasedStateMachine):
             data_dir=self.data_dir,
             capacity=CAPACITY,
             node_id="sm",
+            local_roots=sorted({d.parent for d in pool.dirs.values()}),
             fetch=FetchSettings(part_size=MiB, negative_cache_s=0),
             eviction=EvictionSettings(hot_window_s=0.05, high_watermark=0.8, low_watermark=0.5),
         )

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
+from cache_node.access import is_loopback_host
 from cache_node.settings import DEFAULT_PORT, NodeSettings
-from clients.cli import build_parser
+from clients.cli import _serve_refusal, build_parser
 from clients.client import default_token, default_url
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
@@ -149,6 +150,36 @@ def test_k8s_documents_are_complete() -> None:
 # ------------------------------------------------------------------------------ the cache node
 
 
+def check_serve_is_guarded(args: argparse.Namespace, *, published: list[str] | None) -> None:
+    """A ``serve`` line on an open address has auth, or says it runs without (and then only
+    publishes its ports on loopback): what ``serve`` itself insists on at start."""
+    assert args.command_name == "serve"
+    if args.tokens_file is not None:
+        assert not args.allow_unauthenticated  # auth on: nothing to allow
+        return
+    if is_loopback_host(args.host or "127.0.0.1"):
+        return
+    assert args.allow_unauthenticated, "serve on an open address without --tokens is refused"
+    assert published is not None, "an unauthenticated node must say where its ports go"
+    assert all(p.startswith("127.0.0.1:") for p in published), published
+
+
+def test_serve_refuses_what_infra_must_not_do() -> None:
+    """The rule the infra checks follow is the CLI's own: parse lines and ask ``serve``."""
+    for argv, refused in (
+        (["serve", "--host", "0.0.0.0"], True),
+        (["serve", "--host", "::"], True),
+        (["serve", "--host", "0.0.0.0", "--allow-unauthenticated"], False),
+        (["serve"], False),  # 127.0.0.1
+        (["serve", "--host", "::1"], False),
+        (["serve", "--host", "localhost"], False),
+    ):
+        args, _ = parse_cli(argv)
+        settings = NodeSettings(host=args.host or "127.0.0.1")
+        reason = _serve_refusal(settings, allow_unauthenticated=args.allow_unauthenticated)
+        assert (reason is not None) == refused, argv
+
+
 def test_dockerfile_runs_serve_on_the_default_ports() -> None:
     pairs = dockerfile("Dockerfile")
     api, data = serve_ports()
@@ -156,6 +187,9 @@ def test_dockerfile_runs_serve_on_the_default_ports() -> None:
     assert argv[0] == "weightcache"
     args, _ = parse_cli(argv[1:])
     assert args.command_name == "serve" and args.host == "0.0.0.0"
+    # the image's default is safe: auth on (a tokens file to mount), never unauthenticated
+    assert args.tokens_file is not None and not args.allow_unauthenticated
+    check_serve_is_guarded(args, published=None)
     assert args.data_dir in json.loads(instruction(pairs, "VOLUME"))
     assert {int(p) for p in instruction(pairs, "EXPOSE").split()} == {api, data}
     healthcheck = instruction(pairs, "HEALTHCHECK")
@@ -172,6 +206,7 @@ def test_compose_cache_node(monkeypatch: pytest.MonkeyPatch) -> None:
     args, _ = parse_cli([str(a) for a in node["command"]])  # after the image's ENTRYPOINT
     assert args.command_name == "serve" and args.host == "0.0.0.0"
     assert any(v.split(":")[1] == args.data_dir for v in node["volumes"])
+    check_serve_is_guarded(args, published=[str(p) for p in node["ports"]])
     published = {int(p.rsplit(":", 1)[1]) for p in node["ports"]}
     port = args.port if args.port is not None else api
     assert published == {port, args.data_port or port + 1} == {api, data}
@@ -199,6 +234,8 @@ def test_statefulset_command_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     api, data = serve_ports()
     assert (args.command_name, args.host) == ("serve", "0.0.0.0")
     assert (args.port, args.data_port) == (api, data)
+    check_serve_is_guarded(args, published=None)
+    assert args.tokens_file is not None  # a cluster node always has auth
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"api": api, "data": data}
 

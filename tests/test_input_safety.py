@@ -98,11 +98,14 @@ def test_local_source_outside_the_local_roots_is_refused(node: RunningNode) -> N
             "/v1/pipelines/p", json={"models": [{"name": "m", "source": "file:///usr/lib"}]}
         )
         assert answer.status_code == 400
+        assert answer.json()["error"]["reason"] == "outside_local_roots"
         data_dir = node.settings.data_dir
         answer = c.put(
             "/v1/pipelines/p", json={"models": [{"name": "m", "source": f"file://{data_dir}"}]}
         )
         assert answer.status_code == 400
+        assert answer.json()["error"]["reason"] == "data_dir"
+        assert c.get("/v1/pipelines/p").status_code == 404  # nothing recorded
 
 
 def test_symlinks_in_a_local_source_are_not_followed(node: RunningNode, tmp_path: Path) -> None:

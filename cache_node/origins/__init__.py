@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from api.schema import ModelSpec
-from cache_node.errors import InvalidInput
+from cache_node.errors import LocalSourceNotAllowed
 from cache_node.origins.base import Origin, OriginFile, Snapshot, SourceRef, parse_source
 from cache_node.settings import NodeSettings
 
@@ -14,6 +14,7 @@ __all__ = [
     "OriginFile",
     "Snapshot",
     "SourceRef",
+    "check_local_source",
     "open_origin",
     "parse_source",
     "validate_source",
@@ -48,15 +49,27 @@ def validate_source(
     return ref
 
 
-def check_local_source(path: Path, settings: NodeSettings, *, auth_enabled: bool) -> None:
-    """A local source opens the node's disk: only under ``--local-root`` when auth is on (I8)."""
+def check_local_source(
+    path: Path, settings: NodeSettings, *, auth_enabled: bool | None = None
+) -> None:
+    """A ``file://`` source opens the node's disk: only under ``--local-root`` dirs, whether or
+    not auth is on (``auth_enabled`` is accepted for old callers and changes nothing)."""
     resolved = path.resolve()
     if resolved == settings.data_dir or resolved.is_relative_to(settings.data_dir):
-        raise InvalidInput("a local source may not point into the node's data dir", field="source")
-    if settings.local_roots:
-        if not any(resolved.is_relative_to(root) for root in settings.local_roots):
-            raise InvalidInput("local source outside the node's --local-root dirs", field="source")
-    elif auth_enabled:
-        raise InvalidInput(
-            "local sources are refused: this node has auth on and no --local-root", field="source"
+        raise LocalSourceNotAllowed(
+            "a local source may not point into the node's data dir",
+            field="source",
+            reason="data_dir",
+        )
+    if not settings.local_roots:
+        raise LocalSourceNotAllowed(
+            "file:// sources are refused: this node has no --local-root (serve --local-root DIR)",
+            field="source",
+            reason="no_local_root",
+        )
+    if not any(resolved.is_relative_to(root) for root in settings.local_roots):
+        raise LocalSourceNotAllowed(
+            "the local source is outside the --local-root dirs it may come from",
+            field="source",
+            reason="outside_local_roots",
         )

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -106,7 +106,12 @@ class S3Origin:
         self._read_timeout_s = read_timeout_s
         self.source = f"s3://{bucket}/{self._prefix}"
         endpoint = settings.endpoint_url or "aws"
-        self.scope = f"s3:{endpoint}:{settings.access_key_id or 'default-credentials'}"
+        # The key id is an identifier, not a secret; the digest tells apart secrets, session
+        # tokens and profiles of one key id.
+        self.scope = (
+            f"s3:{endpoint}:{settings.access_key_id or 'default-credentials'}:"
+            f"{_credential_digest(settings)}"
+        )
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._client_lock = asyncio.Lock()
@@ -242,7 +247,7 @@ class S3Origin:
                 "aws_session_token": _secret(settings.session_token),
             }
         # Without explicit keys botocore's default chain applies (profiles, instance roles).
-        return _session().create_client(
+        return _session(None if credentials else settings.profile).create_client(
             "s3",
             region_name=settings.region,
             endpoint_url=settings.endpoint_url,
@@ -324,9 +329,28 @@ class S3Origin:
 
 
 @functools.cache
-def _session() -> Any:
-    # One per process: a session loads the S3 service model (~0.4 s) once for all its clients.
-    return get_session()
+def _session(profile: str | None = None) -> Any:
+    # One per process (and profile): a session loads the S3 service model (~0.4 s) once for
+    # all its clients.
+    if profile is None:
+        return get_session()
+    return AioSession(profile=profile)
+
+
+def _credential_digest(settings: S3Settings) -> str:
+    """Names the credentials a client uses, so single flight and the verified-object facts
+    never cross them (I4), without letting a secret be recovered from the scope."""
+    if not settings.access_key_id and not settings.profile:
+        return "-"
+    material = "\0".join(
+        [
+            settings.access_key_id or "",
+            _secret(settings.secret_access_key) or "",
+            _secret(settings.session_token) or "",
+            settings.profile or "",
+        ]
+    )
+    return hashlib.sha256(b"weightcache-s3-scope\0" + material.encode()).hexdigest()[:16]
 
 
 def _secret(value: Any) -> str | None:
