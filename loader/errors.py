@@ -5,6 +5,8 @@ The tree::
     LoaderError                          base of every error the loader raises on purpose
     ├── HeaderError(ValueError)          a malformed or unsupported safetensors header
     ├── NotWarmError                     the node answered 409 not_warm: nothing to stream yet
+    │                                    (``reason``: the failure's code when it failed)
+    ├── NoWeightsError                   the manifest holds no tensors: nothing to load
     ├── ServerError                      the node answered an unexpected status (code, status)
     ├── SourceError(OSError)             bytes could not be read: a missing blob file, a short
     │   │                                read, or every base URL failed for a range
@@ -35,11 +37,27 @@ class HeaderError(LoaderError, ValueError):
 
 
 class NotWarmError(LoaderError):
-    """The pipeline is not warm on the node (409 ``not_warm``); ``state`` says where it is."""
+    """The pipeline is not warm on the node (409 ``not_warm``); ``state`` says where it is, and
+    ``reason`` (and ``code``) the code of its failure when it failed (``invalid_checkpoint``)."""
 
-    def __init__(self, message: str, *, state: str | None = None, **details: Any) -> None:
-        super().__init__(message, state=state, **details)
+    def __init__(
+        self,
+        message: str,
+        *,
+        state: str | None = None,
+        reason: str | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(message, state=state, reason=reason, **details)
         self.state = state
+        self.reason = reason
+        self.code = reason or "not_warm"
+
+
+class NoWeightsError(LoaderError):
+    """The manifest holds no tensors: a load that would deliver nothing is an error."""
+
+    code = "no_weights"
 
 
 class ServerError(LoaderError):

@@ -28,7 +28,7 @@ import httpx
 import torch
 
 from api.schema import Lease, Manifest, ManifestFile
-from loader.errors import LoaderError, NotWarmError, ServerError
+from loader.errors import LoaderError, NotWarmError, NoWeightsError, ServerError
 from loader.layout import plan_layout, tensor_view
 from loader.ranges import BlobDigests
 from loader.sinks import CpuSink, RingSink, Sink
@@ -116,14 +116,18 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
     code: str | None = None
     message = response.text[:500]
     state: str | None = None
+    reason: str | None = None
     try:
         error = response.json().get("error", {})
         code = error.get("code")
         message = error.get("message", message)
         state = error.get("state")
+        reason = error.get("reason")
     except (ValueError, AttributeError):
         pass
     if response.status_code == 409 and code == "not_warm":
+        if state == "failed":
+            raise NotWarmError(f"{what}: {message}", state=state, reason=reason)
         raise NotWarmError(f"{what}: the pipeline is not warm yet (state {state})", state=state)
     raise ServerError(
         f"{what}: HTTP {response.status_code} {code or ''} {message}".strip(),
@@ -186,6 +190,11 @@ def load(
             _raise_for_status(response, f"manifest of {pipeline} tp_size={tp_size} rank={rank}")
             manifest = Manifest.model_validate_json(response.content)
             report.manifest_s = time.perf_counter() - mark
+            if not manifest.tensors:
+                # a pipeline with no weight tensors never "loads": nothing would reach the device
+                raise NoWeightsError(
+                    f"{pipeline}: the manifest of tp_size={tp_size} rank={rank} holds no tensors"
+                )
             data_urls = data_urls or _advertised_data_urls(client, url, headers)
             remote = HttpRangeSource(list(data_urls), token=token)
             source: Source = (
