@@ -143,4 +143,5 @@ class RetryScheduler:
                 # a floor, so that a clock step can never turn this into a busy loop
                 wait = min(wait, max(_MIN_WAIT_S, upcoming - self._clock()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                async with asyncio.timeout(wait):  # no helper task, unlike wait_for
+                    await self._wake.wait()
