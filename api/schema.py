@@ -70,9 +70,30 @@ class ModelStatus(_Wire):
 
 
 class ErrorInfo(_Wire):
+    """Why a pipeline (or a re-registration attempt) failed, and what happens next.
+
+    ``retry_at`` is when the node tries again on its own (transient failures only); ``None``
+    means it will not: ``action`` then says what a person does. ``attempts`` counts the failed
+    warms in a row of this spec.
+    """
+
     code: str
     message: str
     retry_at: float | None = None
+    attempts: int | None = None
+    action: str | None = None
+
+
+class AttemptStatus(_Wire):
+    """A re-registration of a warm pipeline, filling (or failed) beside the warm version."""
+
+    models: list[ModelStatus]
+    tp_sizes: list[int]
+    pinned: bool
+    state: PipelineState
+    progress: float
+    registered_at: float
+    error: ErrorInfo | None = None
 
 
 class PipelineStatus(_Wire):
@@ -95,6 +116,10 @@ class PipelineStatus(_Wire):
     evicted_reason: str | None = None
     unverified_files: int = 0
     active_leases: int = 0
+    # A re-registration of a warm pipeline fills beside it; ``state`` stays that of the warm
+    # version, which keeps serving until the new one is warm and takes its place.
+    pending: AttemptStatus | None = None  # the new spec while it fills
+    last_attempt: AttemptStatus | None = None  # the new spec after it failed (the old serves)
 
 
 class PipelineList(_Wire):

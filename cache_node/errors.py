@@ -13,12 +13,24 @@ The tree::
     │   └── NotWarm                      409 not_warm
     ├── InsufficientStorage              507 insufficient_storage
     ├── IntegrityError(ValueError)       502 integrity_error (bytes that do not match a digest)
+    ├── InvalidCheckpoint(ValueError)    422 invalid_checkpoint (weights no loader can read)
+    │   └── NoWeights                    422 no_weights (a source without loadable weights)
     └── OriginError                      502 origin_error (the origin failed after the retry budget)
         ├── OriginUnauthorized           401/403 (gated or private): code unauthorized
         └── OriginNotFound               origin has no such repo, revision or object
 
 The HTTP mapping lives in exactly one place: ``api.errors.install_error_handlers``.
 Foreign errors (botocore, httpx, OSError) are translated at the boundary that meets them.
+
+Transient or permanent (:func:`is_transient`): a warm that failed for a transient reason (the
+origin answered 5xx or 429, timed out, stalled or could not be reached: an ``OriginError`` with
+``retryable`` set, after the fetcher's own retry budget) is tried again on its own later, with
+backoff (``cache_node.retry``). Everything else is permanent and waits for a person: a refused or
+missing source (``unauthorized``, ``origin_not_found``), bytes that do not match their digest
+(``integrity_error``: a wrong declared digest does not heal by asking again), weights no loader
+can read (``invalid_checkpoint``, ``no_weights``), no space (``insufficient_storage``: room is
+made by a person or by eviction, and an automatic retry could evict others' warm pipelines), and
+internal errors.
 """
 
 from __future__ import annotations
@@ -91,6 +103,19 @@ class IntegrityError(WeightCacheError, ValueError):
     http_status = 502
 
 
+class InvalidCheckpoint(WeightCacheError, ValueError):
+    """The fetched files are intact but are not a loadable checkpoint (``path`` says which)."""
+
+    code = "invalid_checkpoint"
+    http_status = 422
+
+
+class NoWeights(InvalidCheckpoint):
+    """A source whose files hold no weights weightcache can load (none, or only ``.bin``)."""
+
+    code = "no_weights"
+
+
 class OriginError(WeightCacheError):
     """The origin failed; ``retryable`` says whether another attempt may succeed."""
 
@@ -124,3 +149,25 @@ class OriginNotFound(OriginError):
 
     def __init__(self, message: str, *, status: int | None = None, **details: Any) -> None:
         super().__init__(message, status=status, retryable=False, **details)
+
+
+def is_transient(error: WeightCacheError) -> bool:
+    """Whether another attempt later may succeed on its own (see the module docstring)."""
+    return isinstance(error, OriginError) and error.retryable
+
+
+#: Codes a failed warm may end with that never heal by themselves, and what a person does.
+PERMANENT_ACTIONS: dict[str, str] = {
+    "unauthorized": "give the node a token or credentials that can read the source, then warm",
+    "origin_not_found": "fix the source or revision (register again), then warm",
+    "not_found": "fix the source or revision (register again), then warm",
+    "integrity_error": "the origin's bytes do not match its digests: fix the source, then warm",
+    "invalid_checkpoint": "fix the checkpoint at the source (or register another), then warm",
+    "no_weights": "point the model at safetensors weights (register again), then warm",
+    "insufficient_storage": "free space or raise --capacity, then warm",
+}
+
+
+def action_for(code: str) -> str:
+    """What a person does about a permanent failure with this code."""
+    return PERMANENT_ACTIONS.get(code, "waits for a person: fix the cause, then warm")

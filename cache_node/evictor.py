@@ -23,8 +23,10 @@ def eviction_entry(record: PipelineRecord, *, leased: bool) -> eviction.Entry:
         last_used_at=record.last_used_at,
         registered_at=record.registered_at,
         pinned=record.spec.pinned,
-        # a pipeline being filled is as untouchable as a leased one
-        leased=leased or record.state == "warming",
+        # a pipeline being filled (or a re-registration of it) is as untouchable as a leased one
+        leased=leased
+        or record.state == "warming"
+        or (record.pending is not None and record.pending.state == "warming"),
         loads=record.loads,
     )
 

@@ -6,7 +6,7 @@ import logging
 import os
 
 from api.schema import Manifest, ManifestBlob, ManifestFile, ManifestTensor, PipelineFile
-from cache_node.errors import InvalidInput, NotWarm
+from cache_node.errors import InvalidCheckpoint, InvalidInput, NotWarm
 from cache_node.registry import PipelineRecord
 from cache_node.shard_sets import is_current
 from cache_node.store import BlobRecord, BlobStore
@@ -101,8 +101,9 @@ class ManifestBuilder:
             self.store.verify_range(record, handle, 0, end)
 
     def _file_tensors(self, model: str, blob: str, path: str) -> list[ManifestTensor] | None:
-        """The tensors of a safetensors file; None for any other file (or an unparsable one,
-        which is then handed to the replica as a plain file)."""
+        """The tensors of a safetensors file; None for any other file. An unparsable one is
+        refused (``invalid_checkpoint``), never handed to a replica as a plain file: the warm
+        job checked it, so this is a blob that changed under a warm pipeline."""
         if not path.endswith(".safetensors"):
             return None
         header = self._headers.get(blob)
@@ -112,7 +113,11 @@ class ManifestBuilder:
                 header = read_header(self.store.blob_path(blob))
             except (HeaderError, OSError) as exc:
                 log.warning("%s is not a readable safetensors file: %s", path, exc)
-                return None
+                raise InvalidCheckpoint(
+                    f"{model}/{path} is not a readable safetensors file: {exc}",
+                    model=model,
+                    path=path,
+                ) from None
             self._headers[blob] = header
         return [
             ManifestTensor(

@@ -54,6 +54,29 @@ class NodeMetrics:
         self.pipelines_by_state = Gauge(
             "weightcache_pipelines", "Pipelines by state", ["state"], registry=r
         )
+        self.warm_failures = Counter(
+            "weightcache_warm_failures",
+            "Warms (and re-registration attempts) that failed, by code",
+            ["code"],
+            registry=r,
+        )
+        self.warm_retries = Counter(
+            "weightcache_warm_retries",
+            "Automatic re-warms after a transient failure, by event (scheduled, started)",
+            ["event"],
+            registry=r,
+        )
+        self.invalid_checkpoints = Counter(
+            "weightcache_invalid_checkpoints",
+            "Fetched sources refused as not loadable, by code (invalid_checkpoint, no_weights)",
+            ["code"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "weightcache_reregistration_swaps",
+            "Re-registrations of a warm pipeline that became warm and took its place",
+            registry=r,
+        )
         self.loads = Counter("weightcache_loads", "Replica loads reported", registry=r)
         self.cold_start_stage_seconds = Histogram(
             "weightcache_cold_start_stage_seconds",

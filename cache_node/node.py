@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import anyio
 
 from api.schema import (
-    ErrorInfo,
     Lease,
     Manifest,
     ModelSpec,
@@ -28,10 +27,13 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
+from cache_node import restage
 from cache_node.access import TenantAccess
+from cache_node.checkpoint_check import check_checkpoint, check_file_list
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
+    InvalidCheckpoint,
     InvalidInput,
     NotFound,
     NotWarm,
@@ -53,7 +55,9 @@ from cache_node.registry import (
     PipelineRecord,
     Registry,
     ShardSet,
+    staged_job_key,
 )
+from cache_node.retry import RetryScheduler, RetryTarget, failure_info
 from cache_node.settings import NodeSettings
 from cache_node.shard_sets import is_current as shard_set_is_current
 from cache_node.shard_sets import write_shard_set
@@ -110,6 +114,14 @@ class CacheNode:
             self.registry, self.store, settings.eviction, evict=self._evict_record
         )
         self.store.make_room = self.make_room
+        self.retries = RetryScheduler(
+            settings.retry,
+            records=self.registry.all,
+            retry=self._retry,
+            clock=time.time,
+            each_pass=self._free_retired,
+        )
+        self._retry_task: asyncio.Task[None] | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -128,15 +140,25 @@ class CacheNode:
             if record.state == "warm" and not self._blobs_present(record):
                 record.state = "cold"
                 self._save(record)
+            if record.state == "warm":  # warmed by a version that did not check checkpoints
+                await self._recheck_checkpoint(record)
             if record.state in ("warming", "cold") and record.error is None:
                 with contextlib.suppress(WeightCacheError):
                     await self._start_warm(record)
+            pending = record.pending
+            if pending is not None and pending.state == "warming":
+                with contextlib.suppress(WeightCacheError):
+                    await self._start_warm(pending)
         self._update_gauges()
         self._watermark_task = asyncio.create_task(self._watermark_loop(), name="watermarks")
+        # failed pipelines whose retry_at passed while the node was down are retried now
+        self._retry_task = asyncio.create_task(self.retries.run(), name="retries")
 
     async def stop(self) -> None:
         if self._watermark_task is not None:
             self._watermark_task.cancel()
+        if self._retry_task is not None:
+            self._retry_task.cancel()
         for task in list(self._jobs.values()) + list(self._rewarming):
             task.cancel()
         self.fetcher.cancel_all()
@@ -165,7 +187,24 @@ class CacheNode:
             raise NotFound(f"no pipeline {pipeline_id!r}", pipeline=pipeline_id)
         return record
 
-    def _save(self, record: PipelineRecord) -> None:
+    def _save(self, record: PipelineRecord, *, with_pending: bool = False) -> None:
+        """Write ``record``; a staged one into its pipeline's ``pending`` slot (if it is still
+        the one there). A pipeline's own save keeps the stored ``pending`` and retired blobs
+        (a job's copy of them is stale) unless ``with_pending`` says it sets them itself."""
+        stored = self.registry.get(record.tenant, record.id)
+        if record.staged:
+            if (
+                stored is None
+                or stored.pending is None
+                or stored.pending.generation != record.generation
+            ):
+                return
+            stored.pending = record
+            record = stored
+        elif stored is not None and not with_pending:
+            record.pending = stored.pending
+            record.retired_blobs = stored.retired_blobs
+            record.retired_leases = stored.retired_leases
         self.registry.put(record)
         self._blob_tenants = None
 
@@ -178,31 +217,77 @@ class CacheNode:
             self.access.check_source(tenant, model, pipeline=pipeline_id)
         async with self._lock:
             existing = self.registry.get(tenant, pipeline_id)
-            if (
+            if existing is not None and existing.state == "warm":
+                # the warm version keeps serving; the new spec fills beside it (restage)
+                staged = self._stage(existing, spec)
+                if staged is None:
+                    return self.status_of(existing), existing.pending is not None
+                record = staged
+            elif (
                 existing is not None
                 and existing.spec == spec
                 and existing.state in ("warm", "warming")
             ):
                 return self.status_of(existing), False
-            record = PipelineRecord(id=pipeline_id, tenant=tenant, spec=spec)
-            if existing is not None:
-                record.registered_at = existing.registered_at
-                record.last_used_at = existing.last_used_at
-                record.generation = existing.generation + 1
-                if existing.spec.models == spec.models:
-                    record.models = existing.models
-            self._save(record)
+            else:
+                record = self._replace(existing, tenant, pipeline_id, spec)
         emit("pipeline.registered", tenant=tenant, pipeline=pipeline_id,
-             generation=record.generation, models=len(spec.models), tp_sizes=spec.tp_sizes)
+             generation=record.generation, models=len(spec.models), tp_sizes=spec.tp_sizes,
+             staged=record.staged)
         await self._start_warm(record)
         return self.status(tenant, pipeline_id), True
 
+    def _replace(
+        self, existing: PipelineRecord | None, tenant: str, pipeline_id: str, spec: PipelineSpec
+    ) -> PipelineRecord:
+        """A new record of ``spec`` in place of a pipeline that is not warm (a staged
+        re-registration beside it, if any, goes too: this spec is the newest)."""
+        record = PipelineRecord(id=pipeline_id, tenant=tenant, spec=spec)
+        if existing is not None:
+            record.registered_at = existing.registered_at
+            record.last_used_at = existing.last_used_at
+            record.generation = existing.generation + 1
+            if existing.pending is not None:
+                self._cancel_job(staged_job_key(existing.key))
+                record.generation = max(record.generation, existing.pending.generation + 1)
+            if existing.spec.models == spec.models:
+                record.models = existing.models
+        self._save(record, with_pending=True)
+        return record
+
+    def _stage(self, existing: PipelineRecord, spec: PipelineSpec) -> PipelineRecord | None:
+        """Stage ``spec`` beside the warm ``existing``; None when there is nothing to fill
+        (the warm spec again: a staged attempt, if any, is dropped; the one already filling)."""
+        pending = existing.pending
+        if pending is not None and pending.spec == spec and pending.state == "warming":
+            return None
+        if pending is not None:
+            self._cancel_job(staged_job_key(existing.key))
+        if existing.spec == spec:
+            if pending is not None:
+                existing.pending = None
+                self._save(existing, with_pending=True)
+                emit("pipeline.registration_dropped", tenant=existing.tenant,
+                     pipeline=existing.id, generation=pending.generation)
+                self._collect_orphans()
+            return None
+        attempt = restage.stage(existing, spec)
+        existing.pending = attempt
+        self._save(existing, with_pending=True)
+        return attempt
+
     async def warm(self, tenant: str, pipeline_id: str) -> PipelineStatus:
-        """Re-warm after eviction or failure; a no-op for a warm or warming pipeline."""
+        """Re-warm after eviction or failure (now, whatever ``retry_at`` says); a no-op for a
+        warm or warming pipeline, except that a failed re-registration beside a warm one is
+        tried again. A person asking starts the backoff afresh."""
         record = self._find(tenant, pipeline_id)
-        if record.state not in ("warm", "warming"):
-            await self._start_warm(record)
-        return self.status(record.tenant, pipeline_id)
+        target = record
+        if record.state == "warm" and record.pending is not None:
+            target = record.pending
+        if target.state not in ("warm", "warming"):
+            target.failures = 0
+            await self._start_warm(target)
+        return self.status(record.tenant, record.id)
 
     def status(self, tenant: str, pipeline_id: str) -> PipelineStatus:
         return self.status_of(self._find(tenant, pipeline_id))
@@ -218,6 +303,7 @@ class CacheNode:
         """Forget a pipeline and free the bytes no other pipeline references."""
         record = self._find(tenant, pipeline_id)
         self._cancel_job(record.key)
+        self._cancel_job(staged_job_key(record.key))
         self.registry.delete(record.tenant, record.id)
         self.load_history.forget(record.tenant, record.id)
         self._blob_tenants = None
@@ -234,7 +320,10 @@ class CacheNode:
 
     def _evict_record(self, record: PipelineRecord, reason: str) -> int:
         self._cancel_job(record.key)
+        self._cancel_job(staged_job_key(record.key))
         blobs = record.blobs()
+        restage.fold_pending(record)  # the newest registered spec is what a warm warms next
+        record.retired_blobs, record.retired_leases = {}, []
         record.state = "evicted"
         record.generation += 1  # a warm job still running must not write its record back
         record.evicted_reason = reason
@@ -245,7 +334,8 @@ class CacheNode:
         for shard_set in record.shards.values():
             shard_set.state = "pending"
             shard_set.ranks = []
-        self._save(record)  # metadata first: nothing points at a blob we are about to unlink
+        # metadata first: nothing points at a blob we are about to unlink
+        self._save(record, with_pending=True)
         freed = self._free_unreferenced(blobs)
         self.metrics.evictions.labels(reason).inc()
         self.metrics.evicted_bytes.labels(reason).inc(freed)
@@ -283,13 +373,13 @@ class CacheNode:
     # ------------------------------------------------------------------ warm jobs
     async def _start_warm(self, record: PipelineRecord) -> None:
         """Resolve and reserve now (so a 507 reaches the caller), then fill in the background."""
-        self._cancel_job(record.key)
+        self._cancel_job(record.job_key)
         record.state = "warming"
         record.error = None
         record.evicted_reason = None
         self._save(record)
         emit("warm.started", tenant=record.tenant, pipeline=record.id,
-             generation=record.generation)
+             generation=record.generation, staged=record.staged, attempt=record.failures + 1)
         try:
             prepared = await self._prepare(record)
         except WeightCacheError as exc:
@@ -302,14 +392,22 @@ class CacheNode:
             for origin in prepared.origins:
                 self._close_when_idle(origin)
             return
-        task = asyncio.create_task(self._fill(prepared), name=f"warm {record.key}")
-        self._jobs[record.key] = task
-        task.add_done_callback(lambda _: self._job_done(record.key, task))
+        job_key = record.job_key
+        task = asyncio.create_task(self._fill(prepared), name=f"warm {job_key}")
+        self._jobs[job_key] = task
+        task.add_done_callback(lambda _: self._job_done(job_key, task))
+
+    def _stored(self, record: PipelineRecord) -> PipelineRecord | None:
+        """The registry's copy of ``record`` (its pipeline, or the staged re-registration
+        beside it) if it is still that generation; None once evicted, deleted or replaced."""
+        stored = self.registry.get(record.tenant, record.id)
+        if stored is not None and record.staged:
+            stored = stored.pending
+        return stored if stored is not None and stored.generation == record.generation else None
 
     def _is_current(self, record: PipelineRecord) -> bool:
         """Whether ``record`` is still the registry's generation of its pipeline."""
-        current = self.registry.get(record.tenant, record.id)
-        return current is not None and current.generation == record.generation
+        return self._stored(record) is not None
 
     def _release_unused(self, prepared: _Prepared) -> None:
         """Give back the space of files the job never started to fetch."""
@@ -372,21 +470,29 @@ class CacheNode:
     def _fail(self, record: PipelineRecord, exc: WeightCacheError) -> None:
         if isinstance(exc, InsufficientStorage):
             self.metrics.insufficient_storage.inc()
-        current = self.registry.get(record.tenant, record.id)
-        if current is None or current.generation != record.generation:
+        current = self._stored(record)
+        if current is None:
             return
         record = current
         record.state = "failed"
-        retry_at = exc.details.get("retry_at")
-        record.error = ErrorInfo(
-            code=exc.code,
-            message=exc.message,
-            retry_at=float(retry_at) if retry_at is not None else None,
+        record.failures += 1
+        record.error = failure_info(
+            exc, failures=record.failures, settings=self.settings.retry, now=time.time()
         )
         self._save(record)
+        self.metrics.warm_failures.labels(exc.code).inc()
+        if isinstance(exc, InvalidCheckpoint):
+            self.metrics.invalid_checkpoints.labels(exc.code).inc()
         emit("warm.failed", level=logging.WARNING, tenant=record.tenant, pipeline=record.id,
-             code=exc.code, message=exc.message, retry_at=record.error.retry_at)
-        self._progress.pop(record.key, None)
+             code=exc.code, message=exc.message, retry_at=record.error.retry_at,
+             attempts=record.failures, staged=record.staged, action=record.error.action)
+        if record.error.retry_at is not None:
+            self.metrics.warm_retries.labels("scheduled").inc()
+            emit("warm.retry_scheduled", tenant=record.tenant, pipeline=record.id,
+                 code=exc.code, retry_at=record.error.retry_at, attempts=record.failures,
+                 staged=record.staged)
+            self.retries.wake()
+        self._progress.pop(record.job_key, None)
         self._collect_orphans()  # a failed re-registration leaves the old version's blobs
         self._update_gauges()
 
@@ -401,6 +507,8 @@ class CacheNode:
             models = []
             for model, origin in zip(record.spec.models, origins, strict=True):
                 snapshot = await self._resolve(model, origin)
+                # a source without loadable weights fails here, before any origin byte
+                check_file_list(model.name, (f.path for f in snapshot.files))
                 previous = self._verified_blobs(record, model, origin, snapshot)
                 models.append(
                     ModelEntry(
@@ -536,7 +644,7 @@ class CacheNode:
 
     async def _fill(self, prepared: _Prepared) -> None:
         record = prepared.record
-        self._progress.setdefault(record.key, {})
+        self._progress.setdefault(record.job_key, {})
         limiter = anyio.CapacityLimiter(_FILES_AT_ONCE)
         try:
             for _ in range(_FILL_ROUNDS):
@@ -553,12 +661,17 @@ class CacheNode:
                     break
             else:
                 raise WeightCacheError("blobs were freed while the pipeline was filling")
+            # nothing is warm that cannot be loaded: headers and indexes, from the verified blobs
+            await anyio.to_thread.run_sync(check_checkpoint, record.models, self.store.blob_path)
             await self._build_shards(record)
-            current = self.registry.get(record.tenant, record.id)
-            if current is None or current.generation != record.generation:
+            if not self._is_current(record):
+                return
+            if record.staged:
+                await self._promote(record)
                 return
             record.state = "warm"
             record.error = None
+            record.failures = 0
             self._save(record)
             emit("warm.finished", tenant=record.tenant, pipeline=record.id,
                  bytes_total=sum(f.size for m in record.models for f in m.files))
@@ -571,7 +684,7 @@ class CacheNode:
             self._release_unused(prepared)
             for origin in prepared.origins:
                 self._close_when_idle(origin)
-            self._progress.pop(record.key, None)
+            self._progress.pop(record.job_key, None)
             self._update_gauges()
 
     async def _fill_file(
@@ -585,7 +698,7 @@ class CacheNode:
     ) -> None:
         if file.blob and self.store.has(file.blob):
             return
-        progress = self._progress.setdefault(record.key, {})
+        progress = self._progress.setdefault(record.job_key, {})
         progress_key = f"{model.name}/{file.path}"
 
         def on_progress(nbytes: int) -> None:
@@ -612,8 +725,7 @@ class CacheNode:
                 raise
         file.blob = blob.sha256
         progress.pop(progress_key, None)
-        current = self.registry.get(record.tenant, record.id)
-        if current is not None and current.generation == record.generation:
+        if self._is_current(record):
             self._save(record)
 
     def _abandoned_fetch_done(self, fetching: asyncio.Future[BlobRecord]) -> None:
@@ -649,6 +761,66 @@ class CacheNode:
                 )
             self._save(record)
 
+    # ------------------------------------------------------------------ restage and retries
+    async def _promote(self, attempt: PipelineRecord) -> None:
+        """A staged re-registration is warm: it takes its pipeline's place in one write; the
+        old version's bytes are freed after, or once the leases live now end (restage)."""
+        async with self._lock:
+            main = self.registry.get(attempt.tenant, attempt.id)
+            if main is None or main.pending is None or (
+                main.pending.generation != attempt.generation
+            ):
+                return
+            self._cancel_job(main.key)  # a re-fill of the old version (after a quarantine)
+            record, free_now = restage.promote(
+                main, attempt, leases=self.registry.lease_ids(main.tenant, main.id)
+            )
+            self._save(record, with_pending=True)
+        self.metrics.swaps.inc()
+        emit("warm.finished", tenant=record.tenant, pipeline=record.id, staged=True,
+             generation=record.generation, retired_blobs=len(record.retired_blobs),
+             bytes_total=sum(f.size for m in record.models for f in m.files))
+        if free_now:
+            await anyio.to_thread.run_sync(lambda: self._free_unreferenced(free_now))
+
+    def _free_retired(self) -> None:
+        """Free the retired blobs of swapped pipelines whose pre-swap leases have all ended."""
+        for record in list(self.registry.all()):
+            if not record.retired_blobs:
+                continue
+            live = [lease for lease in record.retired_leases if self.registry.lease_alive(lease)]
+            freed = restage.expired_retirement(record, live=live)
+            if freed or live != record.retired_leases:
+                self.registry.put(record)
+                self._blob_tenants = None
+            if freed:
+                self._free_unreferenced(freed)
+                self._update_gauges()
+
+    async def _retry(self, target: RetryTarget) -> None:
+        """Start a due automatic re-warm, if the failure it was scheduled for still stands."""
+        main = self.registry.get(target.tenant, target.pipeline)
+        record = main.pending if main is not None and target.staged else main
+        if (
+            record is None
+            or record.generation != target.generation
+            or record.state != "failed"
+            or record.error is None
+            or record.error.retry_at is None
+        ):
+            return
+        self.metrics.warm_retries.labels("started").inc()
+        emit("warm.retrying", tenant=record.tenant, pipeline=record.id, staged=record.staged,
+             attempt=record.failures + 1, code=record.error.code)
+        with contextlib.suppress(WeightCacheError):  # a failure is recorded on the pipeline
+            await self._start_warm(record)
+
+    async def _recheck_checkpoint(self, record: PipelineRecord) -> None:
+        try:
+            await anyio.to_thread.run_sync(check_checkpoint, record.models, self.store.blob_path)
+        except InvalidCheckpoint as exc:
+            self._fail(record, exc)
+
     def _blobs_present(self, record: PipelineRecord) -> bool:
         return all(
             f.blob is not None and self.store.has(f.blob) for m in record.models for f in m.files
@@ -659,6 +831,26 @@ class CacheNode:
 
     # ------------------------------------------------------------------ status
     def status_of(self, record: PipelineRecord) -> PipelineStatus:
+        status = self._status_of(record)
+        attempt = record.pending
+        if attempt is not None:
+            shown = restage.attempt_status(attempt, progress=self._progress_of(attempt))
+            if attempt.state == "failed":
+                status.last_attempt = shown
+            else:
+                status.pending = shown
+        return status
+
+    def _progress_of(self, record: PipelineRecord) -> float:
+        if record.state == "warm":
+            return 1.0
+        total = sum(m.bytes_total for m in record.models)
+        done = sum(
+            f.size for m in record.models for f in m.files if f.blob and self.store.has(f.blob)
+        ) + sum(self._progress.get(record.job_key, {}).values())
+        return min(1.0, done / total) if total else 0.0
+
+    def _status_of(self, record: PipelineRecord) -> PipelineStatus:
         progress = self._progress.get(record.key, {})
         bytes_total = sum(m.bytes_total for m in record.models)
         committed = sum(
@@ -758,7 +950,7 @@ class CacheNode:
         # A warm pipeline must have every blob: the ones that lost this one are cold until
         # it is fetched again, which starts now (start() does it for a node not yet running).
         for record in list(self.registry.all()):
-            if record.state == "warm" and sha256 in record.blobs():
+            if record.state == "warm" and sha256 in record.own_blobs():
                 record.state = "cold"
                 self._save(record)
                 self._rewarm_soon(record.key)
@@ -787,7 +979,7 @@ class CacheNode:
         """What rank ``rank`` of a TP-``tp_size`` replica reads; counts as a use."""
         record = self._find(tenant, pipeline_id)
         if record.state != "warm":
-            raise NotWarm(f"pipeline {pipeline_id!r} is {record.state}", state=record.state)
+            raise _not_warm(record)
         manifest = self.manifests.build(record, tp_size=tp_size, rank=rank)
         record.last_used_at = time.time()
         record.loads += 1
@@ -798,7 +990,7 @@ class CacheNode:
         """Every origin file of a warm pipeline with its blob (to materialise it on disk)."""
         record = self._find(tenant, pipeline_id)
         if record.state != "warm":
-            raise NotWarm(f"pipeline {pipeline_id!r} is {record.state}", state=record.state)
+            raise _not_warm(record)
         return self.manifests.files(record)
 
     def create_lease(self, tenant: str, pipeline_id: str) -> Lease:
@@ -820,6 +1012,7 @@ class CacheNode:
         if lease is None or tenant not in (lease.tenant, ADMIN_TENANT):
             raise NotFound("no such lease")
         self.registry.delete_lease(lease_id)
+        self._free_retired()  # the last pre-swap lease of a re-registered pipeline frees bytes
 
     def authorize_blob(self, tenant: str, sha256: str) -> BlobRecord:
         """The blob's record if a pipeline of ``tenant`` references it; NotFound otherwise (I7)."""
@@ -847,6 +1040,18 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
+
+
+def _not_warm(record: PipelineRecord) -> NotWarm:
+    """409 not_warm; for a failed pipeline it carries the failure's code as ``reason``, so a
+    replica's load can say why (``invalid_checkpoint``, ``no_weights``, ...)."""
+    if record.state == "failed" and record.error is not None:
+        return NotWarm(
+            f"pipeline {record.id!r} is failed: {record.error.code}: {record.error.message}",
+            state=record.state,
+            reason=record.error.code,
+        )
+    return NotWarm(f"pipeline {record.id!r} is {record.state}", state=record.state)
 
 
 def _validate_spec(spec: PipelineSpec) -> None:

@@ -90,16 +90,39 @@ class PipelineRecord(BaseModel):
     evicted_reason: str | None = None
     loads: int = 0  # manifests served: the policy's frequency signal
     generation: int = 0  # bumped on every (re-)registration, so stale warm jobs stop
+    failures: int = 0  # failed warms in a row of this spec: the retry backoff's exponent
+    # A re-registration of a warm pipeline fills here (``staged`` set on it) while this
+    # version keeps serving; it takes this one's place once warm (``cache_node.restage``).
+    staged: bool = False
+    pending: PipelineRecord | None = None
+    # Blobs of the version a swap replaced, kept while the leases taken before it live:
+    # a replica may be reading the old manifest's bytes.
+    retired_blobs: dict[str, int] = Field(default_factory=dict)
+    retired_leases: list[str] = Field(default_factory=list)
 
     @property
     def key(self) -> str:
         return pipeline_key(self.tenant, self.id)
 
-    def blobs(self) -> dict[str, int]:
-        """Every blob this pipeline references (files and shards), with sizes."""
+    @property
+    def job_key(self) -> str:
+        """The key of this version's warm job (a staged re-registration has its own)."""
+        return staged_job_key(self.key) if self.staged else self.key
+
+    def own_blobs(self) -> dict[str, int]:
+        """The blobs of this version (files and shards), with sizes."""
         referenced = {f.blob: f.size for m in self.models for f in m.files if f.blob}
         for shard_set in self.shards.values():
             referenced.update({r.blob: r.size for r in shard_set.ranks})
+        return referenced
+
+    def blobs(self) -> dict[str, int]:
+        """Every blob this pipeline references: its own, a pending re-registration's and the
+        retired ones still leased (what must not be freed while it exists), with sizes."""
+        referenced = self.own_blobs()
+        if self.pending is not None:
+            referenced.update(self.pending.own_blobs())
+        referenced.update(self.retired_blobs)
         return referenced
 
 
@@ -112,6 +135,11 @@ class LeaseRecord(BaseModel):
 
 def pipeline_key(tenant: str, pipeline_id: str) -> str:
     return f"{tenant}/{pipeline_id}"
+
+
+def staged_job_key(key: str) -> str:
+    """The warm-job key of a pipeline's staged re-registration (``#`` is never in an id)."""
+    return f"{key}#pending"
 
 
 class Registry:
@@ -176,3 +204,19 @@ class Registry:
             pkey = pipeline_key(lease.tenant, lease.pipeline)
             counts[pkey] = counts.get(pkey, 0) + 1
         return counts
+
+    def lease_ids(self, tenant: str, pipeline_id: str, *, now: float | None = None) -> list[str]:
+        """The unexpired leases on one pipeline."""
+        now = time.time() if now is None else now
+        return [
+            lease.lease_id
+            for _, raw in self.meta.scan("lease:")
+            if (lease := LeaseRecord.model_validate(raw)).expires_at > now
+            and lease.tenant == tenant
+            and lease.pipeline == pipeline_id
+        ]
+
+    def lease_alive(self, lease_id: str, *, now: float | None = None) -> bool:
+        """Whether this lease exists and has not expired."""
+        lease = self.get_lease(lease_id)
+        return lease is not None and lease.expires_at > (time.time() if now is None else now)

@@ -87,6 +87,19 @@ class FetchSettings(BaseSettings):
     negative_cache_s: float = Field(default=30.0, ge=0)
 
 
+class RetrySettings(BaseSettings):
+    """Automatic re-warms after a transient failure: ``base_s`` doubling up to ``cap_s``."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_RETRY_", extra="forbid")
+
+    enabled: bool = True
+    base_s: float = Field(default=30.0, gt=0)
+    cap_s: float = Field(default=3600.0, gt=0)
+    # How often the scheduler looks at the registry even when nothing is due (another node of
+    # the region, or an operator, may have changed it).
+    poll_s: float = Field(default=60.0, gt=0)
+
+
 class EvictionSettings(BaseSettings):
     """When and how far the node evicts."""
 
@@ -127,6 +140,7 @@ class NodeSettings(BaseSettings):
     hf: HFSettings = Field(default_factory=HFSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     eviction: EvictionSettings = Field(default_factory=EvictionSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> NodeSettings:

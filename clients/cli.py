@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -171,13 +172,31 @@ def cmd_register(args: argparse.Namespace) -> int:
         if not args.wait:
             print(f"{status.id}: {status.state}")
             return 0 if status.state != "failed" else 1
-        try:
-            final = wait_with_progress(client, args.id)
-        except WarmFailed as exc:
-            print(f"{args.id}: failed: {exc.code}: {exc.message}", file=sys.stderr)
-            return EXIT_FAILURE
-        print(f"{final.id}: warm ({final.bytes_total:,} bytes)")
-        return 0
+        return _wait_for_new_spec(client, args.id)
+
+
+def _wait_for_new_spec(client: Client, pipeline_id: str) -> int:
+    """Wait until the registered spec is warm: 0, or 1 with the reason when it failed.
+
+    A re-registration of a warm pipeline fills beside it (``pending``) while ``state`` stays
+    ``warm``; it has its outcome when ``pending`` is gone: swapped in, or ``last_attempt``.
+    """
+    try:
+        final = wait_with_progress(client, pipeline_id)
+        while final.pending is not None:
+            time.sleep(0.2)
+            final = client.status(pipeline_id)
+    except WarmFailed as exc:
+        print(f"{pipeline_id}: failed: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    if final.last_attempt is not None:
+        error = final.last_attempt.error
+        reason = f"{error.code}: {error.message}" if error else final.last_attempt.state
+        print(f"{pipeline_id}: the new spec failed ({reason}); the previous one stays warm",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{final.id}: warm ({final.bytes_total:,} bytes)")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -197,6 +216,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(payload, indent=2))
         else:
             print_status_table(statuses)
+    return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    """Re-warm now: after an eviction, or a failure (whatever its ``retry_at`` says)."""
+    with _client(args) as client:
+        status = client.warm(args.id)
+        if args.wait:
+            return _wait_for_new_spec(client, args.id)
+    note = " (re-registration filling)" if status.pending else ""
+    print(f"{status.id}: {status.state}{note}")
     return 0
 
 
@@ -407,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("command", nargs="*", help="the engine command, after --")
     launch.set_defaults(func=cmd_launch)
+
+    warm = command("warm", help="re-warm a pipeline now (after eviction or failure)")
+    warm.add_argument("id")
+    warm.add_argument("--wait", action="store_true", help="show progress until warm")
+    warm.set_defaults(func=cmd_warm)
 
     for name, func, text in (
         ("evict", cmd_evict, "free a pipeline's bytes"),

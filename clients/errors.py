@@ -97,12 +97,22 @@ class NotFoundError(ApiError, LookupError):
 
 
 class NotWarmError(ApiError):
-    """409 ``not_warm``: nothing to stream yet; ``state`` says where the pipeline is."""
+    """409 ``not_warm``: nothing to stream yet; ``state`` says where the pipeline is, and
+    ``reason`` the code of its failure when it failed (``invalid_checkpoint``, ...)."""
 
     @property
     def state(self) -> str | None:
         state = self.details.get("state")
         return str(state) if state is not None else None
+
+    @property
+    def reason(self) -> str | None:
+        reason = self.details.get("reason")
+        return str(reason) if reason else None
+
+    @property
+    def code(self) -> str:
+        return self.reason or super().code
 
 
 class ConflictError(ApiError):

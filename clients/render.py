@@ -47,11 +47,19 @@ def _detail(status: PipelineStatus) -> str:
         detail = f"{status.error.code}: {status.error.message}"
         if status.error.retry_at:
             retry = datetime.fromtimestamp(status.error.retry_at).strftime("%H:%M:%S")
-            detail += f" (retry {retry})"
-        return detail
-    if status.evicted_reason:
-        return f"evicted: {status.evicted_reason}"
-    return ""
+            detail += f" (retry {retry}, attempt {status.error.attempts or 1})"
+        else:
+            detail += " (waits for a person: weightcache warm ID)"
+    elif status.evicted_reason:
+        detail = f"evicted: {status.evicted_reason}"
+    else:
+        detail = ""
+    if status.pending is not None:
+        detail = f"new spec filling {status.pending.progress * 100:.0f}% {detail}".strip()
+    elif status.last_attempt is not None and status.last_attempt.error is not None:
+        error = status.last_attempt.error
+        detail = f"new spec failed: {error.code}: {error.message} {detail}".strip()
+    return detail
 
 
 def _sizes(cached: int, total: int) -> str:

@@ -4,6 +4,7 @@ The tree::
 
     LoaderError(ClientError)             base of every error the loader raises on purpose
     ├── HeaderError(ValueError)          a malformed or unsupported safetensors header
+    ├── NoWeightsError                   the manifest holds no tensors: nothing to load
     ├── SourceError(OSError)             bytes could not be read: a missing blob file, a short
     │   │                                read, or every base URL failed for a range
     │   └── RangeResponseError           a server answered a range request wrongly (status,
@@ -26,6 +27,7 @@ __all__ = [
     "HeaderError",
     "IntegrityError",
     "LoaderError",
+    "NoWeightsError",
     "NotWarmError",
     "RangeResponseError",
     "ServerError",
@@ -51,6 +53,10 @@ class HeaderError(LoaderError, ValueError):
     """A safetensors header that is malformed, truncated, inconsistent or unsupported."""
 
 
+class NoWeightsError(LoaderError):
+    """The manifest holds no tensors: a load that would deliver nothing is an error."""
+
+
 class SourceError(LoaderError, OSError):
     """Bytes could not be read from any source (file missing or short, all URLs failed)."""
 
@@ -68,4 +74,5 @@ _CODES = {
     "SourceError": "source_error",
     "RangeResponseError": "bad_range_response",
     "IntegrityError": "integrity_error",
+    "NoWeightsError": "no_weights",
 }

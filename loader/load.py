@@ -29,7 +29,7 @@ import torch
 
 from api.schema import Lease, Manifest, ManifestFile, ManifestTensor
 from clients.errors import raise_for_status
-from loader.errors import LoaderError
+from loader.errors import LoaderError, NoWeightsError
 from loader.layout import plan_layout, tensor_view
 from loader.ranges import BlobDigests
 from loader.sinks import CpuSink, RingSink
@@ -265,6 +265,12 @@ class RankSession:
         )
         self._manifest = Manifest.model_validate_json(response.content)
         self.report.manifest_s = time.perf_counter() - mark
+        if not self._manifest.tensors:
+            # a pipeline with no weight tensors never "loads": nothing would reach the device
+            raise NoWeightsError(
+                f"{self.pipeline}: the manifest of tp_size={self.tp_size} rank={self.rank} "
+                "holds no tensors"
+            )
         data_urls = self._data_urls or _advertised_data_urls(client, url, headers)
         remote = HttpRangeSource(list(data_urls), token=self.token)
         self._source = (

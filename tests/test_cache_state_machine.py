@@ -180,7 +180,7 @@ class CacheMachine(RuleBasedStateMachine):
         for _ in range(100_000):
             busy = [
                 t for t in asyncio.all_tasks()
-                if t is not me and t.get_name() != "watermarks" and not t.done()
+                if t is not me and t.get_name() not in ("watermarks", "retries") and not t.done()
             ]
             if not busy:
                 return

@@ -10,7 +10,6 @@ reason, and a screenshot is saved to ``test-artifacts/dashboard.png``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from loader.load import load
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 from tests.fixtures.tiny_llama import make_tiny_llama
+from tests.fixtures.weights import safetensors_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -62,18 +62,21 @@ def _hub_repos(hub: FixtureHub) -> None:
     # Every file of the ASR model stalls halfway through its first GET for STALL_S seconds:
     # four files fill at a time, so the pipeline warms in steps over several seconds.
     asr = {
-        f"model-{i:02d}-fault-stall.safetensors": os.urandom(192 * KiB)
+        f"model-{i:02d}-fault-stall.safetensors": safetensors_bytes(192 * KiB)
         for i in range(STALLED_FILES)
     }
     asr["config.json"] = json.dumps({"model_type": "whisper"}).encode()
     hub.add_repo("acme/whisper-tiny", asr)
     hub.add_repo(
         "acme/tts-tiny",
-        {"model.safetensors": os.urandom(256 * KiB), "config.json": b'{"model_type": "vits"}'},
+        {
+            "model.safetensors": safetensors_bytes(256 * KiB),
+            "config.json": b'{"model_type": "vits"}',
+        },
     )
     hub.add_repo(
         "acme/summarizer",
-        {"model-fault-500.safetensors": os.urandom(64 * KiB), "config.json": b"{}"},
+        {"model-fault-500.safetensors": safetensors_bytes(64 * KiB), "config.json": b"{}"},
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
+from tests.fixtures.weights import write_weights
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +116,11 @@ def test_symlinks_in_a_local_source_are_not_followed(node: RunningNode, tmp_path
     secret.write_text('{"secret": true}')
     os.symlink(secret, models / "config.json")
     (models / "tokenizer.json").write_text("{}")
+    write_weights(models)
     with node.client() as c:
         body = {"models": [{"name": "m", "source": f"file://{models}"}]}
         c.put("/v1/pipelines/linked", json=body)
         status = wait_for_state(c, "linked", {"warm", "failed"})
         assert status["state"] == "warm"
         files = c.get("/v1/pipelines/linked/files").json()["files"]
-        assert [f["path"] for f in files] == ["tokenizer.json"]
+        assert [f["path"] for f in files] == ["model.safetensors", "tokenizer.json"]

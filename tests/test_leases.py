@@ -6,12 +6,14 @@ import time
 from pathlib import Path
 
 from tests.fixtures.node_server import running_node, wait_for_state
+from tests.fixtures.weights import write_weights
 
 
 def test_lease_lifecycle_and_expiry(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
     (source / "config.json").write_text("{}")
+    write_weights(source)
     with running_node(data_dir=tmp_path / "data", lease_ttl_s=1.0) as node, node.client() as c:
         c.put("/v1/pipelines/p", json={"models": [{"name": "m", "source": f"file://{source}"}]})
         wait_for_state(c, "p", {"warm"})

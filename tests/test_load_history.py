@@ -10,6 +10,7 @@ from cache_node.load_history import LoadHistory, history_key
 from cache_node.metadata import DiskcacheKeyValue
 from cache_node.metrics import NodeMetrics
 from tests.fixtures.node_server import running_node, wait_for_state
+from tests.fixtures.weights import write_weights
 
 
 def _report(total: float, **fields: object) -> LoadReport:
@@ -46,6 +47,7 @@ def test_a_tenant_reports_and_reads_only_its_own_pipelines_loads(tmp_path: Path)
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
+    write_weights(model)
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"tok-a": "team-a", "tok-b": "team-b", "tok-ops": "admin"}))
     body = {"bytes": 10, "stages": {"total": 0.5}, "gbps": 2.0, "device": "cuda:0"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,13 +12,14 @@ import pytest
 
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import running_node, wait_for_state
+from tests.fixtures.weights import safetensors_bytes
 
 MiB = 1024 * 1024
 
 
 def _model_files(*, weights: str = "model.safetensors", size: int = 3 * MiB) -> dict[str, bytes]:
     return {
-        weights: os.urandom(size),
+        weights: safetensors_bytes(size),
         "config.json": json.dumps({"model_type": "bert"}).encode(),
         "tokenizer.json": b'{"version": "1.0"}',
     }
@@ -116,7 +116,9 @@ def test_gated_model_without_token_fails_unauthorized(tmp_path: Path, hf_hub: Fi
 
 
 def test_transient_503s_are_retried(tmp_path: Path, hf_hub: FixtureHub) -> None:
-    hf_hub.add_repo("org/flaky", _model_files(weights="model-fault-503x2.safetensors", size=MiB))
+    # one part (under part_size) so that the GETs counted are the attempts of one request
+    files = _model_files(weights="model-fault-503x2.safetensors", size=MiB // 2)
+    hf_hub.add_repo("org/flaky", files)
     with _node(tmp_path, hf_hub) as node, node.client() as c:  # type: ignore[attr-defined]
         c.put("/v1/pipelines/f", json={"models": [{"name": "m", "source": "hf://org/flaky"}]})
         assert wait_for_state(c, "f", {"warm", "failed"})["state"] == "warm"

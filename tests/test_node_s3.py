@@ -20,6 +20,7 @@ import httpx
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.node_server import free_port, running_node, wait_for_state
+from tests.fixtures.weights import safetensors_bytes
 
 MiB = 1024 * 1024
 
@@ -47,7 +48,7 @@ def _fetch(**overrides: Any) -> dict[str, Any]:
 def test_64_concurrent_registrations_fetch_each_object_once(
     tmp_path: Path, seaweed: SeaweedServer, bucket: str, proxy: CountingProxy
 ) -> None:
-    files = {"model.safetensors": os.urandom(6 * MiB), "config.json": b'{"model_type": "x"}'}
+    files = {"model.safetensors": safetensors_bytes(6 * MiB), "config.json": b'{"model_type": "x"}'}
     _upload(seaweed, bucket, files, sums=True)
     proxy.reset_counts()
     settings = {"data_dir": tmp_path / "d", "s3": _s3(proxy, seaweed), "fetch": _fetch()}
@@ -69,7 +70,7 @@ def test_64_concurrent_registrations_fetch_each_object_once(
 def test_mismatching_declared_digest_fails_with_integrity_error(
     tmp_path: Path, seaweed: SeaweedServer, bucket: str, proxy: CountingProxy
 ) -> None:
-    weights = os.urandom(2 * MiB)
+    weights = safetensors_bytes(2 * MiB)
     seaweed.put(bucket, "m/model.safetensors", weights)
     seaweed.put(bucket, "m/SHA256SUMS", f"{'0' * 64}  model.safetensors\n".encode())
     settings = {"data_dir": tmp_path / "d", "s3": _s3(proxy, seaweed), "fetch": _fetch()}
@@ -85,7 +86,7 @@ def test_mismatching_declared_digest_fails_with_integrity_error(
 def test_larger_than_capacity_is_507_before_any_origin_byte(
     tmp_path: Path, seaweed: SeaweedServer, bucket: str, proxy: CountingProxy
 ) -> None:
-    _upload(seaweed, bucket, {"model.safetensors": os.urandom(3 * MiB)}, sums=False)
+    _upload(seaweed, bucket, {"model.safetensors": safetensors_bytes(3 * MiB)}, sums=False)
     proxy.reset_counts()
     settings = {
         "data_dir": tmp_path / "d",
@@ -128,7 +129,7 @@ def _serve(data_dir: Path, port: int, proxy: CountingProxy, seaweed: SeaweedServ
 def test_kill_9_mid_fill_then_restart_resumes_without_refetching(
     tmp_path: Path, seaweed: SeaweedServer, bucket: str, proxy: CountingProxy
 ) -> None:
-    weights = os.urandom(48 * MiB)
+    weights = safetensors_bytes(48 * MiB)
     key = f"/{bucket}/m/model.safetensors"
     _upload(seaweed, bucket, {"model.safetensors": weights}, sums=True)
     expected = hashlib.sha256(weights).hexdigest()
