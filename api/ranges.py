@@ -91,7 +91,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if header is None:
         return None
-    specs = _specs(header)
+    specs = _specs(header.strip(" \t"))  # a field value's own OWS is not part of it
     if specs is None or len(specs) != 1:
         return None
     first, last = specs[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import select
 import signal
@@ -234,7 +235,13 @@ def _error(
     status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
 ) -> web.Response:
     body = {"error": {"code": code, "message": message, **details}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(body, status=status, headers=headers, dumps=_json)
+
+
+def _json(value: Any) -> str:
+    # Byte for byte the API's error bodies (Starlette's JSONResponse): the same answer on
+    # both ports down to its Content-Length.
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------- processes

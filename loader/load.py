@@ -54,6 +54,9 @@ class LoadReport:
     manifest_s: float = 0.0
     total_s: float = 0.0
     stream: StreamReport = field(default_factory=StreamReport)
+    #: Ranges read from the node's API URL because its data plane failed, and why.
+    fallback_reads: int = 0
+    fallback_reason: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -75,6 +78,8 @@ class LoadReport:
             "lease_s": self.lease_s,
             "manifest_s": self.manifest_s,
             "total_s": self.total_s,
+            "fallback_reads": self.fallback_reads,
+            "fallback_reason": self.fallback_reason,
             **self.stream.as_dict(),
         }
 
@@ -159,7 +164,8 @@ def load(
     ``url`` defaults to ``WEIGHTCACHE_URL`` or :data:`DEFAULT_URL`, ``token`` to
     ``WEIGHTCACHE_TOKEN``. Bytes come from ``local_dir`` (a node data dir on this host) for the
     blobs found there, else by HTTP range requests spread over ``data_urls`` (default: the data
-    plane URL the node advertises, else ``url``), failing over between them. ``verify`` checks
+    plane URL the node advertises, else ``url``), failing over between them, and to ``url``
+    once they all fail (``report.fallback_reads`` says how many ranges did). ``verify`` checks
     every byte against the manifest's chunk digests. The lease is released whatever happens.
     Raises :class:`NotWarmError` when the pipeline is not warm, :class:`ServerError` for other
     refusals, ``SourceError`` or ``IntegrityError`` when the bytes cannot be had intact.
@@ -187,7 +193,9 @@ def load(
             manifest = Manifest.model_validate_json(response.content)
             report.manifest_s = time.perf_counter() - mark
             data_urls = data_urls or _advertised_data_urls(client, url, headers)
-            remote = HttpRangeSource(list(data_urls), token=token)
+            # The API serves the same verified bytes: the fallback when the data plane fails.
+            fallback = [url] if url not in data_urls else []
+            remote = HttpRangeSource(list(data_urls), token=token, fallback_urls=fallback)
             source: Source = (
                 RoutingSource(LocalFileSource(local_dir), remote) if local_dir else remote
             )
@@ -199,6 +207,8 @@ def load(
                 workers=workers,
                 request_size=request_size,
             )
+            report.fallback_reads = remote.fallback_reads
+            report.fallback_reason = remote.fallback_reason if remote.fallback_reads else None
         finally:
             _release(client, f"{url}/v1/leases/{lease.lease_id}", headers)
     finally:
