@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.blob_stream import StreamSlots
 from api.errors import install_error_handlers
 from api.routes import blobs, dashboard, loads, pipelines, replicas
 from api.routes import node as node_routes
+from cache_node.data_plane_supervisor import DataPlane, DataPlaneCollector
 from cache_node.node import VERSION, CacheNode
 from cache_node.settings import NodeSettings
 
 
-def create_app(settings: NodeSettings, *, node: CacheNode | None = None) -> FastAPI:
-    """The app; the node starts (reconcile, resume warm jobs) with the app's lifespan."""
+def create_app(
+    settings: NodeSettings,
+    *,
+    node: CacheNode | None = None,
+    data_plane: DataPlane | None = None,
+) -> FastAPI:
+    """The app; the node starts (reconcile, resume warm jobs) with the app's lifespan.
+
+    ``data_plane``, the supervised workers ``serve`` started, joins ``/readyz`` and
+    ``/metrics``; the data plane's byte counters are in ``/metrics`` either way.
+    """
     cache_node = node or CacheNode(settings)
 
     @asynccontextmanager
@@ -29,6 +41,13 @@ def create_app(settings: NodeSettings, *, node: CacheNode | None = None) -> Fast
     app = FastAPI(title="weightcache", version=VERSION, lifespan=lifespan)
     app.state.node = cache_node
     app.state.load_history = cache_node.load_history
+    app.state.blob_streams = StreamSlots(settings.limits, cache_node.metrics)
+    #: Each returns None, or why the node should not take traffic ({"code", "message"}).
+    app.state.readiness_checks = []
+    with contextlib.suppress(ValueError):  # already registered: an app made twice for a node
+        cache_node.metrics.registry.register(DataPlaneCollector(settings, data_plane))
+    if data_plane is not None:
+        app.state.readiness_checks.append(data_plane.readiness)
     install_error_handlers(app)
     for router in (
         pipelines.router,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cache_node.errors import WeightCacheError
+from cache_node.errors import Overloaded, WeightCacheError
 
 log = logging.getLogger("weightcache.api")
 
@@ -20,15 +21,21 @@ def error_response(status: int, code: str, message: str, **details: object) -> J
     )
 
 
+def error_headers(exc: WeightCacheError) -> dict[str, str]:
+    """Headers an error answer carries on either port: the auth challenge, ``Retry-After``."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return headers
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to the contract's body; never a bare 500 page."""
 
     @app.exception_handler(WeightCacheError)
     async def _weightcache(_: Request, exc: WeightCacheError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         response = error_response(exc.http_status, exc.code, exc.message, **exc.details)
-        if headers:
-            response.headers.update(headers)
+        response.headers.update(error_headers(exc))
         return response
 
     @app.exception_handler(RequestValidationError)

@@ -5,13 +5,17 @@ aiohttp worker processes listen on one port (``SO_REUSEPORT``: the kernel spread
 over them) and hand each verified range to the kernel with ``sendfile``, so the bytes go from
 the page cache to the socket without entering Python. Semantics match the FastAPI route: the
 bearer token names the tenant (401 otherwise), a blob is visible only through a pipeline of the
-caller's tenant (the admin tenant sees every referenced blob; 404 otherwise), ``Range`` gives
-206 with ``Content-Range`` or 416, and the chunks covering a range are checked against their
-digests before the headers go out: a mismatch quarantines the blob and answers 502 (I2).
+caller's tenant (the admin tenant sees every referenced blob; 404 otherwise), status and
+headers come from the same :func:`api.ranges.plan_blob_response` (200, 206 or 416; HEAD), and
+the chunks covering a range are checked against their digests before the headers go out: a
+mismatch quarantines the blob and answers 502 (I2).
 
 Each worker opens the node's metadata (SQLite, safe across processes) and blob store itself and
-only reads them, apart from quarantining a bad blob. ``weightcache serve`` starts it beside the
-API; ``python -m cache_node.data_plane --port P --workers N`` runs it alone.
+only reads them, apart from quarantining a bad blob. A blob is authorised with one read of the
+registry's blob index, so a flood of 404s costs no scan. Each worker counts what it serves in
+its slot of :mod:`cache_node.worker_stats` (shared memory the node reads for ``/metrics``).
+``weightcache serve`` starts and supervises the workers (:mod:`cache_node.data_plane_supervisor`);
+``python -m cache_node.data_plane --port P --workers N`` runs them alone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
+import json
 import os
 import select
 import signal
@@ -27,78 +31,78 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from api.ranges import RangeNotSatisfiable, parse_range
+from api.errors import error_headers
+from api.ranges import plan_blob_response
 from cache_node.errors import NotFound, Unauthorized, WeightCacheError
-from cache_node.metadata import DiskcacheKeyValue
+from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.registry import Registry
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobStore, check_sha256
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
+from cache_node.worker_stats import WorkerStats, reset_stats_dir
 
-__all__ = ["BlobIndex", "create_app", "run_data_plane", "stop_data_plane"]
+__all__ = [
+    "create_app",
+    "run_data_plane",
+    "start_worker",
+    "stats_dir",
+    "stop_data_plane",
+    "wait_ready",
+]
 
-#: How stale the tenant → blobs index may get (a deleted pipeline stops granting access then).
-INDEX_MAX_AGE_S = 5.0
 _START_TIMEOUT_S = 60.0
 
 
-class BlobIndex:
-    """Which tenants' pipelines reference each blob, cached per process.
+def stats_dir(settings: NodeSettings) -> Path:
+    """Where the workers of a node's data plane keep their counters."""
+    return settings.data_dir / "data-plane"
 
-    Rebuilt when older than ``max_age_s`` and whenever a lookup misses, so a pipeline registered
-    a moment ago is served at once; concurrent misses share one rebuild.
-    """
 
-    def __init__(self, registry: Registry, *, max_age_s: float = INDEX_MAX_AGE_S) -> None:
-        self.registry = registry
-        self.max_age_s = max_age_s
-        self._tenants: dict[str, set[str]] = {}
-        self._built_at = -math.inf  # monotonic time the last scan started
-        self._lock = asyncio.Lock()
+class _CountingMeta:
+    """The worker's metadata, counting every record it reads (into its stats slot)."""
 
-    async def allows(self, tenant: str, sha256: str) -> bool:
-        """Whether a pipeline of ``tenant`` (any pipeline, for the admin) references the blob."""
-        asked_at = time.monotonic()
-        if asked_at - self._built_at > self.max_age_s:
-            await self._rebuild(asked_at)
-        if self._allowed(tenant, sha256):
-            return True
-        await self._rebuild(asked_at)
-        return self._allowed(tenant, sha256)
+    def __init__(self, meta: KeyValue, stats: WorkerStats | None) -> None:
+        self._meta = meta
+        self._stats = stats
 
-    def _allowed(self, tenant: str, sha256: str) -> bool:
-        tenants = self._tenants.get(sha256, set())
-        return tenant in tenants or (tenant == ADMIN_TENANT and bool(tenants))
+    def _count(self) -> None:
+        if self._stats is not None:
+            self._stats.add("meta_reads")
 
-    async def _rebuild(self, asked_at: float) -> None:
-        async with self._lock:
-            if self._built_at >= asked_at:
-                return  # a scan that started after this request already ran
-            started = time.monotonic()
-            self._tenants = await asyncio.to_thread(self._scan)
-            self._built_at = started
+    def get(self, key: str) -> dict[str, Any] | None:
+        self._count()
+        return self._meta.get(key)
 
-    def _scan(self) -> dict[str, set[str]]:
-        index: dict[str, set[str]] = {}
-        for record in self.registry.all():
-            for sha256 in record.blobs():
-                index.setdefault(sha256, set()).add(record.tenant)
-        return index
+    def set(self, key: str, value: dict[str, Any]) -> None:
+        self._meta.set(key, value)
+
+    def delete(self, key: str) -> None:
+        self._meta.delete(key)
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for item in self._meta.scan(prefix):
+            self._count()
+            yield item
+
+    def close(self) -> None:
+        self._meta.close()
 
 
 class _Plane:
-    """What one worker process holds: tokens, metadata, store, index."""
+    """What one worker process holds: tokens, metadata, store, registry, counters."""
 
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(self, settings: NodeSettings, *, slot: int | None = None) -> None:
         self.tokens = settings.load_tokens()
         self.meta = DiskcacheKeyValue(settings.data_dir / "meta")
         self.store = BlobStore(settings.data_dir, capacity=settings.capacity, meta=self.meta)
-        self.index = BlobIndex(Registry(self.meta))
+        self.stats = WorkerStats(stats_dir(settings), slot) if slot is not None else None
+        self.registry = Registry(_CountingMeta(self.meta, self.stats))
 
     def tenant_for(self, authorization: str | None) -> str | None:
         if self.tokens is None:
@@ -108,20 +112,36 @@ class _Plane:
             return None
         return self.tokens.get(value.strip())
 
+    def allows(self, tenant: str, sha256: str) -> bool:
+        """Whether a pipeline of ``tenant`` (any pipeline, for the admin) references the blob:
+        one read of the registry's blob index, kept up to date by the node on every save."""
+        self.count("blob_lookups")
+        tenants = self.registry.blob_tenants(sha256)
+        return tenant in tenants or (tenant == ADMIN_TENANT and bool(tenants))
+
+    def count(self, name: str, amount: int = 1) -> None:
+        if self.stats is not None:
+            self.stats.add(name, amount)
+
 
 _PLANE = web.AppKey("plane", _Plane)
 
 
-def create_app(settings: NodeSettings) -> web.Application:
-    """The aiohttp app of one worker: ``GET /v1/blobs/{sha256}`` and ``GET /healthz``."""
+def create_app(settings: NodeSettings, *, slot: int | None = None) -> web.Application:
+    """The aiohttp app of one worker: ``GET|HEAD /v1/blobs/{sha256}`` and ``GET /healthz``.
+
+    ``slot`` names the worker's counters in the stats directory (None: not counted).
+    """
     app = web.Application(middlewares=[_errors])
-    plane = _Plane(settings)
+    plane = _Plane(settings, slot=slot)
     app[_PLANE] = plane
-    app.router.add_get("/v1/blobs/{sha256}", _get_blob)
+    app.router.add_get("/v1/blobs/{sha256}", _get_blob)  # and HEAD
     app.router.add_get("/healthz", _healthz)
 
     async def close(_: web.Application) -> None:
         plane.meta.close()
+        if plane.stats is not None:
+            plane.stats.close()
 
     app.on_cleanup.append(close)
     return app
@@ -138,33 +158,35 @@ async def _get_blob(request: web.Request) -> web.StreamResponse:
     if tenant is None:
         raise Unauthorized("missing or invalid bearer token")
     sha256 = check_sha256(request.match_info["sha256"])
-    if not await plane.index.allows(tenant, sha256):
+    if not await asyncio.to_thread(plane.allows, tenant, sha256):
         raise NotFound(f"no blob {sha256}")
     record, handle = await asyncio.to_thread(plane.store.open, sha256)
     with handle:
-        headers = {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes"}
-        try:
-            span = parse_range(request.headers.get("Range"), record.size)
-        except RangeNotSatisfiable:
-            headers["Content-Range"] = f"bytes */{record.size}"
-            return _error(416, "range_not_satisfiable", "range outside the blob", headers=headers)
-        start, end = span if span is not None else (0, record.size)
-        if span is not None:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{record.size}"
-        send = request.method != "HEAD"
-        if send:
+        answer = plan_blob_response(
+            method=request.method,
+            range_fields=request.headers.getall("Range", []),
+            if_range=request.headers.get("If-Range"),
+            sha256=sha256,
+            size=record.size,
+        )
+        if answer.status == 416:
+            return _error(416, "range_not_satisfiable", "range outside the blob",
+                          headers=answer.headers)
+        start, end = answer.start, answer.end
+        if answer.send_body:
             # Before any header: a mismatch quarantines the blob and becomes a 502 (I2).
             verify = asyncio.to_thread(plane.store.verify_range, record, handle, start, end)
             await _until_done(verify)
-        response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        response = web.StreamResponse(status=answer.status, headers=answer.headers)
         response.content_type = "application/octet-stream"
         response.content_length = end - start
         await response.prepare(request)  # sends the headers now, ahead of the file bytes
-        if send and end > start:
+        if answer.send_body and end > start:
             transport = request.transport
             if transport is None:
                 raise ConnectionResetError("client went away")
-            await asyncio.get_running_loop().sendfile(transport, handle, start, end - start)
+            sent = await asyncio.get_running_loop().sendfile(transport, handle, start, end - start)
+            plane.count("bytes_served", sent)
         await response.write_eof()
         return response
 
@@ -187,12 +209,21 @@ async def _until_done(work: Coroutine[Any, Any, None]) -> None:
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Every refusal as ``{"error": {"code", "message", ...}}``, like the API's."""
+    plane = request.app[_PLANE]
+    plane.count("requests")
+    response = await _answer(request, handler)
+    if 2 <= response.status // 100 <= 5 and response.status // 100 != 3:
+        plane.count(f"responses_{response.status // 100}xx")
+    return response
+
+
+async def _answer(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response: web.StreamResponse = await handler(request)
         return response
     except WeightCacheError as exc:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-        return _error(exc.http_status, exc.code, exc.message, headers=headers, **exc.details)
+        return _error(exc.http_status, exc.code, exc.message, headers=error_headers(exc),
+                      **exc.details)
     except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method
         if exc.status < 400:
             raise
@@ -204,7 +235,13 @@ def _error(
     status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
 ) -> web.Response:
     body = {"error": {"code": code, "message": message, **details}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(body, status=status, headers=headers, dumps=_json)
+
+
+def _json(value: Any) -> str:
+    # Byte for byte the API's error bodies (Starlette's JSONResponse): the same answer on
+    # both ports down to its Content-Length.
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------- processes
@@ -214,35 +251,49 @@ def run_data_plane(
     """Start ``workers`` processes serving on ``settings.host:port``; return once all listen.
 
     Each is ``python -m cache_node.data_plane --worker ...`` (a fresh interpreter: nothing of
-    the caller's threads, event loop or main module comes along). Raises RuntimeError, after
-    stopping the others, when a worker cannot start (say the port belongs to something else).
+    the caller's threads, event loop or main module comes along), with its own stats slot,
+    zeroed here. Raises RuntimeError, after stopping the others, when a worker cannot start
+    (say the port belongs to something else). Nothing restarts a worker that dies: see
+    :class:`cache_node.data_plane_supervisor.DataPlane` for that.
     """
     if workers < 1 or not 0 < port < 65536:
         raise ValueError("the data plane needs a port and at least one worker")
     _check_port_free(settings.host, port)
+    reset_stats_dir(stats_dir(settings), workers)
+    processes = [start_worker(settings, port=port, slot=slot) for slot in range(workers)]
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    try:
+        for process in processes:
+            wait_ready(process, deadline=deadline)
+    except BaseException:
+        stop_data_plane(processes)
+        raise
+    return processes
+
+
+def start_worker(settings: NodeSettings, *, port: int, slot: int) -> subprocess.Popen[bytes]:
+    """Spawn one worker process for stats slot ``slot``; :func:`wait_ready` waits for it."""
     command = [
         sys.executable, "-m", "cache_node.data_plane", "--worker",
         "--data-dir", str(settings.data_dir),
         "--host", settings.host,
         "--port", str(port),
         "--capacity", str(settings.capacity),
+        "--slot", str(slot),
     ]
     if settings.tokens_file is not None:
         command += ["--tokens", str(settings.tokens_file)]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE) for _ in range(workers)]
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    try:
-        for process in processes:
-            assert process.stdout is not None
-            with process.stdout:  # the worker writes one line: "ready", or why it is not
-                readable, _, _ = select.select([process.stdout], [], [], _remaining(deadline))
-                line = process.stdout.readline().decode().strip() if readable else "timed out"
-            if line != "ready":
-                raise RuntimeError(f"data plane worker did not start: {line or 'it exited'}")
-    except BaseException:
-        stop_data_plane(processes)
-        raise
-    return processes
+    return subprocess.Popen(command, stdout=subprocess.PIPE)
+
+
+def wait_ready(process: subprocess.Popen[bytes], *, deadline: float) -> None:
+    """Wait for a worker's "ready" line; RuntimeError with its reason when it does not come."""
+    assert process.stdout is not None
+    with process.stdout:  # the worker writes one line: "ready", or why it is not
+        readable, _, _ = select.select([process.stdout], [], [], _remaining(deadline))
+        line = process.stdout.readline().decode().strip() if readable else "timed out"
+    if line != "ready":
+        raise RuntimeError(f"data plane worker did not start: {line or 'it exited'}")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -277,10 +328,10 @@ def _remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
-async def _serve(settings: NodeSettings, *, port: int) -> None:
+async def _serve(settings: NodeSettings, *, port: int, slot: int | None) -> None:
     """One worker: listen (sharing the port), say "ready" on stdout, serve until told to stop."""
     parent = os.getppid()
-    runner = web.AppRunner(create_app(settings), access_log=None)
+    runner = web.AppRunner(create_app(settings, slot=slot), access_log=None)
     await runner.setup()
     try:
         try:
@@ -304,7 +355,8 @@ async def _serve(settings: NodeSettings, *, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m cache_node.data_plane``: the data plane alone, settings from the environment.
 
-    ``--worker`` runs one worker process in the foreground (what ``run_data_plane`` starts).
+    ``--worker`` runs one worker process in the foreground (what ``run_data_plane`` starts);
+    without it, ``--workers`` of them run under a supervisor that restarts any that dies.
     """
     parser = argparse.ArgumentParser(prog="python -m cache_node.data_plane")
     parser.add_argument("--data-dir", default=None)
@@ -314,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", dest="tokens_file", default=None)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = {
         name: value
@@ -322,18 +375,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings = NodeSettings(**overrides)
     if args.worker:
-        asyncio.run(_serve(settings, port=args.port))
+        asyncio.run(_serve(settings, port=args.port, slot=args.slot))
         return 0
-    processes = run_data_plane(settings, port=args.port, workers=args.workers)
+    from cache_node.data_plane_supervisor import DataPlane
+
+    plane = DataPlane(settings, port=args.port, workers=args.workers).start()
     print(f"data plane: {args.workers} workers on http://{settings.host}:{args.port}",
           file=sys.stderr)
     try:
-        for process in processes:
-            process.wait()
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        stop_data_plane(processes)
+        plane.stop()
     return 0
 
 

@@ -15,9 +15,12 @@ The tree::
     ├── IntegrityError(ValueError)       502 integrity_error (bytes that do not match a digest)
     ├── InvalidCheckpoint(ValueError)    422 invalid_checkpoint (weights no loader can read)
     │   └── NoWeights                    422 no_weights (a source without loadable weights)
-    └── OriginError                      502 origin_error (the origin failed after the retry budget)
-        ├── OriginUnauthorized           401/403 (gated or private): code unauthorized
-        └── OriginNotFound               origin has no such repo, revision or object
+    ├── OriginError                      502 origin_error (the origin failed after the retry budget)
+    │   ├── OriginUnauthorized           401/403 (gated or private): code unauthorized
+    │   └── OriginNotFound               origin has no such repo, revision or object
+    └── Overloaded                       503 overloaded, with Retry-After (retry_after_s)
+        ├── NodeBusy                     503 node_busy (every blob stream slot taken)
+        └── TooManyRequests              429 a tenant's limit: too_many_streams, too_many_leases
 
 The HTTP mapping lives in exactly one place: ``api.errors.install_error_handlers``.
 Foreign errors (botocore, httpx, OSError) are translated at the boundary that meets them.
@@ -149,6 +152,38 @@ class OriginNotFound(OriginError):
 
     def __init__(self, message: str, *, status: int | None = None, **details: Any) -> None:
         super().__init__(message, status=status, retryable=False, **details)
+
+
+class Overloaded(WeightCacheError):
+    """A limit of the node was reached (503); ``retry_after_s`` becomes ``Retry-After``."""
+
+    code = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+
+class NodeBusy(Overloaded):
+    """Every blob stream slot of the node is taken (503)."""
+
+    code = "node_busy"
+
+
+class TooManyRequests(Overloaded):
+    """A tenant's own limit was reached (429)."""
+
+    code = "too_many_requests"
+    http_status = 429
+
+
+class TooManyStreams(TooManyRequests):
+    code = "too_many_streams"
+
+
+class TooManyLeases(TooManyRequests):
+    code = "too_many_leases"
 
 
 def is_transient(error: WeightCacheError) -> bool:

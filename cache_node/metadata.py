@@ -51,7 +51,14 @@ class DiskcacheKeyValue:
         self._cache.delete(key)
 
     def scan(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for key in list(self._cache.iterkeys()):
+        # A range over SQLite's (key, raw) index: the cost is that of the matching keys, not of
+        # every key (one tenant's pipelines among thousands). Text keys are stored raw, compared
+        # bytewise as UTF-8, which orders like code points, so chr(0x10FFFF) ends the range.
+        rows = self._cache._sql(
+            "SELECT key FROM Cache WHERE raw = 1 AND key >= ? AND key < ? ORDER BY key",
+            (prefix, prefix + "\U0010ffff"),
+        ).fetchall()
+        for (key,) in rows:
             if isinstance(key, str) and key.startswith(prefix):
                 value = self.get(key)
                 if value is not None:

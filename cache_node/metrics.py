@@ -91,3 +91,12 @@ class NodeMetrics:
             buckets=(0.5, 1, 2, 5, 10, 20, 30, 40, 50, 60),
             registry=r,
         )
+        self.blob_streams = Gauge(
+            "weightcache_blob_streams", "API-port blob responses in flight", registry=r
+        )
+        self.blob_streams_refused = Counter(
+            "weightcache_blob_streams_refused",
+            "API-port blob requests refused at a stream limit, by limit (node, tenant)",
+            ["limit"],
+            registry=r,
+        )

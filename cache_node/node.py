@@ -130,6 +130,7 @@ class CacheNode:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Reconcile disk with metadata, then resume the pipelines that were warming."""
+        await anyio.to_thread.run_sync(self.registry.ensure_indexes)
         report = await anyio.to_thread.run_sync(lambda: self.store.check(fix=True))
         self._loop = asyncio.get_running_loop()
         self._collect_orphans()  # before any job: left by transfers of pipelines now gone
@@ -293,7 +294,8 @@ class CacheNode:
         return self.status_of(self._find(tenant, pipeline_id))
 
     def pipelines(self, tenant: str) -> list[PipelineStatus]:
-        records = self.registry.all()
+        # Another tenant's pipelines are not even read: the cost is the caller's own (I7).
+        records = self.registry.all() if tenant == ADMIN_TENANT else self.registry.of_tenant(tenant)
         return sorted(
             (self.status_of(r) for r in records if tenant in (r.tenant, ADMIN_TENANT)),
             key=lambda s: (s.tenant, s.id),
@@ -314,7 +316,7 @@ class CacheNode:
     async def evict(self, tenant: str, pipeline_id: str, *, reason: str = "manual") -> int:
         """Free a pipeline's bytes (those not shared with pipelines that stay). Returns bytes."""
         record = self._find(tenant, pipeline_id)
-        if self.registry.active_leases().get(record.key):
+        if self.registry.leases_of(record.tenant, record.id):
             raise Conflict(f"pipeline {pipeline_id!r} is leased by a loading replica")
         return await anyio.to_thread.run_sync(lambda: self._evict_record(record, reason))
 
@@ -861,7 +863,7 @@ class CacheNode:
         )
         bytes_cached = min(bytes_total, committed + sum(progress.values()))
         shard_bytes = sum(s.bytes_total for s in record.shards.values())
-        leases = self.registry.active_leases().get(record.key, 0)
+        leases = self.registry.leases_of(record.tenant, record.id)
         # "hot" on the wire means used by a replica within the hot window; the policy also
         # shelters a just-registered pipeline, but it has not been used, so it is not hot.
         hot = record.last_used_at is not None and (
@@ -996,7 +998,10 @@ class CacheNode:
     def create_lease(self, tenant: str, pipeline_id: str) -> Lease:
         record = self._find(tenant, pipeline_id)
         lease = self.registry.create_lease(
-            record.tenant, record.id, ttl_s=self.settings.lease_ttl_s
+            record.tenant,
+            record.id,
+            ttl_s=self.settings.lease_ttl_s,
+            limit=self.settings.limits.leases_per_tenant,
         )
         return Lease(lease_id=lease.lease_id, expires_at=lease.expires_at)
 
@@ -1015,22 +1020,21 @@ class CacheNode:
         self._free_retired()  # the last pre-swap lease of a re-registered pipeline frees bytes
 
     def authorize_blob(self, tenant: str, sha256: str) -> BlobRecord:
-        """The blob's record if a pipeline of ``tenant`` references it; NotFound otherwise (I7)."""
-        if self._blob_tenants is None:
-            index: dict[str, set[str]] = {}
-            for record in self.registry.all():
-                for sha in record.blobs():
-                    index.setdefault(sha, set()).add(record.tenant)
-            self._blob_tenants = index
-        tenants = self._blob_tenants.get(sha256, set())
+        """The blob's record if a pipeline of ``tenant`` references it; NotFound otherwise (I7).
+
+        One read of the registry's blob index, however many pipelines the node holds.
+        """
+        tenants = self.registry.blob_tenants(sha256)
         blob = self.store.get(sha256)
         if blob is None or not (tenant in tenants or (tenant == ADMIN_TENANT and tenants)):
             raise NotFound(f"no blob {sha256}")
         return blob
 
-    def iter_blob(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
-        """Verified bytes ``[start, end)`` of a blob (I2)."""
-        for data in self.store.iter_verified(sha256, start, end):
+    def iter_blob(
+        self, sha256: str, start: int, end: int, *, piece_size: int = 8 << 20
+    ) -> Iterator[bytes]:
+        """Verified bytes ``[start, end)`` of a blob (I2), ``piece_size`` bytes at a time."""
+        for data in self.store.iter_verified(sha256, start, end, piece_size=piece_size):
             self.metrics.bytes_served.inc(len(data))
             yield data
 

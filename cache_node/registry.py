@@ -4,18 +4,31 @@ Records live in the node's :class:`~cache_node.metadata.KeyValue` (diskcache on 
 Redis in a multi-node region) under ``pipeline:<tenant>/<id>`` and ``lease:<lease_id>``.
 A pipeline id is unique within its tenant, so one tenant can neither see nor guess another's
 pipelines (I7).
+
+Indexes kept beside them, so that no request costs a scan of every tenant's records:
+
+- ``blob-refs:<sha256>``: the pipelines (``tenant/id``) referencing a blob, updated by every
+  :meth:`Registry.put` and :meth:`Registry.delete` from the blobs the record gained or lost.
+  Both ports authorise a blob with one read of it (:meth:`Registry.blob_tenants`).
+- ``lease-index:<tenant>/<id>`` and ``tenant-leases:<tenant>``: lease id → expiry, so a
+  pipeline's status counts its own leases and the per-tenant lease limit counts the tenant's.
+
+The indexes are written by the node's API process only (the data plane reads), under one lock;
+:meth:`Registry.ensure_indexes` builds them once for a data dir written before they existed.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from api.schema import ErrorInfo, ManifestTensor, PipelineSpec, PipelineState, ShardState
+from cache_node.errors import TooManyLeases
 from cache_node.metadata import KeyValue
 
 
@@ -142,11 +155,16 @@ def staged_job_key(key: str) -> str:
     return f"{key}#pending"
 
 
+_INDEX_VERSION_KEY = "index:registry"
+_INDEX_VERSION = 1
+
+
 class Registry:
-    """Pipelines and leases on a :class:`KeyValue`."""
+    """Pipelines and leases on a :class:`KeyValue`, with the indexes described above."""
 
     def __init__(self, meta: KeyValue) -> None:
         self.meta = meta
+        self._lock = threading.RLock()  # one writer of the indexes at a time (thread-safe)
 
     # pipelines
     def get(self, tenant: str, pipeline_id: str) -> PipelineRecord | None:
@@ -154,28 +172,104 @@ class Registry:
         return None if raw is None else PipelineRecord.model_validate(raw)
 
     def put(self, record: PipelineRecord) -> None:
-        self.meta.set(f"pipeline:{record.key}", record.model_dump(mode="json"))
+        key = f"pipeline:{record.key}"
+        with self._lock:
+            old = self.meta.get(key)
+            self.meta.set(key, record.model_dump(mode="json"))
+            before = set(PipelineRecord.model_validate(old).blobs()) if old else set()
+            self._update_blob_refs(record.key, added=set(record.blobs()) - before,
+                                   removed=before - set(record.blobs()))
 
     def delete(self, tenant: str, pipeline_id: str) -> None:
-        self.meta.delete(f"pipeline:{pipeline_key(tenant, pipeline_id)}")
+        key = pipeline_key(tenant, pipeline_id)
+        with self._lock:
+            old = self.meta.get(f"pipeline:{key}")
+            self.meta.delete(f"pipeline:{key}")
+            if old is not None:
+                removed = set(PipelineRecord.model_validate(old).blobs())
+                self._update_blob_refs(key, added=set(), removed=removed)
 
     def all(self) -> Iterator[PipelineRecord]:
         for _, raw in self.meta.scan("pipeline:"):
             yield PipelineRecord.model_validate(raw)
 
+    def of_tenant(self, tenant: str) -> Iterator[PipelineRecord]:
+        """The pipelines of one tenant (a prefix scan: the cost of its own records only)."""
+        for _, raw in self.meta.scan(f"pipeline:{tenant}/"):
+            record = PipelineRecord.model_validate(raw)
+            if record.tenant == tenant:  # not tenant "a/b" when asked for "a"
+                yield record
+
     def by_id(self, pipeline_id: str) -> list[PipelineRecord]:
         """Every tenant's pipeline of this id (for the admin tenant)."""
         return [r for r in self.all() if r.id == pipeline_id]
 
+    # the blob → pipelines index
+    def blob_tenants(self, sha256: str) -> set[str]:
+        """The tenants with a pipeline that references blob ``sha256`` (one metadata read)."""
+        raw = self.meta.get(f"blob-refs:{sha256}")
+        pipelines: list[str] = raw["pipelines"] if raw else []
+        return {key.partition("/")[0] for key in pipelines}
+
+    def _update_blob_refs(self, key: str, *, added: set[str], removed: set[str]) -> None:
+        for sha256 in added | removed:
+            raw = self.meta.get(f"blob-refs:{sha256}")
+            pipelines = set(raw["pipelines"]) if raw else set()
+            if sha256 in added:
+                pipelines.add(key)
+            else:
+                pipelines.discard(key)
+            if pipelines:
+                self.meta.set(f"blob-refs:{sha256}", {"pipelines": sorted(pipelines)})
+            else:
+                self.meta.delete(f"blob-refs:{sha256}")
+
+    def ensure_indexes(self) -> bool:
+        """Build the indexes from the records if this data dir has none yet. Returns whether
+        it did (once per data dir: afterwards every write keeps them up to date)."""
+        with self._lock:
+            marker = self.meta.get(_INDEX_VERSION_KEY)
+            if marker is not None and marker.get("version") == _INDEX_VERSION:
+                return False
+            for prefix in ("blob-refs:", "lease-index:", "tenant-leases:"):
+                for key, _ in list(self.meta.scan(prefix)):
+                    self.meta.delete(key)
+            refs: dict[str, set[str]] = {}
+            for record in self.all():
+                for sha256 in record.blobs():
+                    refs.setdefault(sha256, set()).add(record.key)
+            for sha256, pipelines in refs.items():
+                self.meta.set(f"blob-refs:{sha256}", {"pipelines": sorted(pipelines)})
+            now = time.time()
+            for _, raw in list(self.meta.scan("lease:")):
+                lease = LeaseRecord.model_validate(raw)
+                if lease.expires_at > now:
+                    self._index_lease(lease)
+            self.meta.set(_INDEX_VERSION_KEY, {"version": _INDEX_VERSION})
+            return True
+
     # leases
-    def create_lease(self, tenant: str, pipeline_id: str, *, ttl_s: float) -> LeaseRecord:
+    def create_lease(
+        self, tenant: str, pipeline_id: str, *, ttl_s: float, limit: int | None = None
+    ) -> LeaseRecord:
+        """A new lease; TooManyLeases (429) when ``tenant`` already holds ``limit`` of them."""
+        now = time.time()
         lease = LeaseRecord(
             lease_id=uuid.uuid4().hex,
             tenant=tenant,
             pipeline=pipeline_id,
-            expires_at=time.time() + ttl_s,
+            expires_at=now + ttl_s,
         )
-        self.meta.set(f"lease:{lease.lease_id}", lease.model_dump(mode="json"))
+        with self._lock:
+            held = self._live(f"tenant-leases:{tenant}", now)
+            if limit is not None and len(held) >= limit:
+                raise TooManyLeases(
+                    f"tenant {tenant!r} holds {len(held)} leases, the limit is {limit}",
+                    retry_after_s=max(1.0, min(held.values()) - now),
+                    limit=limit,
+                )
+            self.meta.set(f"lease:{lease.lease_id}", lease.model_dump(mode="json"))
+            self._index_lease(lease, now=now)
         return lease
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None:
@@ -186,37 +280,73 @@ class Registry:
 
     def renew_lease(self, lease: LeaseRecord, *, ttl_s: float) -> LeaseRecord:
         renewed = lease.model_copy(update={"expires_at": time.time() + ttl_s})
-        self.meta.set(f"lease:{lease.lease_id}", renewed.model_dump(mode="json"))
+        with self._lock:
+            self.meta.set(f"lease:{lease.lease_id}", renewed.model_dump(mode="json"))
+            self._index_lease(renewed)
         return renewed
 
     def delete_lease(self, lease_id: str) -> None:
-        self.meta.delete(f"lease:{lease_id}")
+        with self._lock:
+            lease = self.get_lease(lease_id)
+            self.meta.delete(f"lease:{lease_id}")
+            if lease is not None:
+                for key in _lease_index_keys(lease):
+                    held = self._live(key, time.time())
+                    held.pop(lease_id, None)
+                    self._store_index(key, held)
+
+    def leases_of(self, tenant: str, pipeline_id: str, *, now: float | None = None) -> int:
+        """Unexpired leases on one pipeline (one metadata read, whatever else is leased)."""
+        now = time.time() if now is None else now
+        return len(self._live(f"lease-index:{pipeline_key(tenant, pipeline_id)}", now))
+
+    def _live(self, key: str, now: float) -> dict[str, float]:
+        raw: dict[str, Any] | None = self.meta.get(key)
+        leases: dict[str, float] = raw["leases"] if raw else {}
+        return {lease_id: at for lease_id, at in leases.items() if at > now}
+
+    def _index_lease(self, lease: LeaseRecord, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for key in _lease_index_keys(lease):
+            held = self._live(key, now)  # expired entries are dropped on every write
+            held[lease.lease_id] = lease.expires_at
+            self._store_index(key, held)
+
+    def _store_index(self, key: str, held: dict[str, float]) -> None:
+        if held:
+            self.meta.set(key, {"leases": held})
+        else:
+            self.meta.delete(key)
 
     def active_leases(self, *, now: float | None = None) -> dict[str, int]:
-        """Unexpired lease counts by pipeline key; expired leases are removed on the way."""
+        """Unexpired lease counts by pipeline key; expired leases are removed on the way.
+
+        A scan of every lease, for eviction (which must know every leased pipeline); a status
+        uses :meth:`leases_of` instead.
+        """
         now = time.time() if now is None else now
         counts: dict[str, int] = {}
         for key, raw in self.meta.scan("lease:"):
             lease = LeaseRecord.model_validate(raw)
             if lease.expires_at <= now:
-                self.meta.delete(key)
+                self.meta.delete(key)  # its index entries are ignored and dropped by expiry
                 continue
             pkey = pipeline_key(lease.tenant, lease.pipeline)
             counts[pkey] = counts.get(pkey, 0) + 1
         return counts
 
     def lease_ids(self, tenant: str, pipeline_id: str, *, now: float | None = None) -> list[str]:
-        """The unexpired leases on one pipeline."""
+        """The unexpired leases on one pipeline (from the lease index: one metadata read)."""
         now = time.time() if now is None else now
-        return [
-            lease.lease_id
-            for _, raw in self.meta.scan("lease:")
-            if (lease := LeaseRecord.model_validate(raw)).expires_at > now
-            and lease.tenant == tenant
-            and lease.pipeline == pipeline_id
-        ]
+        return sorted(self._live(f"lease-index:{pipeline_key(tenant, pipeline_id)}", now))
 
     def lease_alive(self, lease_id: str, *, now: float | None = None) -> bool:
         """Whether this lease exists and has not expired."""
         lease = self.get_lease(lease_id)
         return lease is not None and lease.expires_at > (time.time() if now is None else now)
+
+def _lease_index_keys(lease: LeaseRecord) -> tuple[str, str]:
+    return (
+        f"lease-index:{pipeline_key(lease.tenant, lease.pipeline)}",
+        f"tenant-leases:{lease.tenant}",
+    )

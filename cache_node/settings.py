@@ -120,6 +120,30 @@ class EvictionSettings(BaseSettings):
         return self
 
 
+class LimitSettings(BaseSettings):
+    """What the tenants together, and each one alone, may hold at once on a node."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_LIMITS_", extra="forbid")
+
+    blob_streams: int = Field(default=256, ge=1)  # API-port blob responses in flight
+    blob_streams_per_tenant: int = Field(default=64, ge=1)
+    # What one API-port stream reads ahead of its client, at most (its memory, twice over).
+    blob_stream_piece: ByteSize = 256 * 1024
+    leases_per_tenant: int = Field(default=1024, ge=1)
+    retry_after_s: float = Field(default=1.0, gt=0)  # the Retry-After of a refused stream
+
+
+class DataPlaneSettings(BaseSettings):
+    """How ``serve`` supervises its data-plane workers."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_DATA_PLANE_", extra="forbid")
+
+    restart_backoff_s: float = Field(default=0.5, gt=0)  # first restart delay, then doubled
+    restart_backoff_cap_s: float = Field(default=30.0, gt=0)
+    healthy_after_s: float = Field(default=30.0, gt=0)  # up this long: the backoff resets
+    check_interval_s: float = Field(default=0.2, gt=0)
+
+
 class NodeSettings(BaseSettings):
     """Everything one cache node needs to run."""
 
@@ -141,6 +165,8 @@ class NodeSettings(BaseSettings):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     eviction: EvictionSettings = Field(default_factory=EvictionSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    data_plane: DataPlaneSettings = Field(default_factory=DataPlaneSettings)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> NodeSettings:

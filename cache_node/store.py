@@ -32,6 +32,8 @@ from cache_node.metadata import KeyValue
 CHUNK_SIZE = 64 * 1024 * 1024
 _HEX = frozenset("0123456789abcdef")
 _READ_BLOCK = 8 * 1024 * 1024
+#: Hashing reads this much at a time: a check holds 1 MiB, not the 64 MiB chunk it covers.
+_HASH_BLOCK = 1024 * 1024
 
 
 def check_sha256(sha256: str) -> str:
@@ -386,48 +388,42 @@ class BlobStore:
             if _settled(stat):
                 self._verified[(record.sha256, index)] = identity
 
-    def iter_verified(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
+    def iter_verified(
+        self, sha256: str, start: int, end: int, *, piece_size: int = _READ_BLOCK
+    ) -> Iterator[bytes]:
         """Yield ``[start, end)`` of a blob, each chunk verified before any of it leaves (I2).
 
-        A chunk verified earlier is not hashed again while the file is unchanged (same inode,
-        size and mtime): range requests of a replica hit each 64 MiB chunk several times, and
-        any write to the file (a flipped byte included) changes its mtime and voids the memo.
+        A chunk is hashed as a stream (:meth:`verify_range`, 1 MiB at a time) and then read
+        again in pieces of at most ``piece_size`` bytes, so a reader holds one piece, never a
+        64 MiB chunk: a slow client costs its piece, whatever the chunk size. The file must keep
+        the inode, size and mtime it had when checked (a write voids the check) or the stream
+        stops with IntegrityError. A chunk verified earlier is not hashed again while the file
+        is unchanged: a replica's range requests hit each 64 MiB chunk several times.
         """
+        if piece_size <= 0:
+            raise InvalidInput("piece_size must be positive")
         record, handle = self.open(sha256)
         with handle:
             if not 0 <= start <= end <= record.size:
                 raise InvalidInput(f"range {start}-{end} outside blob of {record.size} bytes")
-            stat = os.fstat(handle.fileno())
-            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            fd = handle.fileno()
+            identity = _identity(os.fstat(fd))
             position = start
             while position < end:
                 index = position // record.chunk_size
-                chunk_start = index * record.chunk_size
-                chunk_len = min(record.chunk_size, record.size - chunk_start)
-                stop = min(end, chunk_start + chunk_len)
-                if self._verified.get((sha256, index)) == identity:
-                    while position < stop:
-                        piece = os.pread(handle.fileno(), min(_READ_BLOCK, stop - position),
-                                         position)
-                        if not piece:
-                            raise IntegrityError(f"blob {sha256} is shorter than its record")
-                        yield piece
-                        position += len(piece)
-                    continue
-                data = os.pread(handle.fileno(), chunk_len, chunk_start)
-                if len(data) != chunk_len or (
-                    xxhash.xxh3_128_hexdigest(data) != record.chunk_xxh3_128[index]
-                ):
-                    self.quarantine(sha256, f"chunk {index} mismatch")
-                    raise IntegrityError(
-                        f"blob {sha256} chunk {index} failed verification",
-                        sha256=sha256,
-                        chunk=index,
-                    )
-                if _settled(stat):
-                    self._verified[(sha256, index)] = identity
-                yield data[position - chunk_start : stop - chunk_start]
-                position = stop
+                stop = min(end, (index + 1) * record.chunk_size)
+                self.verify_range(record, handle, position, stop)
+                while position < stop:
+                    if _identity(os.fstat(fd)) != identity:
+                        self.quarantine(sha256, "changed while served")
+                        raise IntegrityError(
+                            f"blob {sha256} was written to while it was served", sha256=sha256
+                        )
+                    piece = os.pread(fd, min(piece_size, stop - position), position)
+                    if not piece:
+                        raise IntegrityError(f"blob {sha256} is shorter than its record")
+                    yield piece
+                    position += len(piece)
 
     # ----------------------------------------------------------------- reconcile
     def check(
@@ -494,6 +490,10 @@ class BlobStore:
 _MEMO_SETTLE_NS = 100_000_000
 
 
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _settled(stat: os.stat_result) -> bool:
     return time.time_ns() - stat.st_mtime_ns > _MEMO_SETTLE_NS
 
@@ -504,7 +504,7 @@ def feed_region(fd: int, offset: int, length: int, hasher: Any) -> int:
     position = offset
     stop = offset + length
     while position < stop:
-        data = os.pread(fd, min(_READ_BLOCK, stop - position), position)
+        data = os.pread(fd, min(_HASH_BLOCK, stop - position), position)
         if not data:
             break
         hasher.update(data)

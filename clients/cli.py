@@ -96,26 +96,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         raise UsageError(refusal)
     data_port = args.data_port if args.data_port is not None else settings.port + 1
-    data_plane: list[Any] = []
+    data_plane = None
     if args.data_workers > 0:
-        from cache_node.data_plane import run_data_plane
+        from cache_node.data_plane_supervisor import DataPlane
 
         if settings.data_url is None:  # WEIGHTCACHE_DATA_URL names it when the bind is a wildcard
             host = socket.getfqdn() if settings.host in ("0.0.0.0", "::", "") else settings.host
             settings.data_url = f"http://{host}:{data_port}"
-        data_plane = run_data_plane(settings, port=data_port, workers=args.data_workers)
+        # Supervised: a worker that dies is started again (and /readyz says when none runs).
+        data_plane = DataPlane(settings, port=data_port, workers=args.data_workers).start()
         print(f"data plane: {args.data_workers} workers on {settings.data_url}", file=sys.stderr)
     print(f"weightcache node {settings.node_id} serving on http://{settings.host}:{settings.port}"
           f" (data dir {settings.data_dir})", file=sys.stderr)
     try:
         uvicorn.run(
-            create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+            create_app(settings, data_plane=data_plane),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
         )
     finally:
-        if data_plane:
-            from cache_node.data_plane import stop_data_plane
-
-            stop_data_plane(data_plane)
+        if data_plane is not None:
+            data_plane.stop()
     return 0
 
 

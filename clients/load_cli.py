@@ -55,6 +55,9 @@ def print_stage_table(report: dict[str, Any]) -> None:
         print(f"  {stage:<9} {seconds * 1000:9.1f} ms")
     gigabytes = report["bytes_delivered"] / 1e9
     print(f"  {gigabytes:.3f} GB at {report['gb_per_s']:.2f} GB/s")
+    if report.get("fallback_reads"):
+        print(f"  note: {report['fallback_reads']} reads came from the node's API instead of "
+              f"its data plane ({report['fallback_reason']})")
 
 
 def parse_device(text: str) -> Any:

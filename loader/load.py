@@ -65,6 +65,9 @@ class LoadReport:
     manifest_s: float = 0.0
     total_s: float = 0.0
     stream: StreamReport = field(default_factory=StreamReport)
+    #: Ranges read from the node's API URL because its data plane failed, and why.
+    fallback_reads: int = 0
+    fallback_reason: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -86,6 +89,8 @@ class LoadReport:
             "lease_s": self.lease_s,
             "manifest_s": self.manifest_s,
             "total_s": self.total_s,
+            "fallback_reads": self.fallback_reads,
+            "fallback_reason": self.fallback_reason,
             **self.stream.as_dict(),
         }
 
@@ -153,7 +158,8 @@ def load(
     ``url`` defaults to ``WEIGHTCACHE_URL`` or :data:`DEFAULT_URL`, ``token`` to
     ``WEIGHTCACHE_TOKEN``. Bytes come from ``local_dir`` (a node data dir on this host) for the
     blobs found there, else by HTTP range requests spread over ``data_urls`` (default: the data
-    plane URL the node advertises, else ``url``), failing over between them. ``verify`` checks
+    plane URL the node advertises, else ``url``), failing over between them, and to ``url``
+    once they all fail (``report.fallback_reads`` says how many ranges did). ``verify`` checks
     every byte against the manifest's chunk digests. The lease is released whatever happens.
     Raises :class:`~clients.errors.NotWarmError` when the pipeline is not warm, the matching
     :class:`~clients.errors.ApiError` for other refusals, ``SourceError`` or ``IntegrityError``
@@ -179,6 +185,7 @@ def load(
             workers=workers,
             request_size=request_size,
         )
+        session.note_fallback()
     return LoadResult(tensors=tensors, manifest=session.manifest, report=session.report)
 
 
@@ -219,6 +226,7 @@ class RankSession:
         self._data_urls = data_urls
         self._lease_url: str | None = None
         self._source: Source | None = None
+        self.remote: HttpRangeSource | None = None
         self._manifest: Manifest | None = None
         self._started = 0.0
 
@@ -272,10 +280,19 @@ class RankSession:
                 "holds no tensors"
             )
         data_urls = self._data_urls or _advertised_data_urls(client, url, headers)
-        remote = HttpRangeSource(list(data_urls), token=self.token)
+        # The API serves the same verified bytes: the fallback when the data plane fails.
+        fallback = [url] if url not in data_urls else []
+        remote = HttpRangeSource(list(data_urls), token=self.token, fallback_urls=fallback)
+        self.remote = remote
         self._source = (
             RoutingSource(LocalFileSource(self._local_dir), remote) if self._local_dir else remote
         )
+
+    def note_fallback(self) -> None:
+        """Copy into the report how many ranges fell back from the data plane to the API."""
+        if self.remote is not None and self.remote.fallback_reads:
+            self.report.fallback_reads = self.remote.fallback_reads
+            self.report.fallback_reason = self.remote.fallback_reason
 
     def close(self) -> None:
         """Close the source, release the lease (idempotent)."""

@@ -8,6 +8,7 @@ buffer (``os.preadv`` / ``HTTPResponse.readinto``), so the bytes are copied once
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import queue
 import threading
@@ -19,6 +20,8 @@ from typing import Protocol
 from loader.errors import RangeResponseError, SourceError
 
 __all__ = ["HttpRangeSource", "LocalFileSource", "RoutingSource", "Source", "blob_path"]
+
+log = logging.getLogger("weightcache.loader")
 
 
 class Source(Protocol):
@@ -170,6 +173,11 @@ class HttpRangeSource:
     ``Content-Range`` or a short body) the same range is asked of the next one. A base URL that
     failed is tried last afterwards. Each thread borrows a keep-alive connection and reads the
     body with ``readinto`` straight into the caller's buffer.
+
+    ``fallback_urls`` (the node's API, beside its data plane) are used only once the base URLs
+    fail (refused, reset, 5xx, a wrong answer): from then on the remaining ranges go to them.
+    Every byte is still checked the same way; ``fallback_reads`` counts the ranges they served
+    and ``fallback_reason`` says why, and the switch is logged: never a silent change of path.
     """
 
     def __init__(
@@ -179,14 +187,18 @@ class HttpRangeSource:
         token: str | None = None,
         timeout: float = 60.0,
         connections: int = 8,
+        fallback_urls: Sequence[str] = (),
     ) -> None:
         if not base_urls:
             raise ValueError("at least one base URL is needed")
-        self._endpoints = [_Endpoint(url, timeout=timeout) for url in base_urls]
+        self._endpoints = [_Endpoint(url, timeout=timeout) for url in [*base_urls, *fallback_urls]]
+        self._primaries = len(base_urls)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._connections = connections
         self._failed: set[int] = set()
         self._lock = threading.Lock()
+        self.fallback_reads = 0
+        self.fallback_reason: str | None = None
 
     def prepare(self, blobs: Iterable[str]) -> None:
         # Open the keep-alive connections of the first reachable endpoint up front, so that
@@ -196,24 +208,34 @@ class HttpRangeSource:
                 for _ in range(self._connections):
                     endpoint.idle.put(endpoint.connect())
                 return
-            except OSError:
-                self._mark_failed(index)
+            except OSError as error:
+                self._mark_failed(index, f"{endpoint.base_url}: {error}")
         raise SourceError(
             "no cache node reachable: "
             + ", ".join(endpoint.base_url for endpoint in self._endpoints)
         )
 
-    def _mark_failed(self, index: int) -> None:
+    def _mark_failed(self, index: int, reason: str) -> None:
         with self._lock:
+            first = index not in self._failed
             self._failed.add(index)
+            if index < self._primaries and self.fallback_reason is None:
+                self.fallback_reason = reason
+        if first and index < self._primaries:
+            log.warning("cache node URL failed: %s; its ranges go to the others%s", reason,
+                        " (then the node's API)" if len(self._endpoints) > self._primaries else "")
 
     def _order(self, blob: str, offset: int) -> list[int]:
-        count = len(self._endpoints)
+        count = self._primaries
         first = (int(blob[:8], 16) + offset // (1 << 20)) % count if _is_hex(blob[:8]) else 0
         rotated = [(first + i) % count for i in range(count)]
+        rotated += range(count, len(self._endpoints))  # the fallbacks, in their order
         with self._lock:
             failed = set(self._failed)
-        return [i for i in rotated if i not in failed] + [i for i in rotated if i in failed]
+        healthy = [i for i in rotated if i not in failed]
+        # Healthy base URLs first, then healthy fallbacks: the remaining ranges leave a base
+        # URL that failed; it is tried again only when nothing else is left.
+        return healthy + [i for i in rotated if i in failed]
 
     def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
         if not buffer:
@@ -223,10 +245,14 @@ class HttpRangeSource:
             endpoint = self._endpoints[index]
             try:
                 self._read_from(endpoint, blob, offset, buffer)
-                return
             except (OSError, http.client.HTTPException) as error:
-                self._mark_failed(index)
+                self._mark_failed(index, f"{endpoint.base_url}: {error}")
                 failures.append(f"{endpoint.base_url}: {error}")
+                continue
+            if index >= self._primaries:
+                with self._lock:
+                    self.fallback_reads += 1
+            return
         raise SourceError(
             f"blob {blob} bytes {offset}-{offset + len(buffer) - 1}: every cache node failed: "
             + "; ".join(failures)

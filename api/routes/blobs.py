@@ -1,50 +1,58 @@
-"""``GET /v1/blobs/{sha256}``: verified blob bytes, with Range."""
+"""``GET`` and ``HEAD /v1/blobs/{sha256}``: verified blob bytes, with Range (RFC 9110).
+
+The status and headers come from :func:`api.ranges.plan_blob_response`, as on the data plane,
+so a request gets the same answer on both ports. Bodies stream in small pieces under the
+node's stream limits (:mod:`api.blob_stream`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
+from api.blob_stream import BlobBody, StreamSlots
 from api.deps import Node, Tenant
 from api.errors import error_response
-from api.ranges import RangeNotSatisfiable, parse_range
+from api.ranges import plan_blob_response
 from cache_node.store import check_sha256
 
 router = APIRouter(tags=["blobs"])
 
 
-@router.get("/v1/blobs/{sha256}", response_model=None)
+@router.api_route("/v1/blobs/{sha256}", methods=["GET", "HEAD"], response_model=None)
 async def get_blob(sha256: str, request: Request, node: Node, tenant: Tenant) -> Response:
     """The blob's bytes, 200 or 206; 404 unless a pipeline of the caller's tenant holds it."""
     record = node.authorize_blob(tenant, check_sha256(sha256))
-    headers = {"ETag": f'"{record.sha256}"', "Accept-Ranges": "bytes"}
-    try:
-        span = parse_range(request.headers.get("range"), record.size)
-    except RangeNotSatisfiable:
-        response = error_response(416, "range_not_satisfiable", "range outside the blob")
-        response.headers.update({**headers, "Content-Range": f"bytes */{record.size}"})
-        return response
-    start, end = span if span is not None else (0, record.size)
-    if span is not None:
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{record.size}"
-    headers["Content-Length"] = str(end - start)
-    pieces = node.iter_blob(sha256, start, end)
-    # The first chunk is verified before the headers go out, so a corrupt blob is a 5xx
-    # (then re-fetched); a later mismatch aborts the connection, never a clean short body (I2).
-    first = await run_in_threadpool(next, pieces, b"")
-    return StreamingResponse(
-        _chain(first, pieces),
-        status_code=206 if span is not None else 200,
-        headers=headers,
-        media_type="application/octet-stream",
+    answer = plan_blob_response(
+        method=request.method,
+        range_fields=request.headers.getlist("range"),
+        if_range=request.headers.get("if-range"),
+        sha256=record.sha256,
+        size=record.size,
     )
-
-
-async def _chain(first: bytes, rest: Iterator[bytes]) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    async for piece in iterate_in_threadpool(rest):
-        yield piece
+    if answer.status == 416:
+        response = error_response(416, "range_not_satisfiable", "range outside the blob")
+        response.headers.update(answer.headers)
+        return response
+    if not answer.send_body:  # HEAD: the headers of the GET, no body, no stream slot
+        return Response(status_code=answer.status, headers=answer.headers,
+                        media_type="application/octet-stream")
+    slots: StreamSlots = request.app.state.blob_streams
+    release = slots.acquire(tenant)
+    try:
+        pieces = node.iter_blob(
+            sha256, answer.start, answer.end, piece_size=node.settings.limits.blob_stream_piece
+        )
+        # The first chunk is verified before the headers go out, so a corrupt blob is a 5xx
+        # (then re-fetched); a later mismatch aborts the connection, never a clean short body (I2).
+        first = await run_in_threadpool(next, pieces, b"")
+    except BaseException:
+        release()
+        raise
+    return BlobBody(
+        status_code=answer.status,
+        headers=answer.headers,
+        first=first,
+        pieces=pieces,
+        release=release,
+    )

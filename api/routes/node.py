@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Node, Tenant
@@ -21,8 +25,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-async def readyz(node: Node) -> dict[str, str]:
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request, node: Node) -> dict[str, Any] | JSONResponse:
+    """200 when the node can take traffic; 503 with every reason it cannot otherwise.
+
+    The reasons come from ``app.state.readiness_checks`` (callables returning None or a
+    ``{"code", "message"}`` dict), so each part of the node adds its own.
+    """
+    checks: list[Callable[[], dict[str, Any] | None]] = request.app.state.readiness_checks
+    reasons = [reason for check in checks if (reason := check()) is not None]
+    if reasons:
+        body = {"status": "not_ready", "node_id": node.settings.node_id, "reasons": reasons}
+        return JSONResponse(body, status_code=503)
     return {"status": "ready", "node_id": node.settings.node_id}
 
 
