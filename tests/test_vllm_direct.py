@@ -142,3 +142,25 @@ def test_full_mode_feeds_load_weights_an_iterator(tmp_path: Path) -> None:
     assert model.received.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert torch.equal(model.received[name], tensor), name
+
+
+def test_the_target_is_the_device_of_the_parameters() -> None:
+    import inspect
+
+    from loader import vllm_plugin
+    from loader.devices import model_device, synchronize
+    from loader.errors import LoaderError
+
+    assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    with pytest.raises(LoaderError, match="no parameters"):
+        model_device(torch.nn.Module())
+    mixed = torch.nn.Module()
+    mixed.a = torch.nn.Linear(2, 2)
+    mixed.b = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(LoaderError, match="cpu, meta"):
+        model_device(mixed)
+    synchronize(torch.device("cpu"))  # nothing to wait for, and no CUDA call
+    # the plugin asks the model, never a backend by name
+    source = inspect.getsource(vllm_plugin)
+    assert "cuda:" not in source and "torch.cuda" not in source
