@@ -164,3 +164,34 @@ def test_the_target_is_the_device_of_the_parameters() -> None:
     # the plugin asks the model, never a backend by name
     source = inspect.getsource(vllm_plugin)
     assert "cuda:" not in source and "torch.cuda" not in source
+
+
+def test_each_engine_of_a_two_model_pipeline_takes_only_its_model(tmp_path: Path) -> None:
+    sources = {
+        "asr": make_tiny_llama(tmp_path / "asr", num_kv_heads=2, vocab_size=1001, seed=1),
+        "llm": make_tiny_llama(tmp_path / "llm", num_kv_heads=4, vocab_size=2003, seed=2),
+    }
+    body = {
+        "models": [{"name": n, "source": f"file://{p}"} for n, p in sources.items()],
+        "tp_sizes": [2],
+    }
+    with running_node(data_dir=tmp_path / "data", capacity="1GiB") as node, node.client() as c:
+        assert c.put("/v1/pipelines/two", json=body).status_code == 202
+        assert wait_for_state(c, "two", {"warm", "failed"})["state"] == "warm"
+        for name, source in sources.items():
+            config = json.loads((source / "config.json").read_text())
+            expected = _expected_params(
+                load_file(str(source / "model.safetensors")), config, 2, 1
+            )
+            model = VllmShaped({n: t.shape for n, t in expected.items()}, torch.float32)
+            options = {"pipeline": "two", "url": node.url, "model": name}
+            load_rank_into(model, options, tp_size=2, rank=1)
+            params = dict(model.named_parameters())
+            for param_name, tensor in expected.items():
+                assert torch.equal(params[param_name], tensor), (name, param_name)
+        with pytest.raises(ValueError, match=r"has models \['asr', 'llm'\]"):
+            load_rank_into(model, {"pipeline": "two", "url": node.url}, tp_size=2, rank=1)
+        with pytest.raises(ValueError, match="has no model 'tts'"):
+            load_rank_into(
+                model, {"pipeline": "two", "url": node.url, "model": "tts"}, tp_size=2, rank=1
+            )
