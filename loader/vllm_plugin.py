@@ -85,7 +85,12 @@ def load_rank_into(
     """
     from loader.devices import model_device, synchronize
     from loader.load import RankSession, iter_tensors, stream_into, tensor_keys
-    from loader.vllm_weights import check_all_filled, model_parameters, plan_destinations
+    from loader.vllm_weights import (
+        check_all_filled,
+        check_layout,
+        model_parameters,
+        plan_destinations,
+    )
 
     device = model_device(model)
     local_dir = options.get("local_dir")
@@ -124,6 +129,7 @@ def load_rank_into(
                 check_all_filled(model, loaded, vllm_exemptions=True)
         else:
             mode = "rank shard straight into the parameters"
+            check_layout(manifest.layout)
             params, aliases = model_parameters(model)
             index_of = {key: i for i, key in enumerate(keys)}
             shapes = [(names[k], tuple(manifest.tensors[index_of[k]].shape)) for k in names]
