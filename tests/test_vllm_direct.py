@@ -77,9 +77,16 @@ def test_rank_streams_into_vllm_parameters(
                 for name, tensor in expected.items():
                     # vLLM's copy_ casts; so does the sink, and to the same values
                     assert torch.equal(params[name], tensor.to(engine)), (tp_size, rank, name)
+        # every rank's cold start is in the node's history
+        loads = c.get("/v1/pipelines/tiny/loads").json()["loads"]
+        assert sorted((entry["tp_size"], entry["rank"]) for entry in loads) == [
+            (2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)
+        ]
 
 
-def test_a_shard_that_does_not_fit_is_refused_before_a_byte_is_read(tmp_path: Path) -> None:
+def test_a_shard_that_does_not_fit_is_refused_before_a_byte_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = make_tiny_llama(tmp_path / "src", num_kv_heads=2, vocab_size=1001, tie=False)
     config = json.loads((source / "config.json").read_text())
     original = load_file(str(source / "model.safetensors"))
@@ -94,6 +101,7 @@ def test_a_shard_that_does_not_fit_is_refused_before_a_byte_is_read(tmp_path: Pa
             load_rank_into(model, {"pipeline": "tiny", "url": node.url}, tp_size=2, rank=1)
         assert caught.value.code == "shape_mismatch"
         assert all(torch.isnan(p).all() for p in model.parameters()), "nothing was written"
+        assert "weightcache: rank 1/2 load failed: shape_mismatch" in capsys.readouterr().err
         del shapes["model.norm.weight"]
         shapes["lm_head.weight"] = torch.Size([512, 64])
         with pytest.raises(WeightMismatch, match="no parameter model.norm.weight"):
