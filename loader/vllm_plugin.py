@@ -81,11 +81,36 @@ def load_rank_into(
     """Stream this rank's weights into ``model``'s parameters; returns the rank's report.
 
     Pure torch (vLLM supplies ``tp_size``/``rank``), so it runs on any ``nn.Module`` laid out
-    as vLLM lays out its models.
+    as vLLM lays out its models. The report goes to the node's cold-start history; a failure
+    is said on stderr and in the log (with its code) before it propagates.
     """
+    try:
+        return _load_rank_into(model, options, tp_size=tp_size, rank=rank, quantized=quantized)
+    except Exception as exc:
+        code = getattr(exc, "code", None) or type(exc).__name__
+        line = f"weightcache: rank {rank}/{tp_size} load failed: {code}: {exc}"
+        print(line, file=sys.stderr, flush=True)
+        log.error(line)
+        raise
+
+
+def _load_rank_into(
+    model: torch.nn.Module,
+    options: dict[str, Any],
+    *,
+    tp_size: int,
+    rank: int,
+    quantized: bool,
+) -> dict[str, Any]:
+    from clients.load_cli import report_to_node
     from loader.devices import model_device, synchronize
     from loader.load import RankSession, iter_tensors, stream_into, tensor_keys
-    from loader.vllm_weights import check_all_filled, model_parameters, plan_destinations
+    from loader.vllm_weights import (
+        check_all_filled,
+        check_layout,
+        model_parameters,
+        plan_destinations,
+    )
 
     device = model_device(model)
     local_dir = options.get("local_dir")
@@ -124,6 +149,7 @@ def load_rank_into(
                 check_all_filled(model, loaded, vllm_exemptions=True)
         else:
             mode = "rank shard straight into the parameters"
+            check_layout(manifest.layout)
             params, aliases = model_parameters(model)
             index_of = {key: i for i, key in enumerate(keys)}
             shapes = [(names[k], tuple(manifest.tensors[index_of[k]].shape)) for k in names]
@@ -143,6 +169,7 @@ def load_rank_into(
         synchronize(device)
     report = session.report.as_dict()
     report.update(mode=mode, seconds=time.perf_counter() - started)
+    report_to_node(session.url, session.token, options["pipeline"], report, local=bool(local_dir))
     delivered = int(report["bytes_delivered"])
     line = (
         f"weightcache: rank {rank}/{tp_size} weights {delivered / 1e6:.1f} MB in "

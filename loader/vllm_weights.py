@@ -28,6 +28,7 @@ import torch
 from loader.errors import LoaderError
 
 __all__ = [
+    "ENGINE_LAYOUT",
     "STACKED_PARAMS",
     "Destination",
     "WeightMismatch",
@@ -37,6 +38,10 @@ __all__ = [
     "plan_destinations",
     "vllm_target",
 ]
+
+#: The shard layout this placement expects (``cache_node.sharding.SHARD_LAYOUT`` on the node):
+#: vocab-parallel rows padded to a multiple of 64 and split evenly, as vLLM does.
+ENGINE_LAYOUT = "vllm-vocab-pad64"
 
 #: (vLLM fused parameter, HF part, position in the stack), as vLLM's Llama model declares them.
 STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
@@ -59,7 +64,7 @@ class WeightMismatch(LoaderError, ValueError):
     """A shard tensor has no home in the model, does not fit it, or a parameter stays empty.
 
     ``code``: ``no_parameter``, ``shape_mismatch``, ``fused_rows``, ``unfilled``,
-    ``not_contiguous`` or ``misaligned``.
+    ``not_contiguous``, ``misaligned`` or ``layout``.
     """
 
     def __init__(self, message: str, *, code: str, **details: Any) -> None:
@@ -189,6 +194,19 @@ def plan_destinations(
             offset += shape[0]
         filled.add(target)
     return destinations, filled, skipped
+
+
+def check_layout(layout: str | None) -> None:
+    """Refuse rank shards the node says were cut by a rule other than :data:`ENGINE_LAYOUT`.
+
+    ``None`` (a node that does not say) is let through: every shape is still checked.
+    """
+    if layout is not None and layout != ENGINE_LAYOUT:
+        raise WeightMismatch(
+            f"the rank shards were cut in layout {layout!r}; this vLLM plugin places "
+            f"{ENGINE_LAYOUT!r}",
+            code="layout",
+        )
 
 
 def check_all_filled(

@@ -88,6 +88,9 @@ def test_loading_into_parameters_needs_only_the_ring(tmp_path: Path) -> None:
     cast = _write_blob(tmp_path / "data", torch.bfloat16, name="cd" + "0" * 62)
     casting = _peak_growth(tmp_path, cast, "direct", "float32")
     assert casting["growth"] <= casting["ring"] + slack, casting
+    # Full-tensor mode's iterator: one batch (here the same budget) at a time, never the model.
+    batches = _peak_growth(tmp_path, same, "iter", "float32")
+    assert batches["growth"] <= batches["ring"] + slack, batches
     # The old path (a fresh flat allocation, then copy_) holds the weights twice.
     flat = _peak_growth(tmp_path, same, "flat", "float32")
     assert flat["growth"] > flat["ring"] + slack, flat

@@ -77,9 +77,16 @@ def test_rank_streams_into_vllm_parameters(
                 for name, tensor in expected.items():
                     # vLLM's copy_ casts; so does the sink, and to the same values
                     assert torch.equal(params[name], tensor.to(engine)), (tp_size, rank, name)
+        # every rank's cold start is in the node's history
+        loads = c.get("/v1/pipelines/tiny/loads").json()["loads"]
+        assert sorted((entry["tp_size"], entry["rank"]) for entry in loads) == [
+            (2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)
+        ]
 
 
-def test_a_shard_that_does_not_fit_is_refused_before_a_byte_is_read(tmp_path: Path) -> None:
+def test_a_shard_that_does_not_fit_is_refused_before_a_byte_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = make_tiny_llama(tmp_path / "src", num_kv_heads=2, vocab_size=1001, tie=False)
     config = json.loads((source / "config.json").read_text())
     original = load_file(str(source / "model.safetensors"))
@@ -94,6 +101,7 @@ def test_a_shard_that_does_not_fit_is_refused_before_a_byte_is_read(tmp_path: Pa
             load_rank_into(model, {"pipeline": "tiny", "url": node.url}, tp_size=2, rank=1)
         assert caught.value.code == "shape_mismatch"
         assert all(torch.isnan(p).all() for p in model.parameters()), "nothing was written"
+        assert "weightcache: rank 1/2 load failed: shape_mismatch" in capsys.readouterr().err
         del shapes["model.norm.weight"]
         shapes["lm_head.weight"] = torch.Size([512, 64])
         with pytest.raises(WeightMismatch, match="no parameter model.norm.weight"):
@@ -142,3 +150,56 @@ def test_full_mode_feeds_load_weights_an_iterator(tmp_path: Path) -> None:
     assert model.received.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert torch.equal(model.received[name], tensor), name
+
+
+def test_the_target_is_the_device_of_the_parameters() -> None:
+    import inspect
+
+    from loader import vllm_plugin
+    from loader.devices import model_device, synchronize
+    from loader.errors import LoaderError
+
+    assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    with pytest.raises(LoaderError, match="no parameters"):
+        model_device(torch.nn.Module())
+    mixed = torch.nn.Module()
+    mixed.a = torch.nn.Linear(2, 2)
+    mixed.b = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(LoaderError, match="cpu, meta"):
+        model_device(mixed)
+    synchronize(torch.device("cpu"))  # nothing to wait for, and no CUDA call
+    # the plugin asks the model, never a backend by name
+    source = inspect.getsource(vllm_plugin)
+    assert "cuda:" not in source and "torch.cuda" not in source
+
+
+def test_each_engine_of_a_two_model_pipeline_takes_only_its_model(tmp_path: Path) -> None:
+    sources = {
+        "asr": make_tiny_llama(tmp_path / "asr", num_kv_heads=2, vocab_size=1001, seed=1),
+        "llm": make_tiny_llama(tmp_path / "llm", num_kv_heads=4, vocab_size=2003, seed=2),
+    }
+    body = {
+        "models": [{"name": n, "source": f"file://{p}"} for n, p in sources.items()],
+        "tp_sizes": [2],
+    }
+    with running_node(data_dir=tmp_path / "data", capacity="1GiB") as node, node.client() as c:
+        assert c.put("/v1/pipelines/two", json=body).status_code == 202
+        assert wait_for_state(c, "two", {"warm", "failed"})["state"] == "warm"
+        for name, source in sources.items():
+            config = json.loads((source / "config.json").read_text())
+            expected = _expected_params(
+                load_file(str(source / "model.safetensors")), config, 2, 1
+            )
+            model = VllmShaped({n: t.shape for n, t in expected.items()}, torch.float32)
+            options = {"pipeline": "two", "url": node.url, "model": name}
+            load_rank_into(model, options, tp_size=2, rank=1)
+            params = dict(model.named_parameters())
+            for param_name, tensor in expected.items():
+                assert torch.equal(params[param_name], tensor), (name, param_name)
+        with pytest.raises(ValueError, match=r"has models \['asr', 'llm'\]"):
+            load_rank_into(model, {"pipeline": "two", "url": node.url}, tp_size=2, rank=1)
+        with pytest.raises(ValueError, match="has no model 'tts'"):
+            load_rank_into(
+                model, {"pipeline": "two", "url": node.url, "model": "tts"}, tp_size=2, rank=1
+            )

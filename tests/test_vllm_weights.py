@@ -157,3 +157,15 @@ def test_extra_config_is_validated() -> None:
         parse_extra_config({"pipeline": "chat", "shard": 1})
     with pytest.raises(ValueError, match="needs"):
         parse_extra_config({})
+
+
+def test_the_plugin_places_the_layout_the_node_cuts() -> None:
+    from cache_node.sharding import SHARD_LAYOUT
+    from loader.vllm_weights import ENGINE_LAYOUT, check_layout
+
+    assert ENGINE_LAYOUT == SHARD_LAYOUT
+    check_layout(SHARD_LAYOUT)
+    check_layout(None)  # a node that does not say: the shapes are still checked one by one
+    with pytest.raises(WeightMismatch, match="vllm-vocab-pad128") as caught:
+        check_layout("vllm-vocab-pad128")
+    assert caught.value.code == "layout"
