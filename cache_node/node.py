@@ -32,6 +32,7 @@ from cache_node.checkpoint_check import check_checkpoint, check_file_list
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
+    IntegrityError,
     InvalidCheckpoint,
     InvalidInput,
     NotFound,
@@ -628,12 +629,10 @@ class CacheNode:
                 # the job records it; a pipeline evicted or deleted just then may have freed
                 # it. Fetch what is missing again rather than call the pipeline warm.
                 if all(f.blob and self.store.has(f.blob) for m in record.models
-                       for f in m.files):
+                       for f in m.files) and await self._checkpoint_intact(record):
                     break
             else:
                 raise WeightCacheError("blobs were freed while the pipeline was filling")
-            # nothing is warm that cannot be loaded: headers and indexes, from the verified blobs
-            await anyio.to_thread.run_sync(check_checkpoint, record.models, self.store.blob_path)
             await self._build_shards(record)
             if not self._is_current(record):
                 return
@@ -783,9 +782,30 @@ class CacheNode:
         with contextlib.suppress(WeightCacheError):  # a failure is recorded on the pipeline
             await self._start_warm(record)
 
-    async def _recheck_checkpoint(self, record: PipelineRecord) -> None:
+    async def _checkpoint_intact(self, record: PipelineRecord) -> bool:
+        """Nothing is warm that cannot be loaded: check headers and indexes from the blobs
+        (``checkpoint_check``; raises ``InvalidCheckpoint``). False when a blob read for it
+        failed its digest (it was quarantined) or is gone: the fill fetches it again."""
         try:
-            await anyio.to_thread.run_sync(check_checkpoint, record.models, self.store.blob_path)
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    check_checkpoint,
+                    record.models,
+                    self.store.blob_path,
+                    verify=lambda sha, header_only: self.manifests.verify_blob(
+                        sha, header_only=header_only
+                    ),
+                )
+            )
+        except (IntegrityError, NotFound):  # quarantined, or freed under the job: fetch again
+            return False
+        return True
+
+    async def _recheck_checkpoint(self, record: PipelineRecord) -> None:
+        """A warm pipeline from before checkpoints were checked: fail it if it cannot load
+        (a bad blob is quarantined instead, and the pipeline re-warmed)."""
+        try:
+            await self._checkpoint_intact(record)
         except InvalidCheckpoint as exc:
             self._fail(record, exc)
 
