@@ -793,7 +793,18 @@ class CacheNode:
     async def _checkpoint_intact(self, record: PipelineRecord) -> bool:
         """Nothing is warm that cannot be loaded: check headers and indexes from the blobs
         (``checkpoint_check``; raises ``InvalidCheckpoint``). False when a blob read for it
-        failed its digest (it was quarantined) or is gone: the fill fetches it again."""
+        failed its digest (it was quarantined) or is gone: the fill fetches it again.
+
+        The blobs were hashed as they arrived, so the first pass reads headers as they are;
+        only a failure is checked again with the chunk digests, to tell a bad checkpoint from
+        bytes that went bad on disk (hashing a 64 MiB chunk per file on every warm and every
+        start is what this saves).
+        """
+        try:
+            await anyio.to_thread.run_sync(check_checkpoint, record.models, self.store.blob_path)
+            return True
+        except InvalidCheckpoint:
+            pass
         try:
             await anyio.to_thread.run_sync(
                 functools.partial(
