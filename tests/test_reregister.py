@@ -241,3 +241,32 @@ def test_registering_the_filling_or_the_warm_spec_again(tmp_path: Path, hub: Fix
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert status["pinned"] is True and status["state"] == "warm"
+
+
+def test_a_transiently_failed_reregistration_is_retried_and_swaps_in(
+    tmp_path: Path, hub: FixtureHub
+) -> None:
+    hub.add_repo("org/m", {"model.safetensors": safetensors_bytes(256), "config.json": CONFIG})
+    hub.add_repo("org/flaky", {"model-fault-503x1.safetensors": safetensors_bytes(512),
+                               "config.json": CONFIG})
+    with _node(tmp_path, hub, fetch={"max_attempts": 1}, retry={"base_s": 0.5}) as node, \
+            node.client() as c:
+        c.put("/v1/pipelines/p", json=_spec("hf://org/m"))
+        wait_for_state(c, "p", {"warm"})
+        c.put("/v1/pipelines/p", json=_spec("hf://org/flaky"))
+        deadline = time.monotonic() + 60
+        seen_failed = False
+        while (status := c.get("/v1/pipelines/p").json())["models"][0]["source"] != (
+            "hf://org/flaky"
+        ):
+            assert status["state"] == "warm"
+            attempt = status["last_attempt"]
+            if attempt is not None:
+                assert attempt["error"]["code"] == "origin_error"
+                assert attempt["error"]["retry_at"] is not None
+                seen_failed = True
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert seen_failed
+        assert status["state"] == "warm" and status["last_attempt"] is None
+        assert hub.requests("model-fault-503x1.safetensors") == 2
