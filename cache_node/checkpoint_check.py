@@ -65,17 +65,37 @@ def check_file_list(model: str, paths: Iterable[str]) -> None:
     )
 
 
-def check_checkpoint(models: Iterable[ModelEntry], blob_path: Callable[[str], Path]) -> None:
+#: ``verify(sha256, header_only)``: check a blob's chunk digests (only its safetensors header's
+#: with ``header_only``) before its bytes are trusted; raises ``IntegrityError`` on a mismatch.
+Verify = Callable[[str, bool], None]
+
+
+def check_checkpoint(
+    models: Iterable[ModelEntry],
+    blob_path: Callable[[str], Path],
+    *,
+    verify: Verify | None = None,
+) -> None:
     """Check every model's weights and indexes from its blobs on disk (headers only).
 
-    ``blob_path(sha256)`` is where a committed blob lives. Raises ``InvalidCheckpoint`` or
-    ``NoWeights`` for the first model that cannot be loaded.
+    ``blob_path(sha256)`` is where a committed blob lives; ``verify`` checks the bytes read
+    against their digests first (a byte flipped on disk is an ``IntegrityError`` and a re-fetch,
+    not a verdict on the checkpoint). Raises ``InvalidCheckpoint`` or ``NoWeights`` for the
+    first model that cannot be loaded.
     """
+    def path_of(sha256: str, header_only: bool) -> Path:
+        if verify is not None:
+            verify(sha256, header_only)
+        return blob_path(sha256)
+
     for model in models:
-        _check_model(model, blob_path)
+        _check_model(model, path_of)
 
 
-def _check_model(model: ModelEntry, blob_path: Callable[[str], Path]) -> None:
+_PathOf = Callable[[str, bool], Path]
+
+
+def _check_model(model: ModelEntry, blob_path: _PathOf) -> None:
     check_file_list(model.name, (f.path for f in model.files))
     by_path = {f.path: f for f in model.files}
     headers: dict[str, SafetensorsHeader] = {}
@@ -92,9 +112,10 @@ def _check_model(model: ModelEntry, blob_path: Callable[[str], Path]) -> None:
             _check_index(model.name, file, blob_path, by_path, headers)
 
 
-def _header(model: str, file: FileEntry, blob_path: Callable[[str], Path]) -> SafetensorsHeader:
+def _header(model: str, file: FileEntry, blob_path: _PathOf) -> SafetensorsHeader:
+    path = blob_path(_blob(model, file), True)
     try:
-        return read_header(blob_path(_blob(model, file)))
+        return read_header(path)
     except HeaderError as exc:
         raise InvalidCheckpoint(
             f"model {model!r}: {file.path} is not a valid safetensors file: {exc}",
@@ -112,7 +133,7 @@ def _header(model: str, file: FileEntry, blob_path: Callable[[str], Path]) -> Sa
 def _check_index(
     model: str,
     file: FileEntry,
-    blob_path: Callable[[str], Path],
+    blob_path: _PathOf,
     by_path: dict[str, FileEntry],
     headers: dict[str, SafetensorsHeader],
 ) -> None:
@@ -123,8 +144,9 @@ def _check_index(
 
     if file.size > _MAX_INDEX_BYTES:
         raise invalid(f"{file.size} bytes is too large for an index")
+    blob_file = blob_path(_blob(model, file), False)
     try:
-        document = json.loads(blob_path(_blob(model, file)).read_bytes())
+        document = json.loads(blob_file.read_bytes())
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise invalid(f"not JSON: {exc}") from None
     except OSError as exc:

@@ -9,7 +9,9 @@ URL has its query string (where signed URLs carry their signatures) and credenti
 Event names (the ``event`` field), so that operators can alert on them:
 
 - ``pipeline.registered``, ``pipeline.deleted``, ``pipeline.evicted`` (with ``reason``)
-- ``warm.started``, ``warm.finished``, ``warm.failed`` (with ``code``), ``warm.retry_scheduled``
+- ``warm.started``, ``warm.finished``, ``warm.failed`` (with ``code``), ``warm.retry_scheduled``,
+  ``warm.retrying`` (``staged`` set: a re-registration filling beside a warm version),
+  ``pipeline.registration_dropped`` (a staged re-registration replaced by the warm spec again)
 - ``blob.quarantined`` (with ``reason``), ``disk.full``
 - ``data_plane.worker_restarted``
 """

@@ -33,6 +33,7 @@ from cache_node.checkpoint_check import check_checkpoint, check_file_list
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
+    IntegrityError,
     InvalidCheckpoint,
     InvalidInput,
     NotFound,
@@ -220,9 +221,9 @@ class CacheNode:
             existing = self.registry.get(tenant, pipeline_id)
             if existing is not None and existing.state == "warm":
                 # the warm version keeps serving; the new spec fills beside it (restage)
-                staged = self._stage(existing, spec)
+                staged, changed = self._stage(existing, spec)
                 if staged is None:
-                    return self.status_of(existing), existing.pending is not None
+                    return self.status_of(existing), changed
                 record = staged
             elif (
                 existing is not None
@@ -256,12 +257,15 @@ class CacheNode:
         self._save(record, with_pending=True)
         return record
 
-    def _stage(self, existing: PipelineRecord, spec: PipelineSpec) -> PipelineRecord | None:
-        """Stage ``spec`` beside the warm ``existing``; None when there is nothing to fill
-        (the warm spec again: a staged attempt, if any, is dropped; the one already filling)."""
+    def _stage(
+        self, existing: PipelineRecord, spec: PipelineSpec
+    ) -> tuple[PipelineRecord | None, bool]:
+        """Stage ``spec`` beside the warm ``existing``: (the staged record, changed). None when
+        there is nothing to fill: the spec already filling (unchanged), or the warm spec again
+        (changed if a staged attempt was dropped)."""
         pending = existing.pending
         if pending is not None and pending.spec == spec and pending.state == "warming":
-            return None
+            return None, False
         if pending is not None:
             self._cancel_job(staged_job_key(existing.key))
         if existing.spec == spec:
@@ -271,11 +275,11 @@ class CacheNode:
                 emit("pipeline.registration_dropped", tenant=existing.tenant,
                      pipeline=existing.id, generation=pending.generation)
                 self._collect_orphans()
-            return None
+            return None, pending is not None
         attempt = restage.stage(existing, spec)
         existing.pending = attempt
         self._save(existing, with_pending=True)
-        return attempt
+        return attempt, True
 
     async def warm(self, tenant: str, pipeline_id: str) -> PipelineStatus:
         """Re-warm after eviction or failure (now, whatever ``retry_at`` says); a no-op for a
@@ -659,12 +663,10 @@ class CacheNode:
                 # the job records it; a pipeline evicted or deleted just then may have freed
                 # it. Fetch what is missing again rather than call the pipeline warm.
                 if all(f.blob and self.store.has(f.blob) for m in record.models
-                       for f in m.files):
+                       for f in m.files) and await self._checkpoint_intact(record):
                     break
             else:
                 raise WeightCacheError("blobs were freed while the pipeline was filling")
-            # nothing is warm that cannot be loaded: headers and indexes, from the verified blobs
-            await anyio.to_thread.run_sync(check_checkpoint, record.models, self.store.blob_path)
             await self._build_shards(record)
             if not self._is_current(record):
                 return
@@ -786,18 +788,23 @@ class CacheNode:
             await anyio.to_thread.run_sync(lambda: self._free_unreferenced(free_now))
 
     def _free_retired(self) -> None:
-        """Free the retired blobs of swapped pipelines whose pre-swap leases have all ended."""
+        """Free the retired blobs of swapped pipelines whose pre-swap leases have all ended
+        (expired ones too: the retry scheduler runs this on each pass)."""
         for record in list(self.registry.all()):
-            if not record.retired_blobs:
-                continue
-            live = [lease for lease in record.retired_leases if self.registry.lease_alive(lease)]
-            freed = restage.expired_retirement(record, live=live)
-            if freed or live != record.retired_leases:
-                self.registry.put(record)
-                self._blob_tenants = None
-            if freed:
-                self._free_unreferenced(freed)
-                self._update_gauges()
+            self._free_retired_of(record)
+
+    def _free_retired_of(self, record: PipelineRecord) -> None:
+        if not record.retired_blobs:
+            return
+        live = [lease for lease in record.retired_leases if self.registry.lease_alive(lease)]
+        if live and live == record.retired_leases:
+            return  # nothing changed
+        freed = restage.expired_retirement(record, live=live)
+        self.registry.put(record)
+        self._blob_tenants = None
+        if freed:
+            self._free_unreferenced(freed)
+            self._update_gauges()
 
     async def _retry(self, target: RetryTarget) -> None:
         """Start a due automatic re-warm, if the failure it was scheduled for still stands."""
@@ -817,9 +824,41 @@ class CacheNode:
         with contextlib.suppress(WeightCacheError):  # a failure is recorded on the pipeline
             await self._start_warm(record)
 
-    async def _recheck_checkpoint(self, record: PipelineRecord) -> None:
+    async def _checkpoint_intact(self, record: PipelineRecord) -> bool:
+        """Nothing is warm that cannot be loaded: check headers and indexes from the blobs
+        (``checkpoint_check``; raises ``InvalidCheckpoint``). False when a blob read for it
+        failed its digest (it was quarantined) or is gone: the fill fetches it again.
+
+        The blobs were hashed as they arrived, so the first pass reads headers as they are;
+        only a failure is checked again with the chunk digests, to tell a bad checkpoint from
+        bytes that went bad on disk (hashing a 64 MiB chunk per file on every warm and every
+        start is what this saves).
+        """
         try:
             await anyio.to_thread.run_sync(check_checkpoint, record.models, self.store.blob_path)
+            return True
+        except InvalidCheckpoint:
+            pass
+        try:
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    check_checkpoint,
+                    record.models,
+                    self.store.blob_path,
+                    verify=lambda sha, header_only: self.manifests.verify_blob(
+                        sha, header_only=header_only
+                    ),
+                )
+            )
+        except (IntegrityError, NotFound):  # quarantined, or freed under the job: fetch again
+            return False
+        return True
+
+    async def _recheck_checkpoint(self, record: PipelineRecord) -> None:
+        """A warm pipeline from before checkpoints were checked: fail it if it cannot load
+        (a bad blob is quarantined instead, and the pipeline re-warmed)."""
+        try:
+            await self._checkpoint_intact(record)
         except InvalidCheckpoint as exc:
             self._fail(record, exc)
 
@@ -1017,7 +1056,9 @@ class CacheNode:
         if lease is None or tenant not in (lease.tenant, ADMIN_TENANT):
             raise NotFound("no such lease")
         self.registry.delete_lease(lease_id)
-        self._free_retired()  # the last pre-swap lease of a re-registered pipeline frees bytes
+        record = self.registry.get(lease.tenant, lease.pipeline)
+        if record is not None:  # the last pre-swap lease of a re-registered one frees bytes
+            self._free_retired_of(record)
 
     def authorize_blob(self, tenant: str, sha256: str) -> BlobRecord:
         """The blob's record if a pipeline of ``tenant`` references it; NotFound otherwise (I7).

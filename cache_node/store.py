@@ -308,10 +308,11 @@ class BlobStore:
         A reader that already has the file open keeps reading it (unlink while open).
         Returns the bytes freed.
         """
-        record = self.get(sha256)
-        if record is None:
-            return 0
         with self._lock:
+            # looked up under the lock: two threads freeing one blob count its bytes once
+            record = self.get(sha256)
+            if record is None:
+                return 0
             self.meta.delete(f"blob:{sha256}")
             self._committed -= record.size
         self.blob_path(sha256).unlink(missing_ok=True)
@@ -319,8 +320,8 @@ class BlobStore:
 
     def quarantine(self, sha256: str, reason: str) -> None:
         """Move a bad blob aside and forget it, so it is never served again and gets re-fetched."""
-        record = self.get(sha256)
         with self._lock:
+            record = self.get(sha256)  # under the lock, as in delete
             self.meta.delete(f"blob:{sha256}")
             if record is not None:
                 self._committed -= record.size

@@ -214,12 +214,28 @@ class CacheMachine(RuleBasedStateMachine):
                 if state == "evicted" and before.get(p, ("",))[0] != "evicted"
             }
             assert not newly, f"a 507 evicted {newly}"
-            assert after[pipeline][0] == "failed"
+            if before.get(pipeline, ("",))[0] == "warm":  # the new spec failed beside it
+                assert after[pipeline][0] == "warm"
+                status = self.node.status(DEFAULT_TENANT, pipeline)
+                assert status.last_attempt is not None and status.last_attempt.error is not None
+                assert status.last_attempt.error.code == "insufficient_storage"
+            else:
+                assert after[pipeline][0] == "failed"
         self.registered[pipeline] = source
-        self.pinned.discard(pipeline)
-        if spec.pinned:
-            self.pinned.add(pipeline)
+        self._track_pin(pipeline, spec.pinned)
         self._run(self._advance(ticks))
+
+    def _track_pin(self, pipeline: str, pinned: bool) -> None:
+        """Pinned is what the pipeline's own spec says, or what its new spec filling beside a
+        warm version says (a failed new spec leaves the warm version as it was)."""
+        self.pinned.discard(pipeline)
+        record = self.node.registry.get(DEFAULT_TENANT, pipeline)
+        if record is None:
+            return
+        if record.spec.pinned or (
+            pinned and record.pending is not None and record.pending.state != "failed"
+        ):
+            self.pinned.add(pipeline)
 
     @precondition(lambda self: self.registered)
     @rule(data=st.data())
@@ -231,8 +247,11 @@ class CacheMachine(RuleBasedStateMachine):
         try:
             self._run(self.node.register(DEFAULT_TENANT, pipeline, self._spec(source, pinned=True)))
         except InsufficientStorage:
-            self.pinned.discard(pipeline)  # recorded with the pin, failed: keeps no bytes
-        self.pinned.add(pipeline)
+            pass
+        self.pinned.add(pipeline)  # recorded with the pin; a failed one keeps no bytes ...
+        record = self.node.registry.get(DEFAULT_TENANT, pipeline)
+        if record is not None and record.state == "warm" and not record.spec.pinned:
+            self._track_pin(pipeline, True)  # ... unless the unpinned warm version stays
 
     @rule(ticks=st.integers(1, 60))
     def advance(self, ticks: int) -> None:
@@ -412,7 +431,9 @@ class CacheMachine(RuleBasedStateMachine):
         for record in self.node.registry.all():
             if record.state != "warm":
                 continue
-            for sha, size in record.blobs().items():
+            # its own blobs and those of a swapped-out version still leased (a re-registration
+            # filling beside it may not have its blobs yet)
+            for sha, size in {**record.own_blobs(), **record.retired_blobs}.items():
                 stored = self.node.store.get(sha)
                 assert stored is not None, f"warm {record.id} lost blob {sha}"
                 assert stored.size == size

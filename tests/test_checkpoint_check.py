@@ -239,3 +239,25 @@ def test_a_load_that_would_deliver_no_tensors_is_an_error() -> None:
         NoWeightsError, match="no tensors"
     ):
         load("p", url="http://node", http=http)
+
+
+def test_a_header_gone_bad_on_disk_is_fetched_again_not_called_invalid(tmp_path: Path) -> None:
+    source = tmp_path / "models" / "m"
+    source.mkdir(parents=True)
+    (source / "model.safetensors").write_bytes(GOOD)
+    (source / "config.json").write_bytes(CONFIG)
+    spec = {"models": [{"name": "m", "source": f"file://{source}"}]}
+    with running_node(data_dir=tmp_path / "data") as node, node.client() as c:
+        c.put("/v1/pipelines/first", json=spec)
+        assert wait_for_state(c, "first", {"warm", "failed"})["state"] == "warm"
+        blob = hashlib.sha256(GOOD).hexdigest()
+        path = tmp_path / "data" / "blobs" / blob[:2] / blob
+        damaged = bytearray(path.read_bytes())
+        damaged[9] ^= 0xFF  # inside the JSON header: unparsable as it is on disk
+        path.write_bytes(bytes(damaged))
+        os.utime(path, ns=(0, path.stat().st_mtime_ns + 1_000_000_000))
+        c.put("/v1/pipelines/second", json=spec)  # finds the blob here, checks it
+        assert wait_for_state(c, "second", {"warm", "failed"})["state"] == "warm"
+        assert path.read_bytes() == GOOD  # quarantined and fetched again
+        assert (tmp_path / "data" / "quarantine" / blob).exists()
+        assert wait_for_state(c, "first", {"warm", "failed"})["state"] == "warm"

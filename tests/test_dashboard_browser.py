@@ -227,6 +227,11 @@ def test_dashboard_shows_states_progress_and_failures_for_one_tenant(
             # the filter shows only failed pipelines; the page keeps updating live
             page.click('[data-filter="failed"]')
             assert page.locator(".card").count() == 1
+            # "Warm now" re-warms it by hand, whatever its retry_at says: the origin is asked
+            asked = hub.requests("model-fault-500.safetensors")
+            summarizer.locator("button[data-warm]").click()
+            _wait_until(lambda: hub.requests("model-fault-500.safetensors") > asked,
+                        "Warm now did not reach the origin")
             page.click('[data-filter="all"]')
             assert wait_for_state(a, "voice-agent", {"warm", "failed"})["state"] == "warm"
             voice.locator('.chip[data-state="warm"]').wait_for()

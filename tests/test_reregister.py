@@ -195,3 +195,78 @@ def test_concurrent_reregistrations_end_in_one_warm_spec_and_no_stray_bytes(
             assert time.monotonic() < deadline, _blobs_on_disk(tmp_path / "data")
             time.sleep(0.05)
         assert c.get("/v1/node").json()["reserved"] == 0
+
+
+def test_retired_bytes_go_when_the_pre_swap_lease_expires(tmp_path: Path, hub: FixtureHub) -> None:
+    old, new = safetensors_bytes(1024), safetensors_bytes(512)
+    first = hub.add_repo("org/m", {"model.safetensors": old, "config.json": CONFIG})
+    second = hub.add_repo("org/m", {"model.safetensors": new, "config.json": CONFIG})
+    with _node(tmp_path, hub, lease_ttl_s=1.0, retry={"poll_s": 0.1}) as node, \
+            node.client() as c:
+        c.put("/v1/pipelines/p", json=_spec(f"hf://org/m@{first}"))
+        wait_for_state(c, "p", {"warm"})
+        old_blob = _blob_of(c, "p")
+        c.post("/v1/pipelines/p/leases")  # a replica that dies without releasing it
+        c.put("/v1/pipelines/p", json=_spec(f"hf://org/m@{second}"))
+        deadline = time.monotonic() + 60
+        while c.get("/v1/pipelines/p").json()["pending"] is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.get(f"/v1/blobs/{old_blob}").status_code == 200
+        while old_blob in _blobs_on_disk(tmp_path / "data"):  # the lease expires: freed
+            assert time.monotonic() < deadline, "retired bytes outlived their lease"
+            time.sleep(0.05)
+        assert c.get(f"/v1/blobs/{old_blob}").status_code == 404
+
+
+def test_registering_the_filling_or_the_warm_spec_again(tmp_path: Path, hub: FixtureHub) -> None:
+    hub.add_repo("org/m", {"model.safetensors": safetensors_bytes(256), "config.json": CONFIG})
+    hub.add_repo("org/slow", {"model-fault-stall.safetensors": safetensors_bytes(3 << 20),
+                              "config.json": CONFIG})
+    with _node(tmp_path, hub) as node, node.client() as c:
+        c.put("/v1/pipelines/p", json=_spec("hf://org/m"))
+        wait_for_state(c, "p", {"warm"})
+        assert c.put("/v1/pipelines/p", json=_spec("hf://org/slow")).status_code == 202
+        # the spec already filling: unchanged
+        assert c.put("/v1/pipelines/p", json=_spec("hf://org/slow")).status_code == 200
+        # back to the warm spec: the filling one is dropped
+        answer = c.put("/v1/pipelines/p", json=_spec("hf://org/m"))
+        assert answer.status_code == 202
+        assert answer.json()["pending"] is None and answer.json()["state"] == "warm"
+        assert c.put("/v1/pipelines/p", json=_spec("hf://org/m")).status_code == 200
+        # a pin alone changes nothing to fetch: the new spec is warm at once
+        c.put("/v1/pipelines/p", json=_spec("hf://org/m", pinned=True))
+        deadline = time.monotonic() + 30
+        while (status := c.get("/v1/pipelines/p").json())["pending"] is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status["pinned"] is True and status["state"] == "warm"
+
+
+def test_a_transiently_failed_reregistration_is_retried_and_swaps_in(
+    tmp_path: Path, hub: FixtureHub
+) -> None:
+    hub.add_repo("org/m", {"model.safetensors": safetensors_bytes(256), "config.json": CONFIG})
+    hub.add_repo("org/flaky", {"model-fault-503x1.safetensors": safetensors_bytes(512),
+                               "config.json": CONFIG})
+    with _node(tmp_path, hub, fetch={"max_attempts": 1}, retry={"base_s": 0.5}) as node, \
+            node.client() as c:
+        c.put("/v1/pipelines/p", json=_spec("hf://org/m"))
+        wait_for_state(c, "p", {"warm"})
+        c.put("/v1/pipelines/p", json=_spec("hf://org/flaky"))
+        deadline = time.monotonic() + 60
+        seen_failed = False
+        while (status := c.get("/v1/pipelines/p").json())["models"][0]["source"] != (
+            "hf://org/flaky"
+        ):
+            assert status["state"] == "warm"
+            attempt = status["last_attempt"]
+            if attempt is not None:
+                assert attempt["error"]["code"] == "origin_error"
+                assert attempt["error"]["retry_at"] is not None
+                seen_failed = True
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert seen_failed
+        assert status["state"] == "warm" and status["last_attempt"] is None
+        assert hub.requests("model-fault-503x1.safetensors") == 2

@@ -17,7 +17,7 @@ from cache_node.retry import backoff_s, failure_info
 from cache_node.settings import RetrySettings
 from clients.cli import main as cli_main
 from tests.fixtures.hf_hub import FixtureHub
-from tests.fixtures.node_server import running_node, wait_for_state
+from tests.fixtures.node_server import CLOSED_ENDPOINT, running_node, wait_for_state
 from tests.fixtures.weights import safetensors_bytes
 
 CONFIG = b'{"model_type": "llama"}'
@@ -141,3 +141,22 @@ def test_backoff_doubles_to_its_cap_and_honours_retry_after() -> None:
     ):
         info = failure_info(permanent, failures=1, settings=settings, now=1000.0)
         assert info.retry_at is None and info.action and "person" in info.action
+
+
+def test_an_unreachable_origin_is_retried_again_and_again(tmp_path: Path) -> None:
+    with running_node(
+        data_dir=tmp_path / "data",
+        hf={"endpoint": CLOSED_ENDPOINT},
+        fetch={"max_attempts": 1},
+        retry={"base_s": 0.2, "cap_s": 0.2},
+    ) as node, node.client() as c:
+        c.put("/v1/pipelines/p", json={"models": [{"name": "m", "source": "hf://org/gone"}]})
+        deadline = time.monotonic() + 60
+        while True:
+            error = c.get("/v1/pipelines/p").json()["error"]
+            if error is not None and error["attempts"] >= 3:
+                break
+            assert time.monotonic() < deadline, error
+            time.sleep(0.05)
+        assert error["code"] == "origin_error" and "cannot reach" in error["message"]
+        assert error["retry_at"] is not None

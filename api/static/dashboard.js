@@ -134,6 +134,25 @@
     }
   }
 
+  async function post(path) {
+    const headers = { Accept: "application/json" };
+    if (view.token) headers.Authorization = `Bearer ${view.token}`;
+    const response = await fetch(path, { method: "POST", headers, cache: "no-store" });
+    if (!response.ok) throw new HttpError(response.status, await response.json().catch(() => null));
+    return response.json().catch(() => null);
+  }
+
+  // "Warm now": after an eviction or a failure (whatever retry_at says), or a failed new spec
+  async function warmNow(button) {
+    button.disabled = true;
+    try {
+      await post(`/v1/pipelines/${encodeURIComponent(button.dataset.warm)}/warm`);
+    } catch (error) {
+      button.title = String(error && error.message ? error.message : error);
+    }
+    poll();
+  }
+
   async function poll() {
     clearTimeout(view.timer);
     try {
@@ -402,6 +421,21 @@
           <div class="error-retry">${retry}</div>
         </div>`;
     }
+    const attempt = p.pending || p.last_attempt;
+    if (attempt) {
+      const spec = attempt.models.map((m) => esc(shortSource(m.source)) + (m.revision ? ` @ ${esc(shortRevision(m.revision))}` : "")).join(", ");
+      error += attempt.error
+        ? `<div class="error-box" role="alert">
+            <div class="error-code">new spec failed: ${esc(attempt.error.code)}</div>
+            <div class="error-message">${esc(attempt.error.message)}</div>
+            <div class="error-retry">${spec}; the version above keeps serving${attempt.error.retry_at ? `, retries ${esc(fmtRelative(attempt.error.retry_at))}` : ""}</div>
+          </div>`
+        : `<div class="note-box">New spec filling (${Math.round(pct(attempt.progress, 1))}%): ${spec}. The version above keeps serving until it is warm.</div>`;
+    }
+    const canWarm = ["failed", "evicted", "cold"].includes(p.state) || (p.last_attempt && p.state === "warm");
+    const actions = canWarm
+      ? `<div class="actions"><button type="button" class="action" data-warm="${esc(p.id)}">Warm now</button></div>`
+      : "";
     let note = "";
     if (p.state === "evicted") note = `<div class="note-box">Evicted${p.evicted_reason ? ` (${esc(p.evicted_reason)})` : ""}: its bytes were freed; it warms again on request.</div>`;
     const unverified = p.unverified_files
@@ -414,7 +448,7 @@
         ${fact("Active leases", String(p.active_leases || 0), !p.active_leases)}
         ${fact("Flags", badges(p) ? `<span class="badges">${badges(p)}</span>` : "none", !badges(p))}
       </div>
-      ${error}${note}
+      ${error}${note}${actions}
       <div class="section"><div class="section-title">Models</div><div class="models">${models}</div>${unverified}</div>
       <div class="section"><div class="section-title">Tensor-parallel shards</div><div class="shards">${shards}</div></div>
       <div class="section"><div class="section-title">Recent loads</div>${loadsTable(p)}</div>`;
@@ -564,6 +598,8 @@
       }
     });
     document.addEventListener("click", (event) => {
+      const warm = event.target.closest("[data-warm]");
+      if (warm) { warmNow(warm); return; }
       const link = event.target.closest("[data-json-path]");
       // a modified click opens the raw JSON (works as is when auth is off)
       if (!link || event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
