@@ -19,9 +19,19 @@ from cache_node.store import check_sha256
 router = APIRouter(tags=["blobs"])
 
 
-@router.api_route("/v1/blobs/{sha256}", methods=["GET", "HEAD"], response_model=None)
+@router.get("/v1/blobs/{sha256}", response_model=None)
 async def get_blob(sha256: str, request: Request, node: Node, tenant: Tenant) -> Response:
     """The blob's bytes, 200 or 206; 404 unless a pipeline of the caller's tenant holds it."""
+    return await _answer(sha256, request, node, tenant)
+
+
+@router.head("/v1/blobs/{sha256}", response_model=None)
+async def head_blob(sha256: str, request: Request, node: Node, tenant: Tenant) -> Response:
+    """The headers ``GET`` would send (without applying a Range), and no body."""
+    return await _answer(sha256, request, node, tenant)
+
+
+async def _answer(sha256: str, request: Request, node: Node, tenant: str) -> Response:
     record = node.authorize_blob(tenant, check_sha256(sha256))
     answer = plan_blob_response(
         method=request.method,
