@@ -11,7 +11,7 @@ Event names (the ``event`` field), so that operators can alert on them:
 - ``pipeline.registered``, ``pipeline.deleted``, ``pipeline.evicted`` (with ``reason``)
 - ``warm.started``, ``warm.finished``, ``warm.failed`` (with ``code``), ``warm.retry_scheduled``
 - ``blob.quarantined`` (with ``reason``), ``disk.full``
-- ``data_plane.worker_restarted``
+- ``data_plane.worker_restarted``, ``data_plane.worker_died``, ``data_plane.worker_restart_failed``
 """
 
 from __future__ import annotations
