@@ -234,8 +234,9 @@ async def _answer(request: web.Request, handler: Any) -> web.StreamResponse:
 def _error(
     status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
 ) -> web.Response:
-    body = {"error": {"code": code, "message": message, **details}}
-    return web.json_response(body, status=status, headers=headers, dumps=_json)
+    body = _json({"error": {"code": code, "message": message, **details}}).encode()
+    return web.Response(body=body, status=status,
+                        headers={**(headers or {}), "Content-Type": "application/json"})
 
 
 def _json(value: Any) -> str:

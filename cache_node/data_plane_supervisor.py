@@ -31,14 +31,21 @@ from cache_node.data_plane import (
     wait_ready,
 )
 from cache_node.events import emit
-from cache_node.settings import NodeSettings
+from cache_node.settings import DataPlaneSettings, NodeSettings
 from cache_node.worker_stats import read_totals
 
-__all__ = ["DataPlane", "DataPlaneCollector"]
+__all__ = ["DataPlane", "DataPlaneCollector", "restart_delay"]
 
 log = logging.getLogger("weightcache.data_plane")
 
 _RESTART_READY_TIMEOUT_S = 30.0
+
+
+def restart_delay(failures: int, config: DataPlaneSettings) -> float:
+    """Seconds before restarting a worker that died ``failures`` times in a row, each soon
+    after its start: the base delay, doubled per failure, capped."""
+    exponent = min(max(failures, 1) - 1, 62)  # 2**62 already dwarfs any cap
+    return float(min(config.restart_backoff_cap_s, config.restart_backoff_s * 2**exponent))
 
 
 @dataclass
@@ -126,10 +133,7 @@ class DataPlane:
         if slot.restart_at is None:  # just found dead: schedule its restart
             quick = now - slot.started_at < config.healthy_after_s
             slot.failures = slot.failures + 1 if quick else 1
-            delay = min(
-                config.restart_backoff_cap_s,
-                config.restart_backoff_s * 2 ** (slot.failures - 1),
-            )
+            delay = restart_delay(slot.failures, config)
             slot.restart_at = now + delay
             emit("data_plane.worker_died", level=logging.WARNING, slot=index,
                  pid=slot.process.pid, exit_code=code, restart_in_s=round(delay, 3))

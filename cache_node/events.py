@@ -13,7 +13,7 @@ Event names (the ``event`` field), so that operators can alert on them:
   ``warm.retrying`` (``staged`` set: a re-registration filling beside a warm version),
   ``pipeline.registration_dropped`` (a staged re-registration replaced by the warm spec again)
 - ``blob.quarantined`` (with ``reason``), ``disk.full``
-- ``data_plane.worker_restarted``
+- ``data_plane.worker_restarted``, ``data_plane.worker_died``, ``data_plane.worker_restart_failed``
 """
 
 from __future__ import annotations

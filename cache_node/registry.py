@@ -7,7 +7,7 @@ pipelines (I7).
 
 Indexes kept beside them, so that no request costs a scan of every tenant's records:
 
-- ``blob-refs:<sha256>``: the pipelines (``tenant/id``) referencing a blob, updated by every
+- ``blob-refs:<sha256>``: the pipelines ``[tenant, id]`` referencing a blob, updated by every
   :meth:`Registry.put` and :meth:`Registry.delete` from the blobs the record gained or lost.
   Both ports authorise a blob with one read of it (:meth:`Registry.blob_tenants`).
 - ``lease-index:<tenant>/<id>`` and ``tenant-leases:<tenant>``: lease id → expiry, so a
@@ -177,7 +177,8 @@ class Registry:
             old = self.meta.get(key)
             self.meta.set(key, record.model_dump(mode="json"))
             before = set(PipelineRecord.model_validate(old).blobs()) if old else set()
-            self._update_blob_refs(record.key, added=set(record.blobs()) - before,
+            self._update_blob_refs((record.tenant, record.id),
+                                   added=set(record.blobs()) - before,
                                    removed=before - set(record.blobs()))
 
     def delete(self, tenant: str, pipeline_id: str) -> None:
@@ -187,7 +188,7 @@ class Registry:
             self.meta.delete(f"pipeline:{key}")
             if old is not None:
                 removed = set(PipelineRecord.model_validate(old).blobs())
-                self._update_blob_refs(key, added=set(), removed=removed)
+                self._update_blob_refs((tenant, pipeline_id), added=set(), removed=removed)
 
     def all(self) -> Iterator[PipelineRecord]:
         for _, raw in self.meta.scan("pipeline:"):
@@ -207,18 +208,22 @@ class Registry:
     # the blob → pipelines index
     def blob_tenants(self, sha256: str) -> set[str]:
         """The tenants with a pipeline that references blob ``sha256`` (one metadata read)."""
-        raw = self.meta.get(f"blob-refs:{sha256}")
-        pipelines: list[str] = raw["pipelines"] if raw else []
-        return {key.partition("/")[0] for key in pipelines}
+        return {tenant for tenant, _ in self._blob_refs(sha256)}
 
-    def _update_blob_refs(self, key: str, *, added: set[str], removed: set[str]) -> None:
+    def _blob_refs(self, sha256: str) -> set[tuple[str, str]]:
+        # (tenant, id) pairs, never "tenant/id" strings: a tenant's name may hold a slash.
+        raw = self.meta.get(f"blob-refs:{sha256}")
+        return {(tenant, pipeline) for tenant, pipeline in raw["pipelines"]} if raw else set()
+
+    def _update_blob_refs(
+        self, ref: tuple[str, str], *, added: set[str], removed: set[str]
+    ) -> None:
         for sha256 in added | removed:
-            raw = self.meta.get(f"blob-refs:{sha256}")
-            pipelines = set(raw["pipelines"]) if raw else set()
+            pipelines = self._blob_refs(sha256)
             if sha256 in added:
-                pipelines.add(key)
+                pipelines.add(ref)
             else:
-                pipelines.discard(key)
+                pipelines.discard(ref)
             if pipelines:
                 self.meta.set(f"blob-refs:{sha256}", {"pipelines": sorted(pipelines)})
             else:
@@ -234,10 +239,10 @@ class Registry:
             for prefix in ("blob-refs:", "lease-index:", "tenant-leases:"):
                 for key, _ in list(self.meta.scan(prefix)):
                     self.meta.delete(key)
-            refs: dict[str, set[str]] = {}
+            refs: dict[str, set[tuple[str, str]]] = {}
             for record in self.all():
                 for sha256 in record.blobs():
-                    refs.setdefault(sha256, set()).add(record.key)
+                    refs.setdefault(sha256, set()).add((record.tenant, record.id))
             for sha256, pipelines in refs.items():
                 self.meta.set(f"blob-refs:{sha256}", {"pipelines": sorted(pipelines)})
             now = time.time()

@@ -178,3 +178,14 @@ def test_load_cli_says_it_fell_back(node: ServeProcess, tmp_path: Path,
     report["gb_per_s"] = result.report.gb_per_s
     print_stage_table(report)
     assert "came from the node's API instead of its data plane" in capsys.readouterr().out
+
+
+def test_restarts_back_off_and_cap() -> None:
+    from cache_node.data_plane_supervisor import restart_delay
+    from cache_node.settings import DataPlaneSettings
+
+    config = DataPlaneSettings(restart_backoff_s=0.5, restart_backoff_cap_s=30)
+    delays = [restart_delay(n, config) for n in range(1, 10)]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert delays == sorted(delays) and max(delays) == 30
+    assert restart_delay(10_000, config) == 30

@@ -248,15 +248,18 @@ def test_a_reported_load_feeds_the_cold_start_histograms(tmp_path: Path) -> None
         assert moved(after, scrape(c), "weightcache_loads_total") == 0
 
 
-def test_the_grafana_dashboard_uses_only_metrics_a_node_exports() -> None:
-    from cache_node.metrics import NodeMetrics
+def test_the_grafana_dashboard_uses_only_metrics_a_node_exports(tmp_path: Path) -> None:
+    from api import create_app
+    from cache_node.settings import NodeSettings
 
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    app = create_app(NodeSettings(data_dir=tmp_path))  # its collectors too (the data plane's)
     exported = {
         family.name + suffix
-        for family in NodeMetrics().registry.collect()
+        for family in app.state.node.metrics.registry.collect()
         for suffix in suffixes[family.type]
     }
+    app.state.node.meta.close()
     dashboard = json.loads(
         (Path(__file__).resolve().parent.parent / "infra" / "grafana-dashboard.json").read_text()
     )

@@ -186,7 +186,7 @@ def _both(node: ServeProcess, method: str, sha: str, headers: dict[str, bytes]) 
 
 def _same(api: httpx.Response, data: httpx.Response, expected: bytes, header: str) -> None:
     assert api.status_code == data.status_code, header
-    for name in ("content-range", "content-length", "etag", "accept-ranges"):
+    for name in ("content-range", "content-length", "etag", "accept-ranges", "content-type"):
         assert api.headers.get(name) == data.headers.get(name), (header, name)
     if api.status_code == 416:
         assert api.json()["error"]["code"] == data.json()["error"]["code"]
@@ -228,3 +228,20 @@ def test_head_has_the_headers_of_get_and_no_body(blobs: Blobs) -> None:
                 for name in ("content-length", "accept-ranges", "etag", "content-type"):
                     assert head.headers.get(name) == get.headers.get(name), name
                 assert head.headers["content-length"] == str(len(expected))
+
+
+def test_head_and_get_refusals_are_the_same_on_both_ports(blobs: Blobs) -> None:
+    sha = next(iter(blobs.blobs))
+    for method in ("GET", "HEAD"):
+        for path in (f"/v1/blobs/{'cd' * 32}", "/v1/blobs/not-a-digest"):
+            api, data = (
+                httpx.request(method, f"{base}{path}", timeout=30)
+                for base in (blobs.node.url, blobs.node.data_url)
+            )
+            assert api.status_code == data.status_code and api.status_code in (400, 404)
+            assert api.headers["content-type"] == data.headers["content-type"]
+            if method == "HEAD":
+                assert api.content == data.content == b""
+            else:
+                assert api.content == data.content
+    assert _both(blobs.node, "HEAD", sha, {})[0].status_code == 200

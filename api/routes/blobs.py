@@ -27,7 +27,7 @@ async def get_blob(sha256: str, request: Request, node: Node, tenant: Tenant) ->
 
 @router.head("/v1/blobs/{sha256}", response_model=None)
 async def head_blob(sha256: str, request: Request, node: Node, tenant: Tenant) -> Response:
-    """The headers ``GET`` would send (length, ETag, ranges), without the bytes."""
+    """The headers ``GET`` would send (without applying a Range), and no body."""
     return await _answer(sha256, request, node, tenant)
 
 
