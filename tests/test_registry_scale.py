@@ -23,6 +23,7 @@ from api.schema import ModelSpec, PipelineSpec
 from cache_node.data_plane import run_data_plane, stop_data_plane
 from cache_node.registry import FileEntry, ModelEntry, PipelineRecord
 from tests.fixtures.node_server import RunningNode, free_port, running_node, wait_for_state
+from tests.fixtures.weights import write_weights
 from tests.test_metrics import Scrape
 
 TOKENS = {"tok-a": "alpha", "tok-b": "beta", "tok-g": "gamma"}
@@ -45,6 +46,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     model.mkdir()
     data = b"weights " * 1000
     (model / "weights.txt").write_bytes(data)
+    write_weights(model)  # a pipeline is warm only with loadable weights
     port = free_port()
     with running_node(
         data_dir=root / "data",
