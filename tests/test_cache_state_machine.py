@@ -452,12 +452,14 @@ class CacheMachine(RuleBasedStateMachine):
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+@pytest.mark.timeout(900)  # a few minutes on two cores; more when they are shared
 def test_cache_state_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """≥ 2,000 steps of random operations with every invariant checked after each."""
     _run_machine(tmp_path, monkeypatch, examples=EXAMPLES, min_steps=MIN_STEPS)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(0)
 def test_cache_state_machine_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ten times as many examples, for ``make test-all`` (several minutes)."""
     _run_machine(tmp_path, monkeypatch, examples=10 * EXAMPLES, min_steps=10 * MIN_STEPS)
