@@ -30,6 +30,7 @@ from api.schema import (
 )
 from cache_node.access import TenantAccess
 from cache_node.errors import (
+    AmbiguousPipeline,
     Conflict,
     InsufficientStorage,
     InvalidInput,
@@ -159,6 +160,14 @@ class CacheNode:
             matches = self.registry.by_id(pipeline_id)
             if len(matches) == 1:
                 record = matches[0]
+            elif matches:  # never pick one: admin says which with ?tenant=
+                tenants = sorted(r.tenant for r in matches)
+                raise AmbiguousPipeline(
+                    f"pipeline {pipeline_id!r} exists for tenants {', '.join(tenants)}: "
+                    "name one with ?tenant=NAME (CLI: --tenant)",
+                    pipeline=pipeline_id,
+                    tenants=tenants,
+                )
         if record is None:
             raise NotFound(f"no pipeline {pipeline_id!r}", pipeline=pipeline_id)
         return record

@@ -24,7 +24,7 @@ from loader.errors import LoaderError, NotWarmError
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, token=args.token)
+    return Client(args.url, token=args.token, tenant=args.tenant)
 
 
 def _parse_model(text: str) -> ModelSpec:
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=None, help="node URL (default $WEIGHTCACHE_URL or "
                         "http://127.0.0.1:8470)")
     parser.add_argument("--token", default=None, help="bearer token (default $WEIGHTCACHE_TOKEN)")
+    parser.add_argument("--tenant", default=None,
+                        help="with an admin token: act on this tenant's pipelines (an id "
+                        "several tenants use is otherwise a 409 ambiguous_pipeline)")
     sub = parser.add_subparsers(dest="command_name", required=True)
 
     serve = sub.add_parser("serve", help="run a cache node")
