@@ -103,6 +103,13 @@ def test_admin_names_the_tenant_with_a_query_parameter(node: RunningNode) -> Non
         # one left: no longer ambiguous
         assert admin.get("/v1/pipelines/p").json()["tenant"] == "team-b"
         assert admin.get("/v1/pipelines/p", params={"tenant": "nobody"}).status_code == 404
+        # registering on a tenant's behalf makes the pipeline that tenant's
+        source = admin.get("/v1/pipelines/p").json()["models"][0]["source"]
+        body = {"models": [{"name": "m", "source": source}]}
+        made = admin.put("/v1/pipelines/q", json=body, params={"tenant": "team-a"})
+        assert made.status_code == 202 and made.json()["tenant"] == "team-a"
+        with node.client("tok-a") as a:
+            assert a.get("/v1/pipelines/q").json()["tenant"] == "team-a"
 
 
 def test_others_may_name_only_their_own_tenant(node: RunningNode) -> None:

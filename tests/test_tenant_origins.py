@@ -15,13 +15,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cache_node.access import load_access
+from cache_node.data_plane import run_data_plane, stop_data_plane
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.hf_hub import FixtureHub
-from tests.fixtures.node_server import CLOSED_ENDPOINT, RunningNode, running_node, wait_for_state
+from tests.fixtures.node_server import (
+    CLOSED_ENDPOINT,
+    RunningNode,
+    free_port,
+    running_node,
+    wait_for_state,
+)
 from tests.test_declared_digests import checkpoint, sha256
 
 HF_SECRET = "hf_team_a_secret_0123456789"
@@ -112,7 +120,8 @@ def test_each_tenant_uses_its_own_credentials(
 ) -> None:
     weights = checkpoint(11)
     seaweed.put(bucket, "m/model.safetensors", weights)
-    hf_hub.add_repo("org-a/private", {"model.safetensors": checkpoint(12)}, private=True,
+    private_weights = checkpoint(12)
+    hf_hub.add_repo("org-a/private", {"model.safetensors": private_weights}, private=True,
                     token=HF_SECRET)
     wrong_secret = "wrong-secret-" + "x" * 20
     tokens = write_tokens(tmp_path, {
@@ -139,6 +148,17 @@ def test_each_tenant_uses_its_own_credentials(
             # B's credentials are refused by the origin; A's warm copy is no way around that
             assert status["state"] == "failed", status
             assert status["error"]["code"] == "unauthorized", status
+        # the data plane reads the same tokens file: A's blob is A's alone there too
+        blob = sha256(private_weights)  # what A's pipeline "p" holds now
+        data_port = free_port()
+        workers = run_data_plane(node.settings, port=data_port, workers=1)
+        try:
+            for token, expected in (("tok-a", 200), ("tok-b", 404)):
+                answer = httpx.get(f"http://127.0.0.1:{data_port}/v1/blobs/{blob}", timeout=30,
+                                   headers={"Authorization": f"Bearer {token}"})
+                assert answer.status_code == expected, token
+        finally:
+            stop_data_plane(workers)
         texts = [json.dumps(status), caplog.text]
         texts += [p.read_bytes().decode("latin-1") for p in (tmp_path / "data" / "meta").rglob("*")
                   if p.is_file()]
