@@ -88,7 +88,11 @@ class Prefix:
     segments: tuple[str, ...]
 
     def covers(self, scheme: str, segments: tuple[str, ...]) -> bool:
-        return scheme == self.scheme and segments[: len(self.segments)] == self.segments
+        if scheme != self.scheme or segments[: len(self.segments)] != self.segments:
+            return False
+        # "hf://org-a/" is a namespace: it covers the repos in it, not a repo named "org-a"
+        # (a namespace-less repo, like the old "gpt2", is another thing on the hub).
+        return not (scheme == "hf" and len(self.segments) == 1 and len(segments) == 1)
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,9 @@ def _prefix(tenant: str, text: str) -> Prefix:
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError(f"tenant {tenant!r}: {text!r} is not an absolute file:// path")
         return Prefix("file", Path(unquote(parts.path)).resolve().parts)
-    segments = [parts.netloc, *unquote(parts.path).split("/")]
+    # the path as parse_source reads it: leading slashes dropped, trailing ones too
+    path = unquote(parts.path).strip("/")
+    segments = [parts.netloc, *path.split("/")] if path else [parts.netloc]
     while segments and segments[-1] == "":
         segments.pop()
     if not segments:  # "hf://": every source of the scheme

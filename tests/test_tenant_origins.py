@@ -226,3 +226,48 @@ def test_tokens_file_shapes(tmp_path: Path) -> None:
         with pytest.raises(ValueError) as caught:
             load_access(path)
         assert "hf_x" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "source", "allowed"),
+    [
+        ("s3://bucket-a/", "s3://bucket-a/m", True),
+        ("s3://bucket-a/", "s3://bucket-a", True),
+        ("s3://bucket-a/", "s3://bucket-ab/m", False),
+        ("s3://bucket-a/models/", "s3://bucket-a/models/llama", True),
+        ("s3://bucket-a/models", "s3://bucket-a/models/llama", True),
+        ("s3://bucket-a/models/", "s3://bucket-a/models-evil/llama", False),
+        ("s3://bucket-a/models/", "s3://bucket-a/other", False),
+        ("s3://bucket-a/models/", "s3://bucket-a", False),
+        ("s3://bucket-a/", "s3://Bucket-a/m", False),
+        ("hf://org-a/", "hf://org-a/m", True),
+        ("hf://org-a/", "hf://org-a/m@main", True),
+        ("hf://org-a/", "hf://org-a", False),  # a repo named "org-a", not the namespace
+        ("hf://org-a/", "hf://org-a-evil/m", False),
+        ("hf://org-a/", "hf://Org-A/m", False),
+        ("hf://org-a/model", "hf://org-a/model", True),
+        ("hf://org-a/model", "hf://org-a/model-evil", False),
+        ("hf://", "hf://anyone/m", True),
+        ("hf://", "s3://bucket/m", False),
+        ("file:///srv/a/", "file:///srv/a/m", True),
+        ("file:///srv/a/", "file:///srv/ab/m", False),
+    ],
+)
+def test_prefix_matching_is_by_whole_segments(
+    tmp_path: Path, prefix: str, source: str, allowed: bool
+) -> None:
+    from api.schema import ModelSpec
+    from cache_node.access import TenantAccess
+    from cache_node.errors import SourceNotAllowed
+    from cache_node.settings import NodeSettings
+
+    tokens = write_tokens(tmp_path, {"tokens": {"t": "team"},
+                                     "tenants": {"team": {"sources": [prefix]}}})
+    access = TenantAccess(NodeSettings(data_dir=tmp_path / "d", tokens_file=tokens,
+                                       local_roots=["/srv"]))
+    model = ModelSpec(name="m", source=source)
+    if allowed:
+        access.check_source("team", model, pipeline="p")
+    else:
+        with pytest.raises(SourceNotAllowed):
+            access.check_source("team", model, pipeline="p")
