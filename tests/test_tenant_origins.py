@@ -228,6 +228,17 @@ def test_tokens_file_shapes(tmp_path: Path) -> None:
         assert "hf_x" not in str(caught.value)
 
 
+def test_tenant_local_roots_must_lie_inside_the_nodes(tmp_path: Path) -> None:
+    from cache_node.access import TenantAccess
+    from cache_node.settings import NodeSettings
+
+    tokens = write_tokens(tmp_path, {"tokens": {"t": "team"},
+                                     "tenants": {"team": {"local_roots": ["/etc"]}}})
+    with pytest.raises(ValueError, match="--local-root"):
+        TenantAccess(NodeSettings(data_dir=tmp_path / "d", tokens_file=tokens,
+                                  local_roots=[tmp_path / "models"]))
+
+
 @pytest.mark.parametrize(
     ("prefix", "source", "allowed"),
     [
