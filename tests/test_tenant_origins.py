@@ -282,3 +282,15 @@ def test_prefix_matching_is_by_whole_segments(
     else:
         with pytest.raises(SourceNotAllowed):
             access.check_source("team", model, pipeline="p")
+
+
+def test_a_tenants_missing_s3_profile_fails_as_unauthorized(tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path, {"tokens": {"t": "team"},
+                                     "tenants": {"team": {"s3": {"profile": "no-such-profile"}}}})
+    with running_node(data_dir=tmp_path / "data", tokens_file=tokens) as node:
+        assert put(node, "t", "p", "s3://bucket/m").status_code == 202
+        with node.client("t") as client:
+            status = wait_for_state(client, "p", {"warm", "failed"})
+        assert status["state"] == "failed"
+        assert status["error"]["code"] == "unauthorized", status["error"]
+        assert "no-such-profile" in status["error"]["message"]
