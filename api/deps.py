@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 
 from api.schema import validate_identifier
 from cache_node.errors import InvalidInput, Unauthorized
@@ -16,18 +16,26 @@ def get_node(request: Request) -> CacheNode:
     return node
 
 
-def get_tenant(request: Request, node: Annotated[CacheNode, Depends(get_node)]) -> str:
-    """The caller's tenant from ``Authorization: Bearer``; 401 when missing or unknown."""
+def get_tenant(
+    request: Request,
+    node: Annotated[CacheNode, Depends(get_node)],
+    tenant: Annotated[
+        str | None,
+        Query(max_length=256, description="admin only: act on this tenant's pipelines"),
+    ] = None,
+) -> str:
+    """The tenant a request acts for: the caller's, from ``Authorization: Bearer`` (401 when
+    missing or unknown), or for admin the one ``?tenant=`` names (404 for anyone else)."""
     header = request.headers.get("authorization")
     token = None
     if header is not None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             token = value.strip()
-    tenant = node.tenant_for(token)
-    if tenant is None:
+    caller = node.tenant_for(token)
+    if caller is None:
         raise Unauthorized("missing or invalid bearer token")
-    return tenant
+    return node.access.acting_tenant(caller, tenant)
 
 
 def pipeline_id(pipeline_id: Annotated[str, Path(max_length=256)]) -> str:

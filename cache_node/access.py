@@ -56,11 +56,12 @@ from urllib.parse import unquote, urlsplit
 from pydantic import SecretStr
 
 from api.schema import ModelSpec
-from cache_node.errors import LocalSourceNotAllowed, SourceNotAllowed
+from cache_node.errors import LocalSourceNotAllowed, NotFound, SourceNotAllowed
 from cache_node.events import emit, redact
 from cache_node.origins import check_local_source
 from cache_node.origins.base import SourceRef, parse_source
 from cache_node.settings import HFSettings, NodeSettings, S3Settings
+from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
 
 __all__ = [
     "AccessConfig",
@@ -87,7 +88,11 @@ class Prefix:
     segments: tuple[str, ...]
 
     def covers(self, scheme: str, segments: tuple[str, ...]) -> bool:
-        return scheme == self.scheme and segments[: len(self.segments)] == self.segments
+        if scheme != self.scheme or segments[: len(self.segments)] != self.segments:
+            return False
+        # "hf://org-a/" is a namespace: it covers the repos in it, not a repo named "org-a"
+        # (a namespace-less repo, like the old "gpt2", is another thing on the hub).
+        return not (scheme == "hf" and len(self.segments) == 1 and len(segments) == 1)
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,9 @@ def _prefix(tenant: str, text: str) -> Prefix:
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError(f"tenant {tenant!r}: {text!r} is not an absolute file:// path")
         return Prefix("file", Path(unquote(parts.path)).resolve().parts)
-    segments = [parts.netloc, *unquote(parts.path).split("/")]
+    # the path as parse_source reads it: leading slashes dropped, trailing ones too
+    path = unquote(parts.path).strip("/")
+    segments = [parts.netloc, *path.split("/")] if path else [parts.netloc]
     while segments and segments[-1] == "":
         segments.pop()
     if not segments:  # "hf://": every source of the scheme
@@ -242,6 +249,19 @@ class TenantAccess:
                     raise ValueError(
                         f"tenant {tenant!r}: local root {root} is not inside a --local-root dir"
                     )
+
+    def acting_tenant(self, caller: str, requested: str | None) -> str:
+        """The tenant a request acts for: ``?tenant=NAME`` lets admin address NAME's pipelines
+        (two tenants may use one id); anyone else may name only itself. A tenant that is not
+        the caller's to address, or that does not exist, is a 404, like a missing pipeline."""
+        if requested is None or requested == caller:
+            return caller
+        if caller == ADMIN_TENANT:
+            known = set(self.tokens.values()) if self.tokens is not None else {DEFAULT_TENANT}
+            if requested in known:
+                return requested
+        emit("tenant.refused", level=logging.WARNING, caller=caller, requested=requested)
+        raise NotFound(f"no tenant {requested!r} here", tenant=requested)
 
     def settings_for(self, tenant: str) -> NodeSettings:
         """The node's settings with this tenant's credentials and local roots in place."""

@@ -10,7 +10,8 @@ The tree::
     ├── SourceNotAllowed                 403 source_not_allowed (outside the tenant's sources)
     ├── NotFound(LookupError)            404 not_found (also: another tenant's pipeline or blob)
     ├── Conflict                         409 conflict
-    │   └── NotWarm                      409 not_warm
+    │   ├── NotWarm                      409 not_warm
+    │   └── AmbiguousPipeline            409 ambiguous_pipeline (admin: an id several tenants use)
     ├── InsufficientStorage              507 insufficient_storage
     ├── IntegrityError(ValueError)       502 integrity_error (bytes that do not match a digest)
     ├── InvalidCheckpoint(ValueError)    422 invalid_checkpoint (weights no loader can read)
@@ -94,6 +95,12 @@ class Conflict(WeightCacheError):
 
 class NotWarm(Conflict):
     code = "not_warm"
+
+
+class AmbiguousPipeline(Conflict):
+    """Admin named an id that several tenants use; ``tenants`` lists them (add ``?tenant=``)."""
+
+    code = "ambiguous_pipeline"
 
 
 class InsufficientStorage(WeightCacheError):

@@ -31,6 +31,7 @@ from cache_node import restage
 from cache_node.access import TenantAccess
 from cache_node.checkpoint_check import check_checkpoint, check_file_list
 from cache_node.errors import (
+    AmbiguousPipeline,
     Conflict,
     InsufficientStorage,
     IntegrityError,
@@ -185,6 +186,14 @@ class CacheNode:
             matches = self.registry.by_id(pipeline_id)
             if len(matches) == 1:
                 record = matches[0]
+            elif matches:  # never pick one: admin says which with ?tenant=
+                tenants = sorted(r.tenant for r in matches)
+                raise AmbiguousPipeline(
+                    f"pipeline {pipeline_id!r} exists for tenants {', '.join(tenants)}: "
+                    "name one with ?tenant=NAME (CLI: --tenant)",
+                    pipeline=pipeline_id,
+                    tenants=tenants,
+                )
         if record is None:
             raise NotFound(f"no pipeline {pipeline_id!r}", pipeline=pipeline_id)
         return record

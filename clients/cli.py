@@ -51,7 +51,7 @@ def _version() -> str:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, token=args.token)
+    return Client(args.url, token=args.token, tenant=args.tenant)
 
 
 def _parse_model(text: str) -> ModelSpec:
@@ -336,11 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=None, help="node URL (default $WEIGHTCACHE_URL or "
                         "http://127.0.0.1:8470)")
     parser.add_argument("--token", default=None, help="bearer token (default $WEIGHTCACHE_TOKEN)")
-    # --url and --token work after the subcommand too; SUPPRESS keeps the value given before it
-    # when they are not repeated there.
+    parser.add_argument("--tenant", default=None,
+                        help="with an admin token: act on this tenant's pipelines (an id "
+                        "several tenants use is otherwise a 409 ambiguous_pipeline)")
+    # --url, --token and --tenant work after the subcommand too; SUPPRESS keeps the value given
+    # before it when they are not repeated there.
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument("--url", default=argparse.SUPPRESS, help="node URL")
     connection.add_argument("--token", default=argparse.SUPPRESS, help="bearer token")
+    connection.add_argument("--tenant", default=argparse.SUPPRESS,
+                            help="with an admin token: this tenant's pipelines")
     subparsers = parser.add_subparsers(dest="command_name", required=True)
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:

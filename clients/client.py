@@ -51,12 +51,18 @@ class WarmFailed(ApiError):
 class _BaseClient:
     """Request building and answer parsing, shared by the sync and async clients."""
 
-    def __init__(self, url: str | None, token: str | None) -> None:
+    def __init__(self, url: str | None, token: str | None, tenant: str | None = None) -> None:
         self.url = default_url(url).rstrip("/")
         self.token = default_token(token)
+        self.tenant = tenant
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _params(self) -> dict[str, str]:
+        # Sent with every request: for an admin token it selects whose pipelines it addresses
+        # (two tenants may use one id); another token may name only its own tenant.
+        return {"tenant": self.tenant} if self.tenant else {}
 
     @staticmethod
     def _spec(
@@ -95,12 +101,17 @@ class Client(_BaseClient):
         url: str | None = None,
         *,
         token: str | None = None,
+        tenant: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(url, token)
+        super().__init__(url, token, tenant)
         self.http = httpx.Client(
-            base_url=self.url, headers=self._headers(), timeout=timeout, transport=transport
+            base_url=self.url,
+            headers=self._headers(),
+            params=self._params(),
+            timeout=timeout,
+            transport=transport,
         )
 
     def __enter__(self) -> Client:
@@ -204,12 +215,17 @@ class AsyncClient(_BaseClient):
         url: str | None = None,
         *,
         token: str | None = None,
+        tenant: str | None = None,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(url, token)
+        super().__init__(url, token, tenant)
         self.http = httpx.AsyncClient(
-            base_url=self.url, headers=self._headers(), timeout=timeout, transport=transport
+            base_url=self.url,
+            headers=self._headers(),
+            params=self._params(),
+            timeout=timeout,
+            transport=transport,
         )
 
     async def __aenter__(self) -> AsyncClient:

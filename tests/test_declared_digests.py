@@ -196,3 +196,16 @@ def test_facts_go_with_their_blob(
         proxy.reset_counts()
         assert register(node, "tok-a", "one", f"s3://{bucket}/m")["state"] == "warm"
         assert proxy.bytes_sent(key) == len(weights)
+
+
+def test_a_new_commit_does_not_download_unchanged_weights_again(
+    tmp_path: Path, hf_hub: FixtureHub
+) -> None:
+    weights = checkpoint(6)
+    first = hf_hub.add_repo("org/model", {"model.safetensors": weights, "config.json": b"{}"})
+    second = hf_hub.add_repo("org/model", {"model.safetensors": weights,
+                                           "config.json": b'{"v": 2}'})
+    with node_with_tenants(tmp_path, hf={"endpoint": hf_hub.endpoint}) as node:
+        assert register(node, "tok-a", "p", f"hf://org/model@{first}")["state"] == "warm"
+        assert register(node, "tok-a", "p", f"hf://org/model@{second}")["state"] == "warm"
+        assert hf_hub.bytes_sent("model.safetensors", repo="org/model") == len(weights)

@@ -15,13 +15,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cache_node.access import load_access
+from cache_node.data_plane import run_data_plane, stop_data_plane
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.hf_hub import FixtureHub
-from tests.fixtures.node_server import CLOSED_ENDPOINT, RunningNode, running_node, wait_for_state
+from tests.fixtures.node_server import (
+    CLOSED_ENDPOINT,
+    RunningNode,
+    free_port,
+    running_node,
+    wait_for_state,
+)
 from tests.test_declared_digests import checkpoint, sha256
 
 HF_SECRET = "hf_team_a_secret_0123456789"
@@ -112,7 +120,8 @@ def test_each_tenant_uses_its_own_credentials(
 ) -> None:
     weights = checkpoint(11)
     seaweed.put(bucket, "m/model.safetensors", weights)
-    hf_hub.add_repo("org-a/private", {"model.safetensors": checkpoint(12)}, private=True,
+    private_weights = checkpoint(12)
+    hf_hub.add_repo("org-a/private", {"model.safetensors": private_weights}, private=True,
                     token=HF_SECRET)
     wrong_secret = "wrong-secret-" + "x" * 20
     tokens = write_tokens(tmp_path, {
@@ -139,6 +148,17 @@ def test_each_tenant_uses_its_own_credentials(
             # B's credentials are refused by the origin; A's warm copy is no way around that
             assert status["state"] == "failed", status
             assert status["error"]["code"] == "unauthorized", status
+        # the data plane reads the same tokens file: A's blob is A's alone there too
+        blob = sha256(private_weights)  # what A's pipeline "p" holds now
+        data_port = free_port()
+        workers = run_data_plane(node.settings, port=data_port, workers=1)
+        try:
+            for token, expected in (("tok-a", 200), ("tok-b", 404)):
+                answer = httpx.get(f"http://127.0.0.1:{data_port}/v1/blobs/{blob}", timeout=30,
+                                   headers={"Authorization": f"Bearer {token}"})
+                assert answer.status_code == expected, token
+        finally:
+            stop_data_plane(workers)
         texts = [json.dumps(status), caplog.text]
         texts += [p.read_bytes().decode("latin-1") for p in (tmp_path / "data" / "meta").rglob("*")
                   if p.is_file()]
@@ -206,3 +226,71 @@ def test_tokens_file_shapes(tmp_path: Path) -> None:
         with pytest.raises(ValueError) as caught:
             load_access(path)
         assert "hf_x" not in str(caught.value)
+
+
+def test_tenant_local_roots_must_lie_inside_the_nodes(tmp_path: Path) -> None:
+    from cache_node.access import TenantAccess
+    from cache_node.settings import NodeSettings
+
+    tokens = write_tokens(tmp_path, {"tokens": {"t": "team"},
+                                     "tenants": {"team": {"local_roots": ["/etc"]}}})
+    with pytest.raises(ValueError, match="--local-root"):
+        TenantAccess(NodeSettings(data_dir=tmp_path / "d", tokens_file=tokens,
+                                  local_roots=[tmp_path / "models"]))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "source", "allowed"),
+    [
+        ("s3://bucket-a/", "s3://bucket-a/m", True),
+        ("s3://bucket-a/", "s3://bucket-a", True),
+        ("s3://bucket-a/", "s3://bucket-ab/m", False),
+        ("s3://bucket-a/models/", "s3://bucket-a/models/llama", True),
+        ("s3://bucket-a/models", "s3://bucket-a/models/llama", True),
+        ("s3://bucket-a/models/", "s3://bucket-a/models-evil/llama", False),
+        ("s3://bucket-a/models/", "s3://bucket-a/other", False),
+        ("s3://bucket-a/models/", "s3://bucket-a", False),
+        ("s3://bucket-a/", "s3://Bucket-a/m", False),
+        ("hf://org-a/", "hf://org-a/m", True),
+        ("hf://org-a/", "hf://org-a/m@main", True),
+        ("hf://org-a/", "hf://org-a", False),  # a repo named "org-a", not the namespace
+        ("hf://org-a/", "hf://org-a-evil/m", False),
+        ("hf://org-a/", "hf://Org-A/m", False),
+        ("hf://org-a/model", "hf://org-a/model", True),
+        ("hf://org-a/model", "hf://org-a/model-evil", False),
+        ("hf://", "hf://anyone/m", True),
+        ("hf://", "s3://bucket/m", False),
+        ("file:///srv/a/", "file:///srv/a/m", True),
+        ("file:///srv/a/", "file:///srv/ab/m", False),
+    ],
+)
+def test_prefix_matching_is_by_whole_segments(
+    tmp_path: Path, prefix: str, source: str, allowed: bool
+) -> None:
+    from api.schema import ModelSpec
+    from cache_node.access import TenantAccess
+    from cache_node.errors import SourceNotAllowed
+    from cache_node.settings import NodeSettings
+
+    tokens = write_tokens(tmp_path, {"tokens": {"t": "team"},
+                                     "tenants": {"team": {"sources": [prefix]}}})
+    access = TenantAccess(NodeSettings(data_dir=tmp_path / "d", tokens_file=tokens,
+                                       local_roots=["/srv"]))
+    model = ModelSpec(name="m", source=source)
+    if allowed:
+        access.check_source("team", model, pipeline="p")
+    else:
+        with pytest.raises(SourceNotAllowed):
+            access.check_source("team", model, pipeline="p")
+
+
+def test_a_tenants_missing_s3_profile_fails_as_unauthorized(tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path, {"tokens": {"t": "team"},
+                                     "tenants": {"team": {"s3": {"profile": "no-such-profile"}}}})
+    with running_node(data_dir=tmp_path / "data", tokens_file=tokens) as node:
+        assert put(node, "t", "p", "s3://bucket/m").status_code == 202
+        with node.client("t") as client:
+            status = wait_for_state(client, "p", {"warm", "failed"})
+        assert status["state"] == "failed"
+        assert status["error"]["code"] == "unauthorized", status["error"]
+        assert "no-such-profile" in status["error"]["message"]

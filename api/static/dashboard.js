@@ -342,7 +342,7 @@
     const tenant = showTenant ? `<span>tenant ${esc(p.tenant)}</span> · ` : "";
     return `<div class="card-head">
         <div class="card-title">
-          <a class="pid" href="/v1/pipelines/${encodeURIComponent(p.id)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}" title="Show this pipeline's JSON">${esc(p.id)}</a><a class="json-link" href="/v1/pipelines/${encodeURIComponent(p.id)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}">JSON</a>
+          <a class="pid" href="/v1/pipelines/${encodeURIComponent(p.id)}?tenant=${encodeURIComponent(p.tenant)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}?tenant=${encodeURIComponent(p.tenant)}" title="Show this pipeline's JSON">${esc(p.id)}</a><a class="json-link" href="/v1/pipelines/${encodeURIComponent(p.id)}?tenant=${encodeURIComponent(p.tenant)}" data-json-path="/v1/pipelines/${encodeURIComponent(p.id)}?tenant=${encodeURIComponent(p.tenant)}">JSON</a>
           <div class="subtitle">${tenant}${esc(registered)}</div>
         </div>
         <span class="chip" data-state="${esc(p.state)}"><span><span class="chip-key">cache:</span> ${esc(p.state)}</span></span>

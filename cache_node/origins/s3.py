@@ -37,6 +37,7 @@ from botocore.exceptions import (
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
+    ProfileNotFound,
 )
 
 from cache_node.errors import (
@@ -425,6 +426,8 @@ def _translate(exc: BaseException, *, action: str, target: str) -> OriginError:
         )
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return OriginUnauthorized(f"{action} {target}: no usable S3 credentials ({exc})")
+    if isinstance(exc, ProfileNotFound):  # a tenant's (or the node's) profile is not set up
+        return OriginUnauthorized(f"{action} {target}: {exc}")
     if isinstance(exc, ParamValidationError):
         return OriginError(f"{action} {target}: {exc}", retryable=False)
     reason = str(exc) or type(exc).__name__
