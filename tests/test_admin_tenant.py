@@ -18,6 +18,7 @@ from safetensors.numpy import save
 
 from clients import Client
 from clients.cli import main
+from clients.errors import EXIT_REFUSED
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 
 TOKENS = {"tok-a": "team-a", "tok-b": "team-b", "tok-ops": "admin"}
@@ -128,7 +129,7 @@ def test_sdk_and_cli_pass_the_tenant(node: RunningNode, capsys: pytest.CaptureFi
     with Client(node.url, token="tok-ops", tenant="team-b") as client:
         assert client.status("p").tenant == "team-b"
     base = ["--url", node.url, "--token", "tok-ops"]
-    assert main([*base, "status", "p", "--json"]) == 2
+    assert main([*base, "status", "p", "--json"]) == EXIT_REFUSED  # ambiguous: refused by the node
     assert "ambiguous_pipeline" in capsys.readouterr().err
     assert main([*base, "--tenant", "team-a", "status", "p", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tenant"] == "team-a"

@@ -399,8 +399,17 @@ class CacheMachine(RuleBasedStateMachine):
         self.node = self._start_node()
 
     # ------------------------------------------------------------------ invariants
+    def _refresh_pins(self) -> None:
+        """A new spec that was filling beside a pinned warm version and has now swapped in
+        brings its own ``pinned``: an unpinned one makes the pipeline evictable."""
+        for pipeline in list(self.pinned):
+            record = self.node.registry.get(DEFAULT_TENANT, pipeline)
+            if record is not None and record.pending is None and not record.spec.pinned:
+                self.pinned.discard(pipeline)
+
     @invariant()
     def pinned_and_leased_pipelines_are_never_evicted_by_the_policy(self) -> None:
+        self._refresh_pins()
         for pipeline, (state, reason, generation) in self._states().items():
             if state != "evicted":
                 self.evicted_seen.pop(pipeline, None)
