@@ -99,4 +99,4 @@ class LoadHistory:
         stages = report.stages.model_dump()
         for stage in STAGES:
             self.metrics.cold_start_stage_seconds.labels(stage).observe(stages[stage])
-        self.metrics.load_throughput.observe(report.gbps)
+        self.metrics.load_throughput.observe(report.gbps * 1e9)  # base units: bytes/s

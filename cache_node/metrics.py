@@ -86,9 +86,24 @@ class NodeMetrics:
             registry=r,
         )
         self.load_throughput = Histogram(
-            "weightcache_load_throughput_gbps",
-            "Replica load throughput (GB/s)",
-            buckets=(0.5, 1, 2, 5, 10, 20, 30, 40, 50, 60),
+            "weightcache_load_throughput_bytes_per_second",
+            "Replica load throughput, bytes per second",
+            buckets=tuple(gb * 1e9 for gb in (0.5, 1, 2, 5, 10, 20, 30, 40, 50, 60)),
+            registry=r,
+        )
+        # What an on-call alerts on (prometheus-rules.yaml): the node's space in bytes.
+        self.capacity_bytes = Gauge(
+            "weightcache_capacity_bytes", "Bytes this node may use for blobs", registry=r
+        )
+        self.used_bytes = Gauge(
+            "weightcache_used_bytes", "Bytes of committed blobs on this node", registry=r
+        )
+        self.reserved_bytes = Gauge(
+            "weightcache_reserved_bytes", "Bytes reserved for fills in progress", registry=r
+        )
+        self.free_bytes = Gauge(
+            "weightcache_free_bytes",
+            "Bytes a new fill can still reserve (capacity and the filesystem's free space)",
             registry=r,
         )
         self.blob_streams = Gauge(

@@ -986,6 +986,10 @@ class CacheNode:
             ("quarantined", usage.quarantined),
         ):
             self.metrics.bytes_by_state.labels(state).set(value)
+        self.metrics.capacity_bytes.set(usage.capacity)
+        self.metrics.used_bytes.set(usage.committed)
+        self.metrics.reserved_bytes.set(usage.reserved)
+        self.metrics.free_bytes.set(usage.free)
         counts = dict.fromkeys(("cold", "warming", "warm", "failed", "evicted"), 0)
         for record in self.registry.all():
             counts[record.state] += 1

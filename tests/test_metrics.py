@@ -110,6 +110,12 @@ def test_fill_then_hits_count_files_and_bytes(tmp_path: Path) -> None:
         assert moved(before, filled, "weightcache_cache_requests_total", result="miss") == 3
         assert moved(before, filled, "weightcache_cache_requests_total", result="hit") == 0
         assert moved(before, filled, "weightcache_coalesced_waiters_total") == 0
+        # the space gauges say what GET /v1/node says, in bytes
+        node_info = c.get("/v1/node").json()
+        for gauge, field in (("capacity", "capacity"), ("used", "used"),
+                             ("reserved", "reserved"), ("free", "free")):
+            assert filled.get(f"weightcache_{gauge}_bytes") == node_info[field], gauge
+        assert filled.get("weightcache_used_bytes") == total
         assert filled.get("weightcache_bytes", state="committed") == total
         assert filled.get("weightcache_bytes", state="reserved") == 0
         assert filled.get("weightcache_pipelines", state="warm") == 1
@@ -232,10 +238,11 @@ def test_a_reported_load_feeds_the_cold_start_histograms(tmp_path: Path) -> None
                      stage="stream", le="0.25") == 0
         assert moved(loaded, after, "weightcache_cold_start_stage_seconds_bucket",
                      stage="stream", le="0.5") == 1
-        assert moved(loaded, after, "weightcache_load_throughput_gbps_count") == 1
-        assert moved(loaded, after, "weightcache_load_throughput_gbps_sum") == 12.5
-        assert moved(loaded, after, "weightcache_load_throughput_gbps_bucket", le="10.0") == 0
-        assert moved(loaded, after, "weightcache_load_throughput_gbps_bucket", le="20.0") == 1
+        name = "weightcache_load_throughput_bytes_per_second"
+        assert moved(loaded, after, f"{name}_count") == 1
+        assert moved(loaded, after, f"{name}_sum") == 12.5e9
+        assert moved(loaded, after, f"{name}_bucket", le="1e+10") == 0
+        assert moved(loaded, after, f"{name}_bucket", le="2e+10") == 1
 
         history = c.get("/v1/pipelines/tiny/loads").json()["loads"]
         assert [h["stages"] for h in history] == [stages]
