@@ -8,11 +8,13 @@ swaps in a Redis implementation of the same protocol. Metadata never lives on NF
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import diskcache
+
+from cache_node.disk import is_no_space
 
 
 class KeyValue(Protocol):
@@ -39,16 +41,31 @@ class DiskcacheKeyValue:
         self._cache = diskcache.Cache(
             str(directory), size_limit=2**40, eviction_policy="none", sqlite_synchronous=2
         )
+        #: Called when a write finds the disk full, to free room (the node drops its headroom
+        #: ballast); the write is then tried once more. Recording a failure, a deletion or an
+        #: eviction must work on a full disk.
+        self.on_full: Callable[[BaseException], object] | None = None
 
     def get(self, key: str) -> dict[str, Any] | None:
         raw = self._cache.get(key)
         return None if raw is None else dict(json.loads(raw))
 
     def set(self, key: str, value: dict[str, Any]) -> None:
-        self._cache.set(key, json.dumps(value, separators=(",", ":")))
+        text = json.dumps(value, separators=(",", ":"))
+        self._write(lambda: self._cache.set(key, text))
 
     def delete(self, key: str) -> None:
-        self._cache.delete(key)
+        self._write(lambda: self._cache.delete(key))
+
+    def _write(self, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except Exception as exc:
+            # sqlite3.OperationalError "database or disk is full", or an OSError ENOSPC
+            if self.on_full is None or not is_no_space(exc):
+                raise
+            self.on_full(exc)
+            write()
 
     def scan(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._cache.iterkeys()):

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -28,6 +29,7 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
+from cache_node.disk import DiskGuard
 from cache_node.errors import (
     Conflict,
     InsufficientStorage,
@@ -54,6 +56,7 @@ from cache_node.registry import (
 )
 from cache_node.settings import NodeSettings
 from cache_node.shard_sets import write_shard_set
+from cache_node.shard_space import find_reusable, shard_bytes_to_reserve
 from cache_node.store import BlobRecord, BlobStore, Reservation
 from cache_node.tasks import run_all
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
@@ -72,6 +75,7 @@ class _Prepared:
     record: PipelineRecord
     origins: list[Origin]
     reservations: dict[str, Reservation]  # transfer key → space held for it
+    shard_reservation: Reservation | None = None  # the TP shard sets' space (I5)
 
 
 class CacheNode:
@@ -82,13 +86,25 @@ class CacheNode:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.tokens = settings.load_tokens()
         self.metrics = NodeMetrics()
+        self.disk = DiskGuard(
+            settings.data_dir,
+            headroom=settings.disk_headroom,
+            on_full=self.metrics.disk_full.inc,
+        )
+        self.disk.ensure_ballast()
         self.meta = meta or DiskcacheKeyValue(settings.data_dir / "meta")
+        if isinstance(self.meta, DiskcacheKeyValue):
+            self.meta.on_full = lambda exc: self.disk.report_full("writing metadata", exc)
         self.store = BlobStore(
             settings.data_dir,
             capacity=settings.capacity,
             meta=self.meta,
             on_quarantine=self._on_quarantine,
+            disk=self.disk,
         )
+        # One registration computes and takes its reservations at a time: two of one model
+        # must not both reserve its files (the second sees the first's, I5)
+        self._reserve_lock = threading.Lock()
         self.registry = Registry(self.meta)
         self.fetcher = Fetcher(self.store, settings.fetch, metrics=self.metrics)
         self.load_history = LoadHistory(self.meta, self.metrics)
@@ -97,6 +113,7 @@ class CacheNode:
         self._blob_tenants: dict[str, set[str]] | None = None
         self.manifests = ManifestBuilder(self.store)
         self._lock = asyncio.Lock()
+        self._shard_locks: dict[tuple[object, ...], tuple[asyncio.Lock, int]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._resolving: dict[tuple[object, ...], asyncio.Task[Snapshot]] = {}
         self._watermark_task: asyncio.Task[None] | None = None
@@ -310,6 +327,8 @@ class CacheNode:
             if not self.fetcher.in_flight(key):
                 self.store.release_partial(key)  # its partial, if any, counts as temp again
         prepared.reservations.clear()
+        if prepared.shard_reservation is not None:
+            prepared.shard_reservation.release()
 
     def _job_done(self, key: str, task: asyncio.Task[None]) -> None:
         if self._jobs.get(key) is task:  # not a newer job of the same pipeline
@@ -419,12 +438,14 @@ class CacheNode:
             record.models = models
             if self._is_current(record):  # an eviction or deletion meanwhile wins
                 self._save(record)
-            reservations = await anyio.to_thread.run_sync(lambda: self._reserve(record, origins))
+            reservations, shards = await anyio.to_thread.run_sync(
+                lambda: self._reserve(record, origins)
+            )
         except BaseException:
             for origin in origins:
                 await origin.aclose()
             raise
-        return _Prepared(record, origins, reservations)
+        return _Prepared(record, origins, reservations, shards)
 
     async def _resolve(self, model: ModelSpec, origin: Origin) -> Snapshot:
         """Resolve a source, sharing a resolution already in flight (a burst of registrations
@@ -439,42 +460,62 @@ class CacheNode:
         origin.pin(snapshot)
         return snapshot
 
-    def _reserve(self, record: PipelineRecord, origins: list[Origin]) -> dict[str, Reservation]:
-        """Hold the space of every file still to fetch, all before the first origin byte (I5)."""
+    def _reserve(
+        self, record: PipelineRecord, origins: list[Origin]
+    ) -> tuple[dict[str, Reservation], Reservation | None]:
+        """Hold the space of every file still to fetch and of the TP shard sets still to
+        write, all before the first origin byte (I5). Only physical need counts: a file on
+        disk, in flight or reserved by another job, and a shard set already written, cost
+        nothing."""
+        with self._reserve_lock:
+            return self._reserve_locked(record, origins)
+
+    def _reserve_locked(
+        self, record: PipelineRecord, origins: list[Origin]
+    ) -> tuple[dict[str, Reservation], Reservation | None]:
         needed: dict[str, int] = {}
+        held: dict[tuple[str, str], str] = {}  # files on disk already, for the shard sizing
         for model, origin in zip(record.models, origins, strict=True):
             for file in model.files:
                 if file.blob and self.store.has(file.blob):
                     continue
                 if file.sha256 and self.store.has(file.sha256):
+                    held[(model.name, file.path)] = file.sha256
                     continue
                 key = transfer_key(origin, model.source, model.revision or "", _origin_file(file))
                 known = self.store.meta.get(f"transfer:{key}")
                 if known is not None and self.store.has(known["sha256"]):
+                    held[(model.name, file.path)] = known["sha256"]
                     continue  # fetched before under this key and still here: a hit, no bytes
-                if not self.fetcher.in_flight(key):
+                if not self.fetcher.in_flight(key) and not self.store.is_reserved(key):
                     needed[key] = file.size
-        total = sum(needed.values()) + self._shard_bytes_estimate(record)
+        shard_bytes = shard_bytes_to_reserve(self.registry, self.store, record, held)
+        total = sum(needed.values()) + shard_bytes
         if total > self.store.capacity:
             raise InsufficientStorage(
-                f"pipeline needs {total} bytes but the node's capacity is {self.store.capacity}",
+                f"pipeline needs {total} bytes ({shard_bytes} of them for TP shard sets) but "
+                f"the node's capacity is {self.store.capacity}",
                 needed=total,
+                shard_bytes=shard_bytes,
                 capacity=self.store.capacity,
             )
-        self._make_room_for(needed)
+        self._make_room_for(needed, shard_bytes)
         reservations: dict[str, Reservation] = {}
+        shards: Reservation | None = None
         try:
             for key, size in needed.items():
                 reservations[key] = self.store.reserve(size, partial_key=key)
+            if shard_bytes:
+                shards = self.store.reserve(shard_bytes)
         except InsufficientStorage:
             for reservation in reservations.values():
                 reservation.release()
             for key in reservations:
                 self.store.release_partial(key)
             raise
-        return reservations
+        return reservations, shards
 
-    def _make_room_for(self, needed: dict[str, int]) -> None:
+    def _make_room_for(self, needed: dict[str, int], shard_bytes: int = 0) -> None:
         """Evict for all of ``needed`` at once, or fail having evicted nothing.
 
         Reserving file by file would make room for the first files and then fail on a later
@@ -485,7 +526,7 @@ class CacheNode:
         for key in needed:
             with contextlib.suppress(FileNotFoundError):
                 own_partials += self.store.partial_path(key).stat().st_size
-        extra = sum(needed.values()) - own_partials
+        extra = sum(needed.values()) + shard_bytes - own_partials
         if extra <= self.store.usage().free:
             return
         self.make_room(extra)
@@ -498,12 +539,6 @@ class CacheNode:
                 free=free,
                 capacity=self.store.capacity,
             )
-
-    def _shard_bytes_estimate(self, record: PipelineRecord) -> int:
-        weights = sum(
-            f.size for m in record.models for f in m.files if f.path.endswith(".safetensors")
-        )
-        return weights * sum(1 for tp in record.spec.tp_sizes if tp > 1)
 
     async def _fill(self, prepared: _Prepared) -> None:
         record = prepared.record
@@ -524,7 +559,7 @@ class CacheNode:
                     break
             else:
                 raise WeightCacheError("blobs were freed while the pipeline was filling")
-            await self._build_shards(record)
+            await self._build_shards(record, prepared.shard_reservation)
             current = self.registry.get(record.tenant, record.id)
             if current is None or current.generation != record.generation:
                 return
@@ -592,8 +627,14 @@ class CacheNode:
             fetching.exception()  # retrieved: the job that wanted it is gone
         self._collect_orphans()
 
-    async def _build_shards(self, record: PipelineRecord) -> None:
-        """Per-TP-size shard sets; TP 1 and unsplittable models read the original files."""
+    async def _build_shards(
+        self, record: PipelineRecord, reservation: Reservation | None = None
+    ) -> None:
+        """Per-TP-size shard sets; TP 1 and unsplittable models read the original files.
+
+        A set another pipeline already built from the same blobs is reused (no bytes, no
+        eviction); builds of one set run one at a time, so concurrent registrations of a
+        model write it once."""
         for tp_size in record.spec.tp_sizes:
             key = str(tp_size)
             existing = record.shards.get(key)
@@ -606,16 +647,42 @@ class CacheNode:
             else:
                 record.shards[key] = ShardSet(tp_size=tp_size, state="pending")
                 self._save(record)
-                record.shards[key] = await anyio.to_thread.run_sync(
-                    functools.partial(
-                        write_shard_set,
-                        self.store,
-                        record,
-                        tp_size,
-                        verify_blob=self.manifests.verify_blob,
-                    )
-                )
+                async with self._shard_build_lock(record, tp_size):
+                    reused = find_reusable(self.registry, self.store, record, tp_size)
+                    if reused is None:
+                        reused = await anyio.to_thread.run_sync(
+                            functools.partial(
+                                write_shard_set,
+                                self.store,
+                                record,
+                                tp_size,
+                                verify_blob=self.manifests.verify_blob,
+                                reservation=reservation,
+                            )
+                        )
+                    record.shards[key] = reused
+                    self._save(record)  # before the next builder looks for a set to reuse
             self._save(record)
+
+    @contextlib.asynccontextmanager
+    async def _shard_build_lock(
+        self, record: PipelineRecord, tp_size: int
+    ) -> AsyncIterator[None]:
+        key = (
+            tuple(tuple(sorted((f.path, f.blob or "") for f in m.files)) for m in record.models),
+            tp_size,
+        )
+        lock, users = self._shard_locks.get(key, (asyncio.Lock(), 0))
+        self._shard_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._shard_locks[key]
+            if users == 1:
+                del self._shard_locks[key]
+            else:
+                self._shard_locks[key] = (lock, users - 1)
 
     def _blobs_present(self, record: PipelineRecord) -> bool:
         return all(
@@ -695,6 +762,10 @@ class CacheNode:
             quarantined=usage.quarantined,
             data_url=self.settings.data_url,
         )
+
+    def readiness_problems(self) -> list[str]:
+        """What keeps the node from being ready (``disk_full``); empty when it is."""
+        return self.disk.problems()
 
     def refresh_gauges(self) -> None:
         """Bring the byte and pipeline gauges up to date (before a scrape)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import Node, Tenant
@@ -21,8 +23,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-async def readyz(node: Node) -> dict[str, str]:
+@router.get("/readyz", response_model=None)
+async def readyz(node: Node) -> dict[str, object] | JSONResponse:
+    """200 ready, or 503 ``{"status": "degraded", "reasons": [...]}`` (e.g. ``disk_full``)."""
+    reasons = await anyio.to_thread.run_sync(node.readiness_problems)
+    if reasons:
+        return JSONResponse(
+            {"status": "degraded", "reasons": reasons, "node_id": node.settings.node_id},
+            status_code=503,
+        )
     return {"status": "ready", "node_id": node.settings.node_id}
 
 
