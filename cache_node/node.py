@@ -76,6 +76,7 @@ class _Prepared:
     origins: list[Origin]
     reservations: dict[str, Reservation]  # transfer key → space held for it
     shard_reservation: Reservation | None = None  # the TP shard sets' space (I5)
+    finished: bool = False  # its job released all of the above
 
 
 class CacheNode:
@@ -207,7 +208,10 @@ class CacheNode:
         emit("pipeline.registered", tenant=tenant, pipeline=pipeline_id,
              generation=record.generation, models=len(spec.models), tp_sizes=spec.tp_sizes)
         await self._start_warm(record)
-        return self.status(tenant, pipeline_id), True
+        # A DELETE may have landed since: the registration still happened (the DELETE came
+        # after it), so the answer is what it registered, never a 404.
+        current = self.registry.get(tenant, pipeline_id)
+        return self.status_of(current if current is not None else record), True
 
     async def warm(self, tenant: str, pipeline_id: str) -> PipelineStatus:
         """Re-warm after eviction or failure; a no-op for a warm or warming pipeline."""
@@ -313,7 +317,7 @@ class CacheNode:
             return
         task = asyncio.create_task(self._fill(prepared), name=f"warm {record.key}")
         self._jobs[record.key] = task
-        task.add_done_callback(lambda _: self._job_done(record.key, task))
+        task.add_done_callback(lambda _: self._job_done(record.key, task, prepared))
 
     def _is_current(self, record: PipelineRecord) -> bool:
         """Whether ``record`` is still the registry's generation of its pipeline."""
@@ -330,7 +334,11 @@ class CacheNode:
         if prepared.shard_reservation is not None:
             prepared.shard_reservation.release()
 
-    def _job_done(self, key: str, task: asyncio.Task[None]) -> None:
+    def _job_done(self, key: str, task: asyncio.Task[None], prepared: _Prepared) -> None:
+        if not prepared.finished:
+            # cancelled before its first step (an eviction or deletion right after the
+            # registration): its body never ran, so its space and origins are let go here
+            self._finish(prepared)
         if self._jobs.get(key) is task:  # not a newer job of the same pipeline
             del self._jobs[key]
         self._collect_orphans()
@@ -574,11 +582,16 @@ class CacheNode:
             log.exception("warm job of %s failed", record.key)
             self._fail(record, WeightCacheError(f"internal error: {type(exc).__name__}"))
         finally:
-            self._release_unused(prepared)
-            for origin in prepared.origins:
-                self._close_when_idle(origin)
-            self._progress.pop(record.key, None)
-            self._update_gauges()
+            self._finish(prepared)
+
+    def _finish(self, prepared: _Prepared) -> None:
+        """Release what a warm job held; once, whether its body ran or not."""
+        prepared.finished = True
+        self._release_unused(prepared)
+        for origin in prepared.origins:
+            self._close_when_idle(origin)
+        self._progress.pop(prepared.record.key, None)
+        self._update_gauges()
 
     async def _fill_file(
         self,
