@@ -9,7 +9,8 @@ here instead of wedging the node:
   (``posix_fallocate``: real blocks, not a sparse file). Reservations never count it as free.
   When the disk fills anyway, the ballast is deleted, so the metadata writes that record the
   failure, a deletion or an eviction still find space. It is allocated again once the disk has
-  room for it.
+  room for it. A second, smaller one (``headroom.startup``) is given up only when the node
+  starts on a disk so full that the metadata store cannot open (SQLite writes on open).
 - **State.** :meth:`DiskGuard.report_full` marks the disk full (event ``disk.full``, a metric);
   :meth:`DiskGuard.problems` re-checks and says ``disk_full`` until the ballast is back and
   ``headroom`` bytes are free again; ``/readyz`` answers 503 meanwhile.
@@ -30,6 +31,7 @@ from cache_node.events import emit
 #: The errors that mean "no space on this filesystem" (quota included).
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 BALLAST_NAME = "headroom"
+STARTUP_BALLAST_NAME = "headroom.startup"
 
 
 def is_no_space(exc: BaseException) -> bool:
@@ -67,6 +69,8 @@ class DiskGuard:
         self.root = root
         self.headroom = headroom
         self.ballast = root / BALLAST_NAME
+        self.startup_ballast = root / STARTUP_BALLAST_NAME
+        self.startup_headroom = min(headroom, max(1 << 20, headroom // 4))
         self._on_full = on_full
         self._lock = threading.Lock()
         self._full = False
@@ -78,29 +82,39 @@ class DiskGuard:
         return fs_free(self.root)
 
     def ensure_ballast(self) -> bool:
-        """Allocate the ballast if it is missing and the disk has room; whether it is in place."""
+        """Allocate the ballasts if missing and the disk has room; whether they are in place."""
         if self.headroom <= 0:
             return True
         with self._lock:
-            if allocated_bytes(self.ballast) >= self.headroom:
-                return True
-            # Only when the ballast leaves as much again: taking the last bytes back from a
-            # disk that is still nearly full would fail the next metadata write.
-            if fs_free(self.root) + allocated_bytes(self.ballast) < 2 * self.headroom:
-                return False
-            try:
-                fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT, 0o600)
-                try:
-                    os.posix_fallocate(fd, 0, self.headroom)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                if exc.errno not in NO_SPACE_ERRNOS | {errno.EOPNOTSUPP, errno.EINVAL}:
-                    raise
-                self.ballast.unlink(missing_ok=True)
-                return False
+            return self._ensure(self.startup_ballast, self.startup_headroom) and self._ensure(
+                self.ballast, self.headroom
+            )
+
+    def _ensure(self, path: Path, size: int) -> bool:
+        if allocated_bytes(path) >= size:
             return True
+        # Only when the ballast leaves as much again: taking the last bytes back from a
+        # disk that is still nearly full would fail the next metadata write.
+        if fs_free(self.root) + allocated_bytes(path) < 2 * size:
+            return False
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE_ERRNOS | {errno.EOPNOTSUPP, errno.EINVAL}:
+                raise
+            path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def release_startup_ballast(self) -> None:
+        """Give up the last reserve: the node is starting and its metadata cannot open."""
+        with self._lock:
+            self.startup_ballast.unlink(missing_ok=True)
 
     def release_ballast(self) -> None:
         """Give the ballast's bytes back to the filesystem (for the writes that must succeed)."""

@@ -78,11 +78,20 @@ class Evictor:
 
     def _limits(self) -> eviction.Limits:
         return eviction.Limits(
-            capacity=self.store.capacity,
+            capacity=self._capacity(),
             high_watermark=self.settings.high_watermark,
             low_watermark=self.settings.low_watermark,
             hot_window_s=self.settings.hot_window_s,
         )
+
+    def _capacity(self) -> int:
+        """The configured capacity, or less when the filesystem cannot hold that much: then
+        evicting for a fill frees what the disk, not the promise, lacks (I5)."""
+        usage = self.store.usage()
+        if usage.filesystem_free is None:
+            return self.store.capacity
+        on_disk = usage.committed + usage.reserved + usage.temp
+        return max(0, min(self.store.capacity, on_disk + usage.filesystem_free))
 
     def _usage(self) -> eviction.Usage:
         usage = self.store.usage()

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import diskcache
 
-from cache_node.disk import is_no_space
+from cache_node.disk import DiskGuard, is_no_space
+from cache_node.errors import InsufficientStorage
 
 
 class KeyValue(Protocol):
@@ -76,3 +77,30 @@ class DiskcacheKeyValue:
 
     def close(self) -> None:
         self._cache.close()
+
+
+def open_metadata(directory: Path, disk: DiskGuard) -> DiskcacheKeyValue:
+    """The node's metadata store, opened even on a full disk (SQLite writes when it opens).
+
+    On "disk full" the startup ballast goes (see ``cache_node.disk``) and the open is tried
+    again; a disk that is still too full is a clear InsufficientStorage, not a traceback.
+    """
+    try:
+        kv = DiskcacheKeyValue(directory)
+    except Exception as exc:
+        if not is_no_space(exc):
+            raise
+        disk.report_full("opening the metadata store", exc)
+        disk.release_startup_ballast()
+        try:
+            kv = DiskcacheKeyValue(directory)
+        except Exception as again:
+            if not is_no_space(again):
+                raise
+            raise InsufficientStorage(
+                f"disk full: the metadata store at {directory} cannot open; free space on its "
+                "filesystem and start the node again",
+                reason="disk_full",
+            ) from again
+    kv.on_full = lambda exc: disk.report_full("writing metadata", exc)
+    return kv

@@ -43,7 +43,7 @@ from cache_node.evictor import Evictor, eviction_entry
 from cache_node.fetch import Fetcher, transfer_key
 from cache_node.load_history import LoadHistory
 from cache_node.manifests import ManifestBuilder
-from cache_node.metadata import DiskcacheKeyValue, KeyValue
+from cache_node.metadata import KeyValue, open_metadata
 from cache_node.metrics import NodeMetrics
 from cache_node.origins import Origin, open_origin, validate_source
 from cache_node.origins.base import OriginFile, Snapshot
@@ -93,9 +93,7 @@ class CacheNode:
             on_full=self.metrics.disk_full.inc,
         )
         self.disk.ensure_ballast()
-        self.meta = meta or DiskcacheKeyValue(settings.data_dir / "meta")
-        if isinstance(self.meta, DiskcacheKeyValue):
-            self.meta.on_full = lambda exc: self.disk.report_full("writing metadata", exc)
+        self.meta = meta or open_metadata(settings.data_dir / "meta", self.disk)
         self.store = BlobStore(
             settings.data_dir,
             capacity=settings.capacity,

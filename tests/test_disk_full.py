@@ -151,8 +151,17 @@ def test_a_filler_process_eating_the_disk_mid_fill_fails_the_fill_cleanly(
         assert c.delete("/v1/pipelines/big").status_code == 204
         refused = c.put("/v1/pipelines/big", json=big)  # no room: a 507, not a 500
         assert refused.status_code == 507, refused.text
+        fill_up(small_disk / "filler2.bin")  # and the room the node gave back goes too
+
+    with running_node(**settings) as node, node.client() as c:  # a restart on a full disk
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "disk_full" in ready.json()["reasons"]
+        assert c.get(f"/v1/blobs/{other_file['blob']}").content == other
+        assert c.get("/v1/pipelines/big").json()["state"] == "failed"
+        assert c.delete("/v1/pipelines/big").status_code == 204
 
         filler.unlink()  # space frees: ready again, and the fill succeeds
+        (small_disk / "filler2.bin").unlink()
         assert c.get("/readyz").status_code == 200
         assert c.put("/v1/pipelines/big", json=big).status_code == 202
         assert wait_for_state(c, "big", {"warm", "failed"})["state"] == "warm"
