@@ -32,7 +32,7 @@ from loader.errors import HeaderError
 from loader.safetensors_format import encode_header, read_header
 
 #: The estimate's room for each rank file's safetensors header beyond the source's.
-RANK_HEADER_ALLOWANCE = 256 * 1024
+RANK_HEADER_ALLOWANCE = 64 * 1024
 
 #: (model name, file path) → the stored blob that will hold that file (what the node's
 #: reservation found on disk: the declared sha256, or the blob an earlier transfer of the same
