@@ -66,7 +66,16 @@ class DiskcacheKeyValue:
             if self.on_full is None or not is_no_space(exc):
                 raise
             self.on_full(exc)
-            write()
+            try:
+                write()
+            except Exception as again:
+                if not is_no_space(again):
+                    raise
+                raise InsufficientStorage(
+                    "disk full: the metadata store cannot write, even after giving up the "
+                    "node's headroom",
+                    reason="disk_full",
+                ) from again
 
     def scan(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._cache.iterkeys()):
