@@ -47,12 +47,14 @@ class Evictor:
         # one plan at a time: two concurrent plans could both count the same victim's bytes
         self._lock = threading.Lock()
 
-    def make_room(self, nbytes: int) -> int:
+    def make_room(self, nbytes: int, *, keep: frozenset[str] = frozenset()) -> int:
         """Evict so ``nbytes`` more fit; an unsatisfiable plan evicts nothing (the caller
-        answers 507). Returns bytes freed."""
+        answers 507). Pipelines holding a blob of ``keep`` (those a registration will use as
+        they are) are not evicted: that would free bytes the registration then fetches again.
+        Returns bytes freed."""
         with self._lock:
             plan = eviction.plan(
-                self._entries(),
+                self._entries(keep),
                 need_bytes=nbytes,
                 usage=self._usage(),
                 limits=self._limits(),
@@ -68,10 +70,12 @@ class Evictor:
             )
             return self._execute(plan)
 
-    def _entries(self) -> list[eviction.Entry]:
+    def _entries(self, keep: frozenset[str] = frozenset()) -> list[eviction.Entry]:
         leases = self.registry.active_leases()
         return [
-            eviction_entry(record, leased=bool(leases.get(record.key)))
+            eviction_entry(
+                record, leased=bool(leases.get(record.key)) or not keep.isdisjoint(record.blobs())
+            )
             for record in self.registry.all()
             if record.blobs()
         ]

@@ -505,7 +505,8 @@ class CacheNode:
                 shard_bytes=shard_bytes,
                 capacity=self.store.capacity,
             )
-        self._make_room_for(needed, shard_bytes)
+        # the blobs this pipeline will use as they are: evicting their holders frees nothing
+        self._make_room_for(needed, shard_bytes, keep=frozenset(held.values()))
         reservations: dict[str, Reservation] = {}
         shards: Reservation | None = None
         try:
@@ -521,7 +522,9 @@ class CacheNode:
             raise
         return reservations, shards
 
-    def _make_room_for(self, needed: dict[str, int], shard_bytes: int = 0) -> None:
+    def _make_room_for(
+        self, needed: dict[str, int], shard_bytes: int = 0, keep: frozenset[str] = frozenset()
+    ) -> None:
         """Evict for all of ``needed`` at once, or fail having evicted nothing.
 
         Reserving file by file would make room for the first files and then fail on a later
@@ -535,7 +538,7 @@ class CacheNode:
         extra = sum(needed.values()) + shard_bytes - own_partials
         if extra <= self.store.usage().free:
             return
-        self.make_room(extra)
+        self.evictor.make_room(extra, keep=keep)
         free = self.store.usage().free
         if extra > free:
             raise InsufficientStorage(

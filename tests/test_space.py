@@ -139,3 +139,38 @@ def test_a_second_tenant_on_a_held_model_at_near_full_capacity_evicts_nobody(
         assert {t["blob"] for t in alice_manifest.json()["tensors"]} == {
             t["blob"] for t in bob_manifest.json()["tensors"]
         }
+
+
+def test_making_room_never_evicts_the_holder_of_blobs_the_registration_uses(
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    llama = make_tiny_llama(models / "llama", num_kv_heads=4, vocab_size=1000)
+    (models / "filler").mkdir()
+    (models / "filler" / "blob.bin").write_bytes(os.urandom(MiB))
+    (models / "new").mkdir()
+    (models / "new" / "blob.bin").write_bytes(os.urandom(512 * KiB))
+    base = {"data_dir": tmp_path / "data", "local_roots": [models],
+            "eviction": {"hot_window_s": 0}}
+    llama_model = {"name": "llm", "source": f"file://{llama}"}
+    with running_node(**base, capacity="1GiB") as node, node.client() as c:
+        assert c.put("/v1/pipelines/a", json={"models": [llama_model]}).status_code == 202
+        assert wait_for_state(c, "a", {"warm", "failed"})["state"] == "warm"
+        held = c.get("/v1/node").json()["used"]
+
+    # Full but for 256 KiB once the filler is in; "a" is the least recently used.
+    with running_node(**base, capacity=held + MiB + 256 * KiB) as node, node.client() as c:
+        body = {"models": [{"name": "f", "source": f"file://{models / 'filler'}"}]}
+        assert c.put("/v1/pipelines/filler", json=body).status_code == 202
+        assert wait_for_state(c, "filler", {"warm", "failed"})["state"] == "warm"
+
+        # "b" uses the model "a" holds, plus 512 KiB of its own: room is made, but not by
+        # evicting "a", whose blobs "b" would then fetch again.
+        body = {"models": [llama_model,
+                           {"name": "new", "source": f"file://{models / 'new'}"}]}
+        assert c.put("/v1/pipelines/b", json=body).status_code == 202
+        assert wait_for_state(c, "b", {"warm", "failed"})["state"] == "warm"
+        assert c.get("/v1/pipelines/a").json()["state"] == "warm"
+        assert c.get("/v1/pipelines/filler").json()["state"] == "evicted"
+        info = c.get("/v1/node").json()
+        assert info["used"] == held + 512 * KiB and info["reserved"] == 0
