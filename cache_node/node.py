@@ -539,15 +539,8 @@ class CacheNode:
         if extra <= self.store.usage().free:
             return
         self.evictor.make_room(extra, keep=keep)
-        free = self.store.usage().free
-        if extra > free:
-            raise InsufficientStorage(
-                f"not enough space: the pipeline needs {extra} bytes, {free} free of "
-                f"{self.store.capacity} after eviction",
-                needed=extra,
-                free=free,
-                capacity=self.store.capacity,
-            )
+        if extra > self.store.usage().free:
+            raise self.store.not_enough_space(extra, "the pipeline needs")
 
     async def _fill(self, prepared: _Prepared) -> None:
         record = prepared.record

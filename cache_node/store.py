@@ -266,13 +266,29 @@ class BlobStore:
                     self._active_partials.discard(partial_key)
             if attempt == 0 and self.make_room is not None:
                 self.make_room(nbytes)
+        raise self.not_enough_space(nbytes)
+
+    def not_enough_space(self, nbytes: int, what: str = "needs") -> InsufficientStorage:
+        """The 507 for ``nbytes`` that do not fit, naming the limit that binds: the capacity,
+        or the data dir's filesystem when it has less room than the capacity promises."""
         usage = self.usage()
-        raise InsufficientStorage(
-            f"not enough space: needs {nbytes} bytes, {usage.free} free of {self.capacity} "
+        details: dict[str, Any] = {"needed": nbytes, "free": usage.free,
+                                   "capacity": self.capacity}
+        room = usage.filesystem_free
+        if room is not None and room < usage.capacity - usage.committed - usage.reserved - (
+            usage.temp
+        ):
+            details.update(reason="filesystem_full", filesystem_free=max(0, room))
+            return InsufficientStorage(
+                f"not enough space: {what} {nbytes} bytes, but the filesystem of the data dir "
+                f"({self.root}) has only {max(0, room)} bytes free for it (capacity "
+                f"{self.capacity}) after eviction",
+                **details,
+            )
+        return InsufficientStorage(
+            f"not enough space: {what} {nbytes} bytes, {usage.free} free of {self.capacity} "
             "after eviction",
-            needed=nbytes,
-            free=usage.free,
-            capacity=self.capacity,
+            **details,
         )
 
     def _shortfall(self, nbytes: int) -> int:

@@ -94,6 +94,7 @@ def test_filesystem_smaller_than_capacity_is_507_not_a_wedged_node(
         status = c.get("/v1/pipelines/big").json()
         assert status["state"] == "failed"
         assert status["error"]["code"] == "insufficient_storage"
+        assert "filesystem of the data dir" in status["error"]["message"]
         assert _temps(data_dir) == []
         assert _blobs_on_disk(data_dir) == 0
         info = c.get("/v1/node").json()
