@@ -36,6 +36,7 @@ from cache_node.errors import (
     InvalidInput,
     NotFound,
     NotWarm,
+    OriginError,
     WeightCacheError,
 )
 from cache_node.events import emit
@@ -55,11 +56,13 @@ from cache_node.registry import (
     ShardSet,
 )
 from cache_node.settings import NodeSettings
+from cache_node.shard_headers import ReadAheadSkipped, exact_shard_bytes_ahead
 from cache_node.shard_sets import write_shard_set
-from cache_node.shard_space import find_reusable, shard_bytes_to_reserve
+from cache_node.shard_space import ShardNeed, find_reusable, shard_bytes_to_reserve
 from cache_node.store import BlobRecord, BlobStore, Reservation
 from cache_node.tasks import run_all
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
+from loader.errors import HeaderError
 
 log = logging.getLogger("weightcache.node")
 
@@ -77,6 +80,8 @@ class _Prepared:
     reservations: dict[str, Reservation]  # transfer key → space held for it
     shard_reservation: Reservation | None = None  # the TP shard sets' space (I5)
     finished: bool = False  # its job released all of the above
+    shard_need: ShardNeed = ShardNeed()  # what the shard reservation holds, and how known
+    held: dict[tuple[str, str], str] | None = None  # files found on disk (model, path) → blob
 
 
 class CacheNode:
@@ -444,14 +449,13 @@ class CacheNode:
             record.models = models
             if self._is_current(record):  # an eviction or deletion meanwhile wins
                 self._save(record)
-            reservations, shards = await anyio.to_thread.run_sync(
-                lambda: self._reserve(record, origins)
-            )
+            prepared = _Prepared(record, origins, {})
+            await anyio.to_thread.run_sync(lambda: self._reserve(prepared))
         except BaseException:
             for origin in origins:
                 await origin.aclose()
             raise
-        return _Prepared(record, origins, reservations, shards)
+        return prepared
 
     async def _resolve(self, model: ModelSpec, origin: Origin) -> Snapshot:
         """Resolve a source, sharing a resolution already in flight (a burst of registrations
@@ -466,19 +470,16 @@ class CacheNode:
         origin.pin(snapshot)
         return snapshot
 
-    def _reserve(
-        self, record: PipelineRecord, origins: list[Origin]
-    ) -> tuple[dict[str, Reservation], Reservation | None]:
+    def _reserve(self, prepared: _Prepared) -> None:
         """Hold the space of every file still to fetch and of the TP shard sets still to
         write, all before the first origin byte (I5). Only physical need counts: a file on
         disk, in flight or reserved by another job, and a shard set already written, cost
         nothing."""
         with self._reserve_lock:
-            return self._reserve_locked(record, origins)
+            self._reserve_locked(prepared)
 
-    def _reserve_locked(
-        self, record: PipelineRecord, origins: list[Origin]
-    ) -> tuple[dict[str, Reservation], Reservation | None]:
+    def _reserve_locked(self, prepared: _Prepared) -> None:
+        record, origins = prepared.record, prepared.origins
         needed: dict[str, int] = {}
         held: dict[tuple[str, str], str] = {}  # files on disk already, for the shard sizing
         for model, origin in zip(record.models, origins, strict=True):
@@ -495,7 +496,9 @@ class CacheNode:
                     continue  # fetched before under this key and still here: a hit, no bytes
                 if not self.fetcher.in_flight(key) and not self.store.is_reserved(key):
                     needed[key] = file.size
-        shard_bytes = shard_bytes_to_reserve(self.registry, self.store, record, held)
+        prepared.held = held
+        prepared.shard_need = shard_bytes_to_reserve(self.registry, self.store, record, held)
+        shard_bytes = prepared.shard_need.total
         total = sum(needed.values()) + shard_bytes
         if total > self.store.capacity:
             raise InsufficientStorage(
@@ -520,7 +523,29 @@ class CacheNode:
             for key in reservations:
                 self.store.release_partial(key)
             raise
-        return reservations, shards
+        prepared.reservations = reservations
+        prepared.shard_reservation = shards
+
+    async def _true_up_shards(self, prepared: _Prepared) -> None:
+        """Replace the shard sets' estimate by their exact size, read ahead from the headers,
+        before the first weight byte (see ``cache_node.shard_headers``)."""
+        need, estimate = prepared.shard_need, prepared.shard_reservation
+        if not need.estimated or estimate is None:
+            return
+        record = prepared.record
+        try:
+            exact = await exact_shard_bytes_ahead(
+                self.store, record, prepared.origins, prepared.held or {}, need.estimated
+            )
+        except (ReadAheadSkipped, OriginError, HeaderError, OSError) as exc:
+            emit("shards.estimated", level=logging.WARNING, tenant=record.tenant,
+                 pipeline=record.id, estimate=need.estimate, reason=str(exc))
+            return  # the estimate stands; the exact size is carved when the shards are written
+        exact_total = need.known + exact
+        prepared.shard_reservation = await anyio.to_thread.run_sync(
+            self.store.carve, estimate, exact_total
+        )
+        estimate.release()  # what the estimate held beyond the exact size goes back now
 
     def _make_room_for(
         self, needed: dict[str, int], shard_bytes: int = 0, keep: frozenset[str] = frozenset()
@@ -547,6 +572,7 @@ class CacheNode:
         self._progress.setdefault(record.key, {})
         limiter = anyio.CapacityLimiter(_FILES_AT_ONCE)
         try:
+            await self._true_up_shards(prepared)
             for _ in range(_FILL_ROUNDS):
                 await run_all(
                     self._fill_file(record, model, origin, file, prepared, limiter)

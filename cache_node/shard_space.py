@@ -8,28 +8,32 @@ A shard set is a function of the model's files, its ``config.json`` and the TP s
 - **Already written, when another pipeline has it.** A ready shard set built from the very same
   blobs is reused (:func:`find_reusable`): it costs nothing, and a second tenant registering a
   model the node holds writes nothing and evicts nobody.
-- **An estimate, when the files are still to fetch.** A safetensors header is only known once
-  the file arrives, so the up-front reservation is :func:`estimate_shard_bytes`: for a model
+- **An estimate, then exact, when the files are still to fetch.** A safetensors header is
+  only known once read, so the registration reserves :func:`estimate_shard_bytes`: for a model
   that has a ``config.json``, the weight files' bytes once per TP size above 1 (the ranks of a
-  split tensor add up to the tensor), plus a header allowance per rank; a model without a config
-  is never split and costs nothing. Why not fetch the headers first with ranged reads: that
-  would be origin traffic (and a round trip per file) for every registration, including the
-  ones refused, and a 507 should cost the origin nothing. Replicated tensors, vocab padding and
-  copied KV heads make the exact size somewhat larger than the estimate for some models; once
-  the files are here, :func:`cache_node.shard_sets.write_shard_set` takes the exact size out
-  of the estimate and reserves only the difference (a 507 then, still before a shard byte).
+  split tensor add up to the tensor), plus a header allowance per rank; a model without a
+  config is never split and costs nothing. A 507 on that estimate costs the origin nothing.
+  Then the warm job, before the first weight byte, reads the config and the headers ahead
+  (ranged reads of a few KiB: ``cache_node.shard_headers``) and trues the reservation up to the
+  exact size (replicated tensors, vocab padding and copied KV heads make it differ): the
+  excess goes back at once, a shortfall is reserved or fails the job with
+  ``insufficient_storage`` before any weight byte. When the read-ahead is impossible (origin
+  error, a huge header) that is logged (``shards.estimated``) and the exact size is carved
+  when the shards are written (:func:`cache_node.shard_sets.write_shard_set`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from cache_node import sharding
 from cache_node.registry import FileEntry, ModelEntry, PipelineRecord, RankShard, Registry, ShardSet
 from cache_node.store import BlobStore
 from loader.errors import HeaderError
-from loader.safetensors_format import encode_header, read_header
+from loader.safetensors_format import SafetensorsHeader, encode_header, read_header
 
 #: The estimate's room for each rank file's safetensors header beyond the source's.
 RANK_HEADER_ALLOWANCE = 64 * 1024
@@ -67,7 +71,7 @@ def exact_shard_bytes(
         return 0
     total = 0
     for model in record.models:
-        blobs = {f.path: _held_blob(store, model.name, f, held) for f in model.files}
+        blobs = {f.path: held_blob(store, model.name, f, held) for f in model.files}
         needed = [*_weights(model), *(["config.json"] if "config.json" in blobs else [])]
         if any(not blobs[path] or not store.has(str(blobs[path])) for path in needed):
             return None
@@ -101,7 +105,7 @@ def estimate_shard_bytes(record: PipelineRecord, tp_size: int) -> int:
 
 
 
-def _held_blob(store: BlobStore, model: str, file: FileEntry, held: Held) -> str | None:
+def held_blob(store: BlobStore, model: str, file: FileEntry, held: Held) -> str | None:
     if file.blob:
         return file.blob
     found = held.get((model, file.path))
@@ -115,7 +119,7 @@ def _blob_key(
 ) -> tuple[tuple[tuple[str, str | None], ...], ...] | None:
     """What a shard set is derived from: every model's (path, blob), in model order."""
     key = tuple(
-        tuple(sorted((f.path, _held_blob(store, m.name, f, held)) for f in m.files))
+        tuple(sorted((f.path, held_blob(store, m.name, f, held)) for f in m.files))
         for m in record.models
     )
     if not key or any(blob is None for model in key for _, blob in model):
@@ -159,12 +163,27 @@ def find_reusable(
     return None
 
 
+@dataclass(frozen=True)
+class ShardNeed:
+    """The shard sets' up-front reservation: ``known`` bytes (exact, or nothing for a set
+    already written) plus the estimate for the TP sizes in ``estimated``."""
+
+    known: int = 0
+    estimate: int = 0
+    estimated: tuple[int, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.known + self.estimate
+
+
 def shard_bytes_to_reserve(
     registry: Registry, store: BlobStore, record: PipelineRecord, held: Held
-) -> int:
+) -> ShardNeed:
     """The physical bytes the pipeline's shard sets still need: 0 for one already written
     (here or by another pipeline), exact when the files are here, else the estimate."""
-    total = 0
+    known = estimate = 0
+    estimated: list[int] = []
     for tp_size in record.spec.tp_sizes:
         if tp_size == 1:
             continue
@@ -176,5 +195,26 @@ def shard_bytes_to_reserve(
         if find_reusable(registry, store, record, tp_size, held) is not None:
             continue
         exact = exact_shard_bytes(store, record, tp_size, held)
-        total += estimate_shard_bytes(record, tp_size) if exact is None else exact
+        if exact is None:
+            estimate += estimate_shard_bytes(record, tp_size)
+            estimated.append(tp_size)
+        else:
+            known += exact
+    return ShardNeed(known, estimate, tuple(estimated))
+
+
+def shard_set_bytes(
+    models: Sequence[tuple[Mapping[str, Any], Mapping[str, SafetensorsHeader]]], tp_size: int
+) -> int:
+    """The bytes of one TP size's shard set for these (config, headers) models: 0 when any
+    model is served in full-tensor mode (then the whole TP size is)."""
+    total = 0
+    for config, headers in models:
+        try:
+            plan = sharding.plan_rank_shards(config, headers, tp_size)
+        except sharding.ShardingUnsupported:
+            return 0
+        if plan.mode == "full":
+            return 0
+        total += sum(plan_file_sizes(plan))
     return total

@@ -230,7 +230,12 @@ class BlobStore:
             try:
                 extra = self.reserve(nbytes - take)
             except BaseException:
-                carved.release()
+                with self._lock:  # give the part taken back: the source is as it was
+                    self._reservations.pop(carved.reservation_id, None)
+                    carved.released = True
+                    if source is not None and not source.released:
+                        source.nbytes += take
+                        self._reservations[source.reservation_id] = source.nbytes
                 raise
             with self._lock:
                 self._reservations.pop(extra.reservation_id, None)

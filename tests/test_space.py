@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
+from safetensors.torch import load_file, save_file
 
 from cache_node.shard_space import RANK_HEADER_ALLOWANCE
 from clients.seaweed import SeaweedServer
@@ -174,3 +176,33 @@ def test_making_room_never_evicts_the_holder_of_blobs_the_registration_uses(
         assert c.get("/v1/pipelines/filler").json()["state"] == "evicted"
         info = c.get("/v1/node").json()
         assert info["used"] == held + 512 * KiB and info["reserved"] == 0
+
+
+def test_shard_sets_larger_than_the_estimate_fail_before_any_weight_byte(
+    tmp_path: Path, seaweed: SeaweedServer, bucket: str, proxy: CountingProxy
+) -> None:
+    # A 2 MiB tensor no rule splits is held whole by every rank: TP 4 shards are then
+    # ~6 MiB larger than the weights, which the registration's estimate cannot know.
+    source = make_tiny_llama(tmp_path / "llama", num_kv_heads=4, vocab_size=1000, tie=False)
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["model.extra_buffer"] = torch.ones(1024, 512)
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    sizes = {}
+    for path in sorted(source.iterdir()):
+        seaweed.put(bucket, f"llama/{path.name}", path.read_bytes())
+        sizes[path.name] = path.stat().st_size
+    files = sum(sizes.values())
+    weights = sizes["model.safetensors"]
+    capacity = files + weights + 4 * RANK_HEADER_ALLOWANCE + MiB  # the estimate fits
+    settings = _settings(tmp_path, proxy, seaweed, capacity=capacity)
+    with running_node(**settings) as node, node.client("tok-a") as c:
+        proxy.reset_counts()
+        body = {"models": [{"name": "llm", "source": f"s3://{bucket}/llama"}], "tp_sizes": [4]}
+        assert c.put("/v1/pipelines/llm", json=body).status_code == 202
+        status = wait_for_state(c, "llm", {"warm", "failed"})
+        assert status["state"] == "failed", status
+        assert status["error"]["code"] == "insufficient_storage"
+        # only the header was read ahead, not the weights
+        assert proxy.bytes_sent(f"/{bucket}/llama/model.safetensors") < 64 * KiB
+        info = c.get("/v1/node").json()
+        assert info["reserved"] == 0 and info["temp"] == 0
