@@ -67,10 +67,13 @@ class DiskGuard:
         on_full: Callable[[], None] | None = None,
     ) -> None:
         self.root = root
-        self.headroom = headroom
+        # On a small filesystem the headroom is at most 1/16 of it: enough for the metadata,
+        # and it does not take a big share of what fills could use.
+        stat = os.statvfs(root)
+        self.headroom = min(headroom, stat.f_blocks * stat.f_frsize // 16)
         self.ballast = root / BALLAST_NAME
         self.startup_ballast = root / STARTUP_BALLAST_NAME
-        self.startup_headroom = min(headroom, max(1 << 20, headroom // 4))
+        self.startup_headroom = min(self.headroom, max(1 << 20, self.headroom // 4))
         self._on_full = on_full
         self._lock = threading.Lock()
         self._full = False

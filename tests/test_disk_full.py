@@ -83,7 +83,6 @@ def test_filesystem_smaller_than_capacity_is_507_not_a_wedged_node(
     settings: dict[str, Any] = {
         "data_dir": data_dir,
         "capacity": "1GiB",  # a promise the 64 MiB filesystem cannot keep
-        "disk_headroom": "4MiB",
         "local_roots": [models],
     }
     with running_node(**settings) as node, node.client() as c:
@@ -131,7 +130,6 @@ def test_a_filler_process_eating_the_disk_mid_fill_fails_the_fill_cleanly(
     settings: dict[str, Any] = {
         "data_dir": data_dir,
         "capacity": "1GiB",
-        "disk_headroom": "4MiB",
         "s3": {
             "endpoint_url": proxy.endpoint_url,
             "access_key_id": seaweed.access_key,
