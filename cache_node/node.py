@@ -679,7 +679,7 @@ class CacheNode:
                 record.shards[key] = ShardSet(tp_size=1, state="ready", mode="full")
             else:
                 record.shards[key] = ShardSet(tp_size=tp_size, state="pending")
-                self._save(record)
+                self._save_if_current(record)
                 async with self._shard_build_lock(record, tp_size):
                     reused = find_reusable(self.registry, self.store, record, tp_size)
                     if reused is None:
@@ -694,7 +694,13 @@ class CacheNode:
                             )
                         )
                     record.shards[key] = reused
-                    self._save(record)  # before the next builder looks for a set to reuse
+                    self._save_if_current(record)  # before the next builder looks for one
+            self._save_if_current(record)
+
+    def _save_if_current(self, record: PipelineRecord) -> None:
+        """Save a warm job's progress unless the pipeline was deleted, evicted or registered
+        again meanwhile (saving it then would bring back what the user removed)."""
+        if self._is_current(record):
             self._save(record)
 
     @contextlib.asynccontextmanager
