@@ -108,9 +108,15 @@ class DiskGuard:
             finally:
                 os.close(fd)
         except OSError as exc:
-            if exc.errno not in NO_SPACE_ERRNOS | {errno.EOPNOTSUPP, errno.EINVAL}:
-                raise
             path.unlink(missing_ok=True)
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                # a filesystem that cannot pre-allocate: no ballast, and no alarm about it
+                emit("disk.no_headroom", level=logging.WARNING, path=str(self.root),
+                     error=str(exc))
+                self.headroom = 0
+                return True
+            if exc.errno not in NO_SPACE_ERRNOS:
+                raise
             return False
         return True
 
