@@ -10,7 +10,8 @@ Event names (the ``event`` field), so that operators can alert on them:
 
 - ``pipeline.registered``, ``pipeline.deleted``, ``pipeline.evicted`` (with ``reason``)
 - ``warm.started``, ``warm.finished``, ``warm.failed`` (with ``code``), ``warm.retry_scheduled``
-- ``blob.quarantined`` (with ``reason``), ``disk.full``
+- ``blob.quarantined`` (with ``reason``), ``disk.full`` (with ``where``), ``disk.recovered``,
+  ``disk.no_headroom``, ``shards.estimated`` (shard sizes not read ahead, with ``reason``)
 - ``data_plane.worker_restarted``
 """
 
