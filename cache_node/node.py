@@ -416,6 +416,7 @@ class CacheNode:
             open_origin(m, self.settings, auth_enabled=self.auth_enabled)
             for m in record.spec.models
         ]
+        prepared: _Prepared | None = None
         try:
             models = []
             for model, origin in zip(record.spec.models, origins, strict=True):
@@ -452,6 +453,8 @@ class CacheNode:
             prepared = _Prepared(record, origins, {})
             await anyio.to_thread.run_sync(lambda: self._reserve(prepared))
         except BaseException:
+            if prepared is not None:  # a cancelled request: what the thread reserved goes back
+                self._release_unused(prepared)
             for origin in origins:
                 await origin.aclose()
             raise
@@ -542,10 +545,13 @@ class CacheNode:
                  pipeline=record.id, estimate=need.estimate, reason=str(exc))
             return  # the estimate stands; the exact size is carved when the shards are written
         exact_total = need.known + exact
-        prepared.shard_reservation = await anyio.to_thread.run_sync(
-            self.store.carve, estimate, exact_total
-        )
-        estimate.release()  # what the estimate held beyond the exact size goes back now
+
+        def swap() -> None:
+            # in the thread, so a cancellation meanwhile cannot lose the new reservation
+            prepared.shard_reservation = self.store.carve(estimate, exact_total)
+            estimate.release()  # what the estimate held beyond the exact size goes back now
+
+        await anyio.to_thread.run_sync(swap)
 
     def _make_room_for(
         self, needed: dict[str, int], shard_bytes: int = 0, keep: frozenset[str] = frozenset()
