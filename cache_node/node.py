@@ -286,6 +286,8 @@ class CacheNode:
         while True:
             await asyncio.sleep(self.settings.eviction.interval_s)
             try:
+                # a disk that was full gets its headroom back here too, not only on /readyz
+                await anyio.to_thread.run_sync(self.disk.problems)
                 await anyio.to_thread.run_sync(self.enforce_watermarks)
             except Exception:  # the loop must outlive one bad pass
                 log.exception("watermark pass failed")
