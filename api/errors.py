@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cache_node.errors import Overloaded, WeightCacheError
+from cache_node.errors import WeightCacheError, error_headers
 
 log = logging.getLogger("weightcache.api")
 
@@ -19,14 +18,6 @@ def error_response(status: int, code: str, message: str, **details: object) -> J
     return JSONResponse(
         {"error": {"code": code, "message": message, **details}}, status_code=status
     )
-
-
-def error_headers(exc: WeightCacheError) -> dict[str, str]:
-    """Headers an error answer carries on either port: the auth challenge, ``Retry-After``."""
-    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return headers
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -37,9 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
-from api.errors import error_headers
 from api.ranges import plan_blob_response
-from cache_node.errors import NotFound, Unauthorized, WeightCacheError
+from cache_node.errors import NotFound, Unauthorized, WeightCacheError, error_headers
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.registry import Registry
 from cache_node.settings import NodeSettings

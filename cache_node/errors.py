@@ -39,6 +39,7 @@ internal errors.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -213,3 +214,11 @@ PERMANENT_ACTIONS: dict[str, str] = {
 def action_for(code: str) -> str:
     """What a person does about a permanent failure with this code."""
     return PERMANENT_ACTIONS.get(code, "waits for a person: fix the cause, then warm")
+
+
+def error_headers(exc: WeightCacheError) -> dict[str, str]:
+    """Headers an error answer carries on either port: the auth challenge, ``Retry-After``."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return headers

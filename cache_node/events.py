@@ -12,7 +12,10 @@ Event names (the ``event`` field), so that operators can alert on them:
 - ``warm.started``, ``warm.finished``, ``warm.failed`` (with ``code``), ``warm.retry_scheduled``,
   ``warm.retrying`` (``staged`` set: a re-registration filling beside a warm version),
   ``pipeline.registration_dropped`` (a staged re-registration replaced by the warm spec again)
-- ``blob.quarantined`` (with ``reason``), ``disk.full``
+- ``blob.quarantined`` (with ``reason``), ``disk.full`` (with ``where``), ``disk.recovered``,
+  ``disk.no_headroom``, ``shards.estimated`` (shard sizes not read ahead, with ``reason``)
+- ``source.refused``, ``tenant.refused``, ``serve.refused`` (a tenant's source outside its
+  allowance, a refused token, a node that must not start)
 - ``data_plane.worker_restarted``, ``data_plane.worker_died``, ``data_plane.worker_restart_failed``
 """
 

@@ -49,12 +49,14 @@ class Evictor:
         # one plan at a time: two concurrent plans could both count the same victim's bytes
         self._lock = threading.Lock()
 
-    def make_room(self, nbytes: int) -> int:
+    def make_room(self, nbytes: int, *, keep: frozenset[str] = frozenset()) -> int:
         """Evict so ``nbytes`` more fit; an unsatisfiable plan evicts nothing (the caller
-        answers 507). Returns bytes freed."""
+        answers 507). Pipelines holding a blob of ``keep`` (those a registration will use as
+        they are) are not evicted: that would free bytes the registration then fetches again.
+        Returns bytes freed."""
         with self._lock:
             plan = eviction.plan(
-                self._entries(),
+                self._entries(keep),
                 need_bytes=nbytes,
                 usage=self._usage(),
                 limits=self._limits(),
@@ -70,21 +72,32 @@ class Evictor:
             )
             return self._execute(plan)
 
-    def _entries(self) -> list[eviction.Entry]:
+    def _entries(self, keep: frozenset[str] = frozenset()) -> list[eviction.Entry]:
         leases = self.registry.active_leases()
         return [
-            eviction_entry(record, leased=bool(leases.get(record.key)))
+            eviction_entry(
+                record, leased=bool(leases.get(record.key)) or not keep.isdisjoint(record.blobs())
+            )
             for record in self.registry.all()
             if record.blobs()
         ]
 
     def _limits(self) -> eviction.Limits:
         return eviction.Limits(
-            capacity=self.store.capacity,
+            capacity=self._capacity(),
             high_watermark=self.settings.high_watermark,
             low_watermark=self.settings.low_watermark,
             hot_window_s=self.settings.hot_window_s,
         )
+
+    def _capacity(self) -> int:
+        """The configured capacity, or less when the filesystem cannot hold that much: then
+        evicting for a fill frees what the disk, not the promise, lacks (I5)."""
+        usage = self.store.usage()
+        if usage.filesystem_free is None:
+            return self.store.capacity
+        on_disk = usage.committed + usage.reserved + usage.temp
+        return max(0, min(self.store.capacity, on_disk + usage.filesystem_free))
 
     def _usage(self) -> eviction.Usage:
         usage = self.store.usage()

@@ -39,7 +39,13 @@ from typing import Any
 import anyio
 import xxhash
 
-from cache_node.errors import IntegrityError, OriginError, WeightCacheError
+from cache_node.disk import is_no_space
+from cache_node.errors import (
+    InsufficientStorage,
+    IntegrityError,
+    OriginError,
+    WeightCacheError,
+)
 from cache_node.metrics import NodeMetrics
 from cache_node.origins.base import Origin, OriginFile
 from cache_node.settings import FetchSettings
@@ -196,7 +202,10 @@ class Fetcher:
             self.metrics.origin_fetches.labels(
                 "integrity" if isinstance(exc, IntegrityError) else "error"
             ).inc()
-            if not (isinstance(exc, OriginError) and exc.retryable):
+            # a full disk may have room a moment later: not an origin answer to remember
+            if not (isinstance(exc, OriginError) and exc.retryable) and not isinstance(
+                exc, InsufficientStorage
+            ):
                 self._recent_failures[transfer.key] = (time.monotonic(), exc)
             raise
         except asyncio.CancelledError:
@@ -222,6 +231,27 @@ class Fetcher:
     ) -> BlobRecord:
         partial = self.store.partial_path(transfer.key)
         journal = _Journal(partial.with_suffix(".journal"), size=file.size, etag=file.etag)
+        try:
+            return await self._write_and_publish(origin, file, transfer, reservation, journal)
+        except Exception as exc:
+            if not (isinstance(exc, InsufficientStorage) or is_no_space(exc)):
+                raise
+            # A full disk: a resumable partial would only hold the space others need now.
+            partial.unlink(missing_ok=True)
+            journal.remove()
+            if isinstance(exc, InsufficientStorage):
+                raise
+            raise self.store.no_space(f"writing {file.path}", exc) from exc
+
+    async def _write_and_publish(
+        self,
+        origin: Origin,
+        file: OriginFile,
+        transfer: _Transfer,
+        reservation: Reservation,
+        journal: _Journal,
+    ) -> BlobRecord:
+        partial = self.store.partial_path(transfer.key)
         part_size = max(1, self.settings.part_size)
         parts = [(s, min(s + part_size, file.size)) for s in range(0, file.size, part_size)]
         done = await anyio.to_thread.run_sync(journal.recover, partial, parts)

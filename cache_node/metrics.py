@@ -36,6 +36,11 @@ class NodeMetrics:
         self.insufficient_storage = Counter(
             "weightcache_insufficient_storage", "Fills refused for lack of space (507)", registry=r
         )
+        self.disk_full = Counter(
+            "weightcache_disk_full",
+            "Times the data dir's filesystem ran out of space (ENOSPC or a full metadata store)",
+            registry=r,
+        )
         self.evictions = Counter(
             "weightcache_evictions", "Pipelines evicted, by reason", ["reason"], registry=r
         )

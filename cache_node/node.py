@@ -11,8 +11,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -30,6 +31,7 @@ from api.schema import (
 from cache_node import restage
 from cache_node.access import TenantAccess
 from cache_node.checkpoint_check import check_checkpoint, check_file_list
+from cache_node.disk import DiskGuard
 from cache_node.errors import (
     AmbiguousPipeline,
     Conflict,
@@ -39,6 +41,7 @@ from cache_node.errors import (
     InvalidInput,
     NotFound,
     NotWarm,
+    OriginError,
     WeightCacheError,
 )
 from cache_node.events import emit
@@ -46,7 +49,7 @@ from cache_node.evictor import Evictor
 from cache_node.fetch import Fetcher, transfer_key
 from cache_node.load_history import LoadHistory
 from cache_node.manifests import ManifestBuilder
-from cache_node.metadata import DiskcacheKeyValue, KeyValue
+from cache_node.metadata import KeyValue, open_metadata
 from cache_node.metrics import NodeMetrics
 from cache_node.origins import Origin, open_origin
 from cache_node.origins.base import OriginFile, Snapshot
@@ -61,11 +64,14 @@ from cache_node.registry import (
 )
 from cache_node.retry import RetryScheduler, RetryTarget, failure_info
 from cache_node.settings import NodeSettings
+from cache_node.shard_headers import ReadAheadSkipped, exact_shard_bytes_ahead
 from cache_node.shard_sets import is_current as shard_set_is_current
 from cache_node.shard_sets import write_shard_set
+from cache_node.shard_space import ShardNeed, find_reusable, shard_bytes_to_reserve
 from cache_node.store import BlobRecord, BlobStore, Reservation
 from cache_node.tasks import run_all
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
+from loader.errors import HeaderError
 
 log = logging.getLogger("weightcache.node")
 
@@ -81,6 +87,10 @@ class _Prepared:
     record: PipelineRecord
     origins: list[Origin]
     reservations: dict[str, Reservation]  # transfer key → space held for it
+    shard_reservation: Reservation | None = None  # the TP shard sets' space (I5)
+    finished: bool = False  # its job released all of the above
+    shard_need: ShardNeed = ShardNeed()  # what the shard reservation holds, and how known
+    held: dict[tuple[str, str], str] | None = None  # files found on disk (model, path) → blob
 
 
 class CacheNode:
@@ -92,13 +102,23 @@ class CacheNode:
         self.access = TenantAccess(settings)  # the tokens file: tenants, sources, credentials
         self.tokens = self.access.tokens
         self.metrics = NodeMetrics()
-        self.meta = meta or DiskcacheKeyValue(settings.data_dir / "meta")
+        self.disk = DiskGuard(
+            settings.data_dir,
+            headroom=settings.disk_headroom,
+            on_full=self.metrics.disk_full.inc,
+        )
+        self.disk.ensure_ballast()
+        self.meta = meta or open_metadata(settings.data_dir / "meta", self.disk)
         self.store = BlobStore(
             settings.data_dir,
             capacity=settings.capacity,
             meta=self.meta,
             on_quarantine=self._on_quarantine,
+            disk=self.disk,
         )
+        # One registration computes and takes its reservations at a time: two of one model
+        # must not both reserve its files (the second sees the first's, I5)
+        self._reserve_lock = threading.Lock()
         self.registry = Registry(self.meta)
         self.fetcher = Fetcher(self.store, settings.fetch, metrics=self.metrics)
         self.load_history = LoadHistory(self.meta, self.metrics)
@@ -107,6 +127,7 @@ class CacheNode:
         self._blob_tenants: dict[str, set[str]] | None = None
         self.manifests = ManifestBuilder(self.store)
         self._lock = asyncio.Lock()
+        self._shard_locks: dict[tuple[object, ...], tuple[asyncio.Lock, int]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._resolving: dict[tuple[object, ...], asyncio.Task[Snapshot]] = {}
         self._watermark_task: asyncio.Task[None] | None = None
@@ -246,7 +267,10 @@ class CacheNode:
              generation=record.generation, models=len(spec.models), tp_sizes=spec.tp_sizes,
              staged=record.staged)
         await self._start_warm(record)
-        return self.status(tenant, pipeline_id), True
+        # A DELETE may have landed since: the registration still happened (the DELETE came
+        # after it), so the answer is what it registered, never a 404.
+        current = self.registry.get(tenant, pipeline_id)
+        return self.status_of(current if current is not None else record), True
 
     def _replace(
         self, existing: PipelineRecord | None, tenant: str, pipeline_id: str, spec: PipelineSpec
@@ -372,6 +396,8 @@ class CacheNode:
         while True:
             await asyncio.sleep(self.settings.eviction.interval_s)
             try:
+                # a disk that was full gets its headroom back here too, not only on /readyz
+                await anyio.to_thread.run_sync(self.disk.problems)
                 await anyio.to_thread.run_sync(self.enforce_watermarks)
             except Exception:  # the loop must outlive one bad pass
                 log.exception("watermark pass failed")
@@ -410,7 +436,7 @@ class CacheNode:
         job_key = record.job_key
         task = asyncio.create_task(self._fill(prepared), name=f"warm {job_key}")
         self._jobs[job_key] = task
-        task.add_done_callback(lambda _: self._job_done(job_key, task))
+        task.add_done_callback(lambda _: self._job_done(job_key, task, prepared))
 
     def _stored(self, record: PipelineRecord) -> PipelineRecord | None:
         """The registry's copy of ``record`` (its pipeline, or the staged re-registration
@@ -431,8 +457,14 @@ class CacheNode:
             if not self.fetcher.in_flight(key):
                 self.store.release_partial(key)  # its partial, if any, counts as temp again
         prepared.reservations.clear()
+        if prepared.shard_reservation is not None:
+            prepared.shard_reservation.release()
 
-    def _job_done(self, key: str, task: asyncio.Task[None]) -> None:
+    def _job_done(self, key: str, task: asyncio.Task[None], prepared: _Prepared) -> None:
+        if not prepared.finished:
+            # cancelled before its first step (an eviction or deletion right after the
+            # registration): its body never ran, so its space and origins are let go here
+            self._finish(prepared)
         if self._jobs.get(key) is task:  # not a newer job of the same pipeline
             del self._jobs[key]
         self._collect_orphans()
@@ -518,6 +550,7 @@ class CacheNode:
         origins = [
             open_origin(m, settings, auth_enabled=self.auth_enabled) for m in record.spec.models
         ]
+        prepared: _Prepared | None = None
         try:
             models = []
             for model, origin in zip(record.spec.models, origins, strict=True):
@@ -548,12 +581,15 @@ class CacheNode:
             record.models = models
             if self._is_current(record):  # an eviction or deletion meanwhile wins
                 self._save(record)
-            reservations = await anyio.to_thread.run_sync(lambda: self._reserve(record, origins))
+            prepared = _Prepared(record, origins, {})
+            await anyio.to_thread.run_sync(lambda: self._reserve(prepared))
         except BaseException:
+            if prepared is not None:  # a cancelled request: what the thread reserved goes back
+                self._release_unused(prepared)
             for origin in origins:
                 await origin.aclose()
             raise
-        return _Prepared(record, origins, reservations)
+        return prepared
 
     def _verified_blobs(
         self, record: PipelineRecord, model: ModelSpec, origin: Origin, snapshot: Snapshot
@@ -590,43 +626,91 @@ class CacheNode:
             )
         return snapshot
 
-    def _reserve(self, record: PipelineRecord, origins: list[Origin]) -> dict[str, Reservation]:
-        """Hold the space of every file still to fetch, all before the first origin byte (I5)."""
+    def _reserve(self, prepared: _Prepared) -> None:
+        """Hold the space of every file still to fetch and of the TP shard sets still to
+        write, all before the first origin byte (I5). Only physical need counts: a file on
+        disk, in flight or reserved by another job, and a shard set already written, cost
+        nothing."""
+        with self._reserve_lock:
+            self._reserve_locked(prepared)
+
+    def _reserve_locked(self, prepared: _Prepared) -> None:
+        record, origins = prepared.record, prepared.origins
         needed: dict[str, int] = {}
+        held: dict[tuple[str, str], str] = {}  # files on disk already, for the shard sizing
         for model, origin in zip(record.models, origins, strict=True):
             for file in model.files:
                 if file.blob and self.store.has(file.blob):
                     continue
                 origin_file = _origin_file(file)
                 revision = model.revision or ""
-                if self.fetcher.already_verified(
+                verified = self.fetcher.already_verified(
                     origin, origin_file, source=model.source, revision=revision
-                ):
-                    continue  # this object was verified here in this scope: no bytes to fetch
+                )
+                if verified is not None:
+                    # this object was verified here in this scope: no bytes to fetch
+                    held[(model.name, file.path)] = verified.sha256
+                    continue
                 key = transfer_key(origin, model.source, revision, origin_file)
-                if not self.fetcher.in_flight(key):
+                if not self.fetcher.in_flight(key) and not self.store.is_reserved(key):
                     needed[key] = file.size
-        total = sum(needed.values()) + self._shard_bytes_estimate(record)
+        prepared.held = held
+        prepared.shard_need = shard_bytes_to_reserve(self.registry, self.store, record, held)
+        shard_bytes = prepared.shard_need.total
+        total = sum(needed.values()) + shard_bytes
         if total > self.store.capacity:
             raise InsufficientStorage(
-                f"pipeline needs {total} bytes but the node's capacity is {self.store.capacity}",
+                f"pipeline needs {total} bytes ({shard_bytes} of them for TP shard sets) but "
+                f"the node's capacity is {self.store.capacity}",
                 needed=total,
+                shard_bytes=shard_bytes,
                 capacity=self.store.capacity,
             )
-        self._make_room_for(needed)
+        # the blobs this pipeline will use as they are: evicting their holders frees nothing
+        self._make_room_for(needed, shard_bytes, keep=frozenset(held.values()))
         reservations: dict[str, Reservation] = {}
+        shards: Reservation | None = None
         try:
             for key, size in needed.items():
                 reservations[key] = self.store.reserve(size, partial_key=key)
+            if shard_bytes:
+                shards = self.store.reserve(shard_bytes)
         except InsufficientStorage:
             for reservation in reservations.values():
                 reservation.release()
             for key in reservations:
                 self.store.release_partial(key)
             raise
-        return reservations
+        prepared.reservations = reservations
+        prepared.shard_reservation = shards
 
-    def _make_room_for(self, needed: dict[str, int]) -> None:
+    async def _true_up_shards(self, prepared: _Prepared) -> None:
+        """Replace the shard sets' estimate by their exact size, read ahead from the headers,
+        before the first weight byte (see ``cache_node.shard_headers``)."""
+        need, estimate = prepared.shard_need, prepared.shard_reservation
+        if not need.estimated or estimate is None:
+            return
+        record = prepared.record
+        try:
+            exact = await exact_shard_bytes_ahead(
+                self.store, record, prepared.origins, prepared.held or {}, need.estimated
+            )
+        except (ReadAheadSkipped, OriginError, HeaderError, OSError) as exc:
+            emit("shards.estimated", level=logging.WARNING, tenant=record.tenant,
+                 pipeline=record.id, estimate=need.estimate, reason=str(exc))
+            return  # the estimate stands; the exact size is carved when the shards are written
+        exact_total = need.known + exact
+
+        def swap() -> None:
+            # in the thread, so a cancellation meanwhile cannot lose the new reservation
+            prepared.shard_reservation = self.store.carve(estimate, exact_total)
+            estimate.release()  # what the estimate held beyond the exact size goes back now
+
+        await anyio.to_thread.run_sync(swap)
+
+    def _make_room_for(
+        self, needed: dict[str, int], shard_bytes: int = 0, keep: frozenset[str] = frozenset()
+    ) -> None:
         """Evict for all of ``needed`` at once, or fail having evicted nothing.
 
         Reserving file by file would make room for the first files and then fail on a later
@@ -637,31 +721,19 @@ class CacheNode:
         for key in needed:
             with contextlib.suppress(FileNotFoundError):
                 own_partials += self.store.partial_path(key).stat().st_size
-        extra = sum(needed.values()) - own_partials
+        extra = sum(needed.values()) + shard_bytes - own_partials
         if extra <= self.store.usage().free:
             return
-        self.make_room(extra)
-        free = self.store.usage().free
-        if extra > free:
-            raise InsufficientStorage(
-                f"not enough space: the pipeline needs {extra} bytes, {free} free of "
-                f"{self.store.capacity} after eviction",
-                needed=extra,
-                free=free,
-                capacity=self.store.capacity,
-            )
-
-    def _shard_bytes_estimate(self, record: PipelineRecord) -> int:
-        weights = sum(
-            f.size for m in record.models for f in m.files if f.path.endswith(".safetensors")
-        )
-        return weights * sum(1 for tp in record.spec.tp_sizes if tp > 1)
+        self.evictor.make_room(extra, keep=keep)
+        if extra > self.store.usage().free:
+            raise self.store.not_enough_space(extra, "the pipeline needs")
 
     async def _fill(self, prepared: _Prepared) -> None:
         record = prepared.record
         self._progress.setdefault(record.job_key, {})
         limiter = anyio.CapacityLimiter(_FILES_AT_ONCE)
         try:
+            await self._true_up_shards(prepared)
             for _ in range(_FILL_ROUNDS):
                 await run_all(
                     self._fill_file(record, model, origin, file, prepared, limiter)
@@ -676,7 +748,7 @@ class CacheNode:
                     break
             else:
                 raise WeightCacheError("blobs were freed while the pipeline was filling")
-            await self._build_shards(record)
+            await self._build_shards(record, prepared.shard_reservation)
             if not self._is_current(record):
                 return
             if record.staged:
@@ -694,11 +766,16 @@ class CacheNode:
             log.exception("warm job of %s failed", record.key)
             self._fail(record, WeightCacheError(f"internal error: {type(exc).__name__}"))
         finally:
-            self._release_unused(prepared)
-            for origin in prepared.origins:
-                self._close_when_idle(origin)
-            self._progress.pop(record.job_key, None)
-            self._update_gauges()
+            self._finish(prepared)
+
+    def _finish(self, prepared: _Prepared) -> None:
+        """Release what a warm job held; once, whether its body ran or not."""
+        prepared.finished = True
+        self._release_unused(prepared)
+        for origin in prepared.origins:
+            self._close_when_idle(origin)
+        self._progress.pop(prepared.record.job_key, None)
+        self._update_gauges()
 
     async def _fill_file(
         self,
@@ -746,8 +823,14 @@ class CacheNode:
             fetching.exception()  # retrieved: the job that wanted it is gone
         self._collect_orphans()
 
-    async def _build_shards(self, record: PipelineRecord) -> None:
-        """Per-TP-size shard sets; TP 1 and unsplittable models read the original files."""
+    async def _build_shards(
+        self, record: PipelineRecord, reservation: Reservation | None = None
+    ) -> None:
+        """Per-TP-size shard sets; TP 1 and unsplittable models read the original files.
+
+        A set another pipeline already built from the same blobs is reused (no bytes, no
+        eviction); builds of one set run one at a time, so concurrent registrations of a
+        model write it once."""
         for tp_size in record.spec.tp_sizes:
             key = str(tp_size)
             existing = record.shards.get(key)
@@ -762,16 +845,28 @@ class CacheNode:
                 record.shards[key] = ShardSet(tp_size=1, state="ready", mode="full")
             else:
                 record.shards[key] = ShardSet(tp_size=tp_size, state="pending")
-                self._save(record)
-                record.shards[key] = await anyio.to_thread.run_sync(
-                    functools.partial(
-                        write_shard_set,
-                        self.store,
-                        record,
-                        tp_size,
-                        verify_blob=self.manifests.verify_blob,
-                    )
-                )
+                self._save_if_current(record)
+                async with self._shard_build_lock(record, tp_size):
+                    reused = find_reusable(self.registry, self.store, record, tp_size)
+                    if reused is None:
+                        reused = await anyio.to_thread.run_sync(
+                            functools.partial(
+                                write_shard_set,
+                                self.store,
+                                record,
+                                tp_size,
+                                verify_blob=self.manifests.verify_blob,
+                                reservation=reservation,
+                            )
+                        )
+                    record.shards[key] = reused
+                    self._save_if_current(record)  # before the next builder looks for one
+            self._save_if_current(record)
+
+    def _save_if_current(self, record: PipelineRecord) -> None:
+        """Save a warm job's progress unless the pipeline was deleted, evicted or registered
+        again meanwhile (saving it then would bring back what the user removed)."""
+        if self._is_current(record):
             self._save(record)
 
     # ------------------------------------------------------------------ restage and retries
@@ -870,6 +965,26 @@ class CacheNode:
             await self._checkpoint_intact(record)
         except InvalidCheckpoint as exc:
             self._fail(record, exc)
+
+    @contextlib.asynccontextmanager
+    async def _shard_build_lock(
+        self, record: PipelineRecord, tp_size: int
+    ) -> AsyncIterator[None]:
+        key = (
+            tuple(tuple(sorted((f.path, f.blob or "") for f in m.files)) for m in record.models),
+            tp_size,
+        )
+        lock, users = self._shard_locks.get(key, (asyncio.Lock(), 0))
+        self._shard_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._shard_locks[key]
+            if users == 1:
+                del self._shard_locks[key]
+            else:
+                self._shard_locks[key] = (lock, users - 1)
 
     def _blobs_present(self, record: PipelineRecord) -> bool:
         return all(
@@ -972,6 +1087,10 @@ class CacheNode:
             quarantined=usage.quarantined,
             data_url=self.settings.data_url,
         )
+
+    def readiness_problems(self) -> list[str]:
+        """What keeps the node from being ready (``disk_full``); empty when it is."""
+        return self.disk.problems()
 
     def refresh_gauges(self) -> None:
         """Bring the byte and pipeline gauges up to date (before a scrape)."""

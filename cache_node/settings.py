@@ -153,6 +153,10 @@ class NodeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     capacity: ByteSize = 100 * 1024**3
+    #: Pre-allocated on the data dir's filesystem (at most 1/16 of it) and never promised to a
+    #: fill: the room the metadata store needs to record a failure or a deletion once the disk
+    #: is full (0: none, and a fill that meets a full disk may then be left unrecorded).
+    disk_headroom: ByteSize = 16 * 1024**2
     region: str = "local"
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     tokens_file: Path | None = None

@@ -12,8 +12,10 @@ from typing import Any
 
 from api.schema import ManifestTensor
 from cache_node import sharding
+from cache_node.disk import is_no_space
 from cache_node.registry import ModelEntry, PipelineRecord, RankShard, ShardSet
-from cache_node.store import BlobStore
+from cache_node.shard_space import plan_file_sizes
+from cache_node.store import BlobStore, Reservation
 from loader.errors import HeaderError
 from loader.safetensors_format import read_header
 
@@ -27,18 +29,18 @@ def is_current(shard_set: ShardSet) -> bool:
     return shard_set.mode == "full" or shard_set.layout == sharding.SHARD_LAYOUT
 
 
-#: Room reserved for each rank file's safetensors header beyond its tensor bytes.
-_HEADER_ALLOWANCE = 1 << 20
-
-
 def write_shard_set(
     store: BlobStore,
     record: PipelineRecord,
     tp_size: int,
     *,
     verify_blob: Callable[[str], None],
+    reservation: Reservation | None = None,
 ) -> ShardSet:
     """Plan and write every model's rank shards for one TP size, then publish them.
+
+    ``reservation`` is the space the pipeline reserved for this shard set before its files
+    were fetched; the exact sizes are carved out of it (and only a shortfall reserved anew).
 
     A model the rules do not cover makes the whole TP size full-tensor mode (every rank
     reads the unsplit files), which is correct for anything. ``verify_blob`` checks a source
@@ -64,11 +66,20 @@ def write_shard_set(
         plans.append((model, plan, weights))
     ranks: list[RankShard] = []
     for model, plan, weights in plans:
-        # one reservation per rank file, each handed to publish, so committed + reserved
-        # never counts a shard twice
-        reservations = [store.reserve(r.nbytes + _HEADER_ALLOWANCE) for r in plan.ranks]
+        # one reservation per rank file, of its exact size, each handed to publish, so
+        # committed + reserved never counts a shard twice
+        reservations: list[Reservation] = []
+        shards: list[sharding.RankShardFile] = []
         try:
-            for shard in sharding.write_rank_shards(plan, weights, store.tmp_dir):
+            for size in plan_file_sizes(plan):
+                reservations.append(store.carve(reservation, size))
+            try:
+                shards = sharding.write_rank_shards(plan, weights, store.tmp_dir)
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise store.no_space(f"writing TP {tp_size} shards", exc) from exc
+                raise
+            for shard in shards:
                 blob = store.publish(
                     shard.path,
                     sha256=shard.sha256,
@@ -99,8 +110,10 @@ def write_shard_set(
                     )
                 )
         finally:
-            for reservation in reservations:
-                reservation.release()
+            for shard in shards:  # a temp not published (a failure part-way) goes now
+                shard.path.unlink(missing_ok=True)
+            for carved in reservations:
+                carved.release()
     vocab_sizes = {
         model.name: plan.vocab_size for model, plan, _ in plans if plan.vocab_size is not None
     }

@@ -26,6 +26,7 @@ from typing import Any
 
 import xxhash
 
+from cache_node.disk import DiskGuard, allocated_bytes, is_no_space
 from cache_node.errors import InsufficientStorage, IntegrityError, InvalidInput, NotFound
 from cache_node.metadata import KeyValue
 
@@ -94,10 +95,16 @@ class Usage:
     reserved: int
     temp: int
     quarantined: int
+    #: What the filesystem can still take beyond the reservations not yet written (None: not
+    #: checked). The node never promises more than this, whatever its capacity says (I5).
+    filesystem_free: int | None = None
 
     @property
     def free(self) -> int:
-        return max(0, self.capacity - self.committed - self.reserved - self.temp)
+        free = self.capacity - self.committed - self.reserved - self.temp
+        if self.filesystem_free is not None:
+            free = min(free, self.filesystem_free)
+        return max(0, free)
 
 
 @dataclass
@@ -140,16 +147,23 @@ class BlobStore:
         capacity: int,
         meta: KeyValue,
         on_quarantine: Callable[[str, str], None] | None = None,
+        disk: DiskGuard | None = None,
     ) -> None:
         self.root = root
         self.capacity = capacity
         self.meta = meta
+        #: The filesystem check (statvfs, ballast, disk full); None checks the capacity only.
+        self.disk = disk
         self.blobs_dir = root / "blobs"
         self.tmp_dir = root / "tmp"
         self.quarantine_dir = root / "quarantine"
         for d in (self.blobs_dir, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Publishing and deleting check and change the metadata and the committed count as one
+        # step: two publishes of one sha256 (two shard sets, two keys for one content) must count
+        # it once, and two deletes must subtract it once (I5 accounting).
+        self._publish_lock = threading.Lock()
         self._reservations: dict[str, int] = {}
         self._active_partials: set[str] = set()
         self._committed = sum(r.size for r in self.records())
@@ -179,13 +193,58 @@ class BlobStore:
         with self._lock:
             reserved = sum(self._reservations.values())
             committed = self._committed
+            filesystem_free = self._filesystem_room()
         return Usage(
             capacity=self.capacity,
             committed=committed,
             reserved=reserved,
             temp=self._idle_partial_bytes(),
             quarantined=_dir_bytes(self.quarantine_dir),
+            filesystem_free=filesystem_free,
         )
+
+    def no_space(self, where: str, exc: BaseException | None = None) -> InsufficientStorage:
+        """The 507 for a disk that filled while ``where`` (recorded as disk full)."""
+        if self.disk is not None:
+            return self.disk.report_full(where, exc)
+        return InsufficientStorage(f"disk full while {where}: {exc}", reason="disk_full")
+
+    def is_reserved(self, key: str) -> bool:
+        """Whether a fill already holds space for the transfer ``key`` (not yet in flight)."""
+        with self._lock:
+            return key in self._active_partials
+
+    def carve(self, source: Reservation | None, nbytes: int) -> Reservation:
+        """A reservation of ``nbytes`` taken out of ``source`` as far as it goes; the rest is
+        reserved anew (evicting, or InsufficientStorage). For a fill that reserved an estimate
+        up front and learns the exact size later."""
+        if nbytes < 0:
+            raise InvalidInput("negative reservation")
+        with self._lock:
+            take = 0
+            if source is not None and not source.released:
+                take = min(nbytes, source.nbytes)
+                source.nbytes -= take
+                self._reservations[source.reservation_id] = source.nbytes
+            carved = Reservation(self, uuid.uuid4().hex, take)
+            self._reservations[carved.reservation_id] = take
+        if take < nbytes:
+            try:
+                extra = self.reserve(nbytes - take)
+            except BaseException:
+                with self._lock:  # give the part taken back: the source is as it was
+                    self._reservations.pop(carved.reservation_id, None)
+                    carved.released = True
+                    if source is not None and not source.released:
+                        source.nbytes += take
+                        self._reservations[source.reservation_id] = source.nbytes
+                raise
+            with self._lock:
+                self._reservations.pop(extra.reservation_id, None)
+                extra.released = True
+                carved.nbytes += extra.nbytes
+                self._reservations[carved.reservation_id] = carved.nbytes
+        return carved
 
     def reserve(self, nbytes: int, *, partial_key: str | None = None) -> Reservation:
         """Hold ``nbytes`` for a fill, evicting through ``make_room`` if needed.
@@ -214,18 +273,56 @@ class BlobStore:
                     self._active_partials.discard(partial_key)
             if attempt == 0 and self.make_room is not None:
                 self.make_room(nbytes)
+        raise self.not_enough_space(nbytes)
+
+    def not_enough_space(self, nbytes: int, what: str = "needs") -> InsufficientStorage:
+        """The 507 for ``nbytes`` that do not fit, naming the limit that binds: the capacity,
+        or the data dir's filesystem when it has less room than the capacity promises."""
         usage = self.usage()
-        raise InsufficientStorage(
-            f"not enough space: needs {nbytes} bytes, {usage.free} free of {self.capacity} "
+        details: dict[str, Any] = {"needed": nbytes, "free": usage.free,
+                                   "capacity": self.capacity}
+        room = usage.filesystem_free
+        if room is not None and room < usage.capacity - usage.committed - usage.reserved - (
+            usage.temp
+        ):
+            details.update(reason="filesystem_full", filesystem_free=max(0, room))
+            return InsufficientStorage(
+                f"not enough space: {what} {nbytes} bytes, but the filesystem of the data dir "
+                f"({self.root}) has only {max(0, room)} bytes free for it (capacity "
+                f"{self.capacity}) after eviction",
+                **details,
+            )
+        return InsufficientStorage(
+            f"not enough space: {what} {nbytes} bytes, {usage.free} free of {self.capacity} "
             "after eviction",
-            needed=nbytes,
-            free=usage.free,
-            capacity=self.capacity,
+            **details,
         )
 
     def _shortfall(self, nbytes: int) -> int:
         in_use = self._committed + sum(self._reservations.values()) + self._idle_partial_bytes()
-        return in_use + nbytes - self.capacity
+        shortfall = in_use + nbytes - self.capacity
+        room = self._filesystem_room()
+        if room is not None:
+            shortfall = max(shortfall, nbytes - room)
+        return shortfall
+
+    def _filesystem_room(self) -> int | None:
+        """What the filesystem can take beyond the reserved bytes not yet written (hold _lock).
+
+        statvfs already counts the bytes fills have written so far (partials, shard temps), so
+        only the rest of each reservation is still to come. The ballast is never free.
+        """
+        if self.disk is None:
+            return None
+        written = 0
+        for entry in os.scandir(self.tmp_dir):
+            name = entry.name
+            if name.endswith(".tmp") or (
+                name.endswith(".partial") and name.removesuffix(".partial") in self._active_partials
+            ):
+                written += allocated_bytes(Path(entry.path))
+        to_come = max(0, sum(self._reservations.values()) - written)
+        return self.disk.free() - to_come
 
     def _release(self, reservation: Reservation) -> None:
         with self._lock:
@@ -274,32 +371,44 @@ class BlobStore:
             raise IntegrityError(
                 f"temp file is {temp.stat().st_size} bytes, expected {size}", sha256=sha256
             )
-        existing = self.get(sha256)
-        if existing is not None and self.blob_path(sha256).exists():
+        try:
+            _fsync_file(temp)  # outside the lock: the slow part, and one writer per temp
+        except OSError as exc:
             temp.unlink(missing_ok=True)
-            if reservation is not None:
-                reservation.release()
-            return existing
-        _fsync_file(temp)
-        target = self.blob_path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, target)
-        _fsync_dir(target.parent)
-        _fsync_dir(temp.parent)
-        record = BlobRecord(
-            sha256=sha256,
-            size=size,
-            chunk_size=CHUNK_SIZE,
-            chunk_xxh3_128=tuple(chunk_xxh3_128),
-            verified=verified,
-            created_at=time.time(),
-        )
-        with self._lock:
-            self.meta.set(f"blob:{sha256}", record.to_dict())
-            self._committed += size
-            if reservation is not None and not reservation.released:
-                self._reservations.pop(reservation.reservation_id, None)
-                reservation.released = True
+            if is_no_space(exc):
+                raise self.no_space("making a blob durable", exc) from exc
+            raise
+        with self._publish_lock:
+            existing = self.get(sha256)
+            if existing is not None and self.blob_path(sha256).exists():
+                temp.unlink(missing_ok=True)
+                if reservation is not None:
+                    reservation.release()
+                return existing
+            target = self.blob_path(sha256)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, target)
+            _fsync_dir(target.parent)
+            _fsync_dir(temp.parent)
+            record = BlobRecord(
+                sha256=sha256,
+                size=size,
+                chunk_size=CHUNK_SIZE,
+                chunk_xxh3_128=tuple(chunk_xxh3_128),
+                verified=verified,
+                created_at=time.time(),
+            )
+            try:
+                self.meta.set(f"blob:{sha256}", record.to_dict())
+            except BaseException:
+                target.unlink(missing_ok=True)  # no record, no file: nothing half-visible (I3)
+                raise
+            with self._lock:
+                if existing is None:  # a record without its file was counted already
+                    self._committed += size
+                if reservation is not None and not reservation.released:
+                    self._reservations.pop(reservation.reservation_id, None)
+                    reservation.released = True
         return record
 
     def delete(self, sha256: str) -> int:
@@ -308,29 +417,30 @@ class BlobStore:
         A reader that already has the file open keeps reading it (unlink while open).
         Returns the bytes freed.
         """
-        with self._lock:
-            # looked up under the lock: two threads freeing one blob count its bytes once
+        with self._publish_lock:
             record = self.get(sha256)
             if record is None:
                 return 0
             self.meta.delete(f"blob:{sha256}")
-            self._committed -= record.size
-        self.blob_path(sha256).unlink(missing_ok=True)
+            with self._lock:
+                self._committed -= record.size
+            self.blob_path(sha256).unlink(missing_ok=True)
         return record.size
 
     def quarantine(self, sha256: str, reason: str) -> None:
         """Move a bad blob aside and forget it, so it is never served again and gets re-fetched."""
-        with self._lock:
-            record = self.get(sha256)  # under the lock, as in delete
+        with self._publish_lock:
+            record = self.get(sha256)
             self.meta.delete(f"blob:{sha256}")
-            if record is not None:
-                self._committed -= record.size
-            for key in [k for k in self._verified if k[0] == sha256]:
-                del self._verified[key]
-        try:
-            os.replace(self.blob_path(sha256), self.quarantine_dir / sha256)
-        except FileNotFoundError:
-            pass
+            with self._lock:
+                if record is not None:
+                    self._committed -= record.size
+                for key in [k for k in self._verified if k[0] == sha256]:
+                    del self._verified[key]
+            try:
+                os.replace(self.blob_path(sha256), self.quarantine_dir / sha256)
+            except FileNotFoundError:
+                pass
         if self._on_quarantine is not None:
             self._on_quarantine(sha256, reason)
 

@@ -82,7 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
 
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "data_dir", "capacity", "region", "tokens_file", "redis_url"):
+    for name in ("host", "port", "data_dir", "capacity", "region", "tokens_file", "redis_url",
+                 "disk_headroom"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="default 127.0.0.1 ($WEIGHTCACHE_HOST)")
     serve.add_argument("--port", type=int, default=None, help="default 8470 ($WEIGHTCACHE_PORT)")
     serve.add_argument("--capacity", default=None, help="e.g. 100GiB")
+    serve.add_argument("--disk-headroom", default=None,
+                       help="space kept free on the data dir's filesystem for metadata when "
+                            "the disk fills (default 16MiB)")
     serve.add_argument("--region", default=None)
     serve.add_argument("--tokens", dest="tokens_file", default=None,
                        help="JSON file mapping token to tenant (and tenant policies); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,17 +26,28 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+_READINESS_MESSAGES = {
+    "disk_full": "the data dir's filesystem is full: fills fail with insufficient_storage "
+    "until space is freed (delete or evict pipelines, or free the disk)",
+}
+
+
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request, node: Node) -> dict[str, Any] | JSONResponse:
-    """200 when the node can take traffic; 503 with every reason it cannot otherwise.
+    """200 when the node can take traffic; 503 ``{"status": "degraded", "reasons": [...]}``
+    naming every reason it cannot (``disk_full``, ``data_plane_down``, ...).
 
-    The reasons come from ``app.state.readiness_checks`` (callables returning None or a
-    ``{"code", "message"}`` dict), so each part of the node adds its own.
+    The reasons come from the node itself (its disk) and from ``app.state.readiness_checks``
+    (callables returning None or a ``{"code", "message"}`` dict), so each part adds its own.
     """
     checks: list[Callable[[], dict[str, Any] | None]] = request.app.state.readiness_checks
-    reasons = [reason for check in checks if (reason := check()) is not None]
+    reasons = [
+        {"code": code, "message": _READINESS_MESSAGES.get(code, code)}
+        for code in await anyio.to_thread.run_sync(node.readiness_problems)
+    ]
+    reasons += [reason for check in checks if (reason := check()) is not None]
     if reasons:
-        body = {"status": "not_ready", "node_id": node.settings.node_id, "reasons": reasons}
+        body = {"status": "degraded", "node_id": node.settings.node_id, "reasons": reasons}
         return JSONResponse(body, status_code=503)
     return {"status": "ready", "node_id": node.settings.node_id}
 
