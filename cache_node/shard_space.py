@@ -143,12 +143,17 @@ def find_reusable(
             continue
         if not all(store.has(r.blob) for r in shard_set.ranks):
             continue
+        if not (shard_set.mode == "full" or shard_set.layout == sharding.SHARD_LAYOUT):
+            continue  # cut by another layout: never handed on, rebuilt instead
         names = {o.name: m.name for o, m in zip(other.models, record.models, strict=True)}
         return ShardSet(
             tp_size=tp_size,
             state="ready",
             mode=shard_set.mode,
             note=shard_set.note,
+            layout=shard_set.layout,
+            vocab_sizes={names[m]: v for m, v in shard_set.vocab_sizes.items() if m in names},
+            vocab_padding=shard_set.vocab_padding,
             ranks=[
                 RankShard(
                     model=names[r.model],

@@ -9,7 +9,6 @@ serving, says ``disk_full`` on ``/readyz`` and recovers when space frees).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.node_server import running_node, wait_for_state
 from tests.fixtures.small_fs import fill_up, small_filesystem
+from tests.fixtures.weights import safetensors_of_size
 
 MiB = 1024 * 1024
 
@@ -75,10 +75,10 @@ def test_filesystem_smaller_than_capacity_is_507_not_a_wedged_node(
 ) -> None:
     models = tmp_path / "models"
     (models / "big").mkdir(parents=True)
-    (models / "big" / "model.bin").write_bytes(os.urandom(100 * MiB))
+    (models / "big" / "model.safetensors").write_bytes(safetensors_of_size(100 * MiB))
     (models / "small").mkdir()
-    small = os.urandom(2 * MiB)
-    (models / "small" / "model.bin").write_bytes(small)
+    small = safetensors_of_size(2 * MiB)
+    (models / "small" / "model.safetensors").write_bytes(small)
     data_dir = small_disk / "data"
     settings: dict[str, Any] = {
         "data_dir": data_dir,
@@ -122,10 +122,10 @@ def test_a_filler_process_eating_the_disk_mid_fill_fails_the_fill_cleanly(
     proxy: CountingProxy,
     events: list[str],
 ) -> None:
-    model = os.urandom(24 * MiB)
-    seaweed.put(bucket, "big/model.bin", model)
-    other = os.urandom(MiB)
-    seaweed.put(bucket, "other/model.bin", other)
+    model = safetensors_of_size(24 * MiB)
+    seaweed.put(bucket, "big/model.safetensors", model)
+    other = safetensors_of_size(MiB)
+    seaweed.put(bucket, "other/model.safetensors", other)
     data_dir = small_disk / "data"
     settings: dict[str, Any] = {
         "data_dir": data_dir,
@@ -148,7 +148,7 @@ def test_a_filler_process_eating_the_disk_mid_fill_fails_the_fill_cleanly(
 
         # The origin holds its bytes back a while: the reservation is made (202), then another
         # process takes the whole disk before the first byte lands.
-        proxy.add_fault(Fault(match="/big/model.bin", times=None, delay_s=2.0))
+        proxy.add_fault(Fault(match="/big/model.safetensors", times=None, delay_s=2.0))
         assert c.put("/v1/pipelines/big", json=big).status_code == 202
         fill_up(filler)
         status = wait_for_state(c, "big", {"warm", "failed"})
@@ -161,7 +161,7 @@ def test_a_filler_process_eating_the_disk_mid_fill_fails_the_fill_cleanly(
         ready = c.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["status"] == "degraded"
-        assert "disk_full" in ready.json()["reasons"]
+        assert "disk_full" in [r["code"] for r in ready.json()["reasons"]]
         assert _metric(c, "weightcache_disk_full_total") >= 1
         assert "disk.full" in events
 
@@ -177,7 +177,8 @@ def test_a_filler_process_eating_the_disk_mid_fill_fails_the_fill_cleanly(
 
     with running_node(**settings) as node, node.client() as c:  # a restart on a full disk
         ready = c.get("/readyz")
-        assert ready.status_code == 503 and "disk_full" in ready.json()["reasons"]
+        assert ready.status_code == 503
+        assert "disk_full" in [r["code"] for r in ready.json()["reasons"]]
         assert c.get(f"/v1/blobs/{other_file['blob']}").content == other
         assert c.get("/v1/pipelines/big").json()["state"] == "failed"
         assert c.delete("/v1/pipelines/big").status_code == 204

@@ -46,9 +46,9 @@ import torch
 from safetensors.torch import load_file
 
 from api.embedded import free_port
+from clients.errors import ClientError
 from clients.seaweed import SeaweedServer
 from loader.errors import IntegrityError as LoaderIntegrityError
-from loader.errors import LoaderError
 from loader.load import load
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.tiny_llama import make_tiny_llama
@@ -262,7 +262,7 @@ class Soak:
             # verify=True failed: the node served a byte that is not the manifest's
             self.figures.integrity_violations.append(f"{pipeline} tp{tp_size}/{rank}: {exc}")
             return
-        except (LoaderError, httpx.HTTPError, OSError) as exc:
+        except (ClientError, httpx.HTTPError, OSError) as exc:
             # evicted, deleted or quarantined under the load, or the node was killed: a clean
             # refusal, never wrong bytes
             self.figures.load_errors[type(exc).__name__] += 1

@@ -7,7 +7,6 @@ byte counts are what the origin sent.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.node_server import running_node, wait_for_state
 from tests.fixtures.tiny_llama import make_tiny_llama
+from tests.fixtures.weights import safetensors_of_size
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -77,7 +77,7 @@ def test_files_that_fit_with_shard_sets_that_do_not_are_507_before_any_origin_by
     shard_estimate = weights + 2 * RANK_HEADER_ALLOWANCE
     capacity = files + shard_estimate + 64 * KiB  # the whole pipeline fits an empty node...
     pinned = capacity - files - 50 * KiB  # ...but a pinned pipeline leaves room for files only
-    seaweed.put(bucket, "pinned/blob.bin", os.urandom(pinned))
+    seaweed.put(bucket, "pinned/model.safetensors", safetensors_of_size(pinned))
     settings = _settings(tmp_path, proxy, seaweed, capacity=capacity)
     with running_node(**settings) as node, node.client("tok-a") as c:
         assert c.put("/v1/pipelines/p", json=_filler_body(bucket, "pinned", pinned=True)
@@ -106,7 +106,7 @@ def test_a_second_tenant_on_a_held_model_at_near_full_capacity_evicts_nobody(
 ) -> None:
     _upload_llama(seaweed, bucket, tmp_path)
     filler = MiB
-    seaweed.put(bucket, "filler/blob.bin", os.urandom(filler))
+    seaweed.put(bucket, "filler/model.safetensors", safetensors_of_size(filler))
     with running_node(**_settings(tmp_path, proxy, seaweed, capacity="1GiB")) as node, \
             node.client("tok-a") as alice:
         assert alice.put("/v1/pipelines/llm", json=_llama_body(bucket)).status_code == 202
@@ -149,9 +149,9 @@ def test_making_room_never_evicts_the_holder_of_blobs_the_registration_uses(
     models = tmp_path / "models"
     llama = make_tiny_llama(models / "llama", num_kv_heads=4, vocab_size=1000)
     (models / "filler").mkdir()
-    (models / "filler" / "blob.bin").write_bytes(os.urandom(MiB))
+    (models / "filler" / "model.safetensors").write_bytes(safetensors_of_size(MiB))
     (models / "new").mkdir()
-    (models / "new" / "blob.bin").write_bytes(os.urandom(512 * KiB))
+    (models / "new" / "model.safetensors").write_bytes(safetensors_of_size(512 * KiB))
     base = {"data_dir": tmp_path / "data", "local_roots": [models],
             "eviction": {"hot_window_s": 0}}
     llama_model = {"name": "llm", "source": f"file://{llama}"}
