@@ -17,15 +17,53 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 
+class MemoryProbe(threading.Thread):
+    """The peak anonymous RSS of each process this one started, sampled every few ms.
+
+    Anonymous memory (RSS minus file-backed and shared pages) is what a load allocates: vLLM's
+    own loader maps the checkpoint file (page cache, not counted), a second copy of the weights
+    in the worker is counted. With vLLM's multiprocessing on, each engine's workers are fresh
+    processes, so their peaks belong to that engine alone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[int, int] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.done.wait(0.003):
+            for process in me.children(recursive=True):
+                try:
+                    info = process.memory_info()
+                except psutil.Error:
+                    continue
+                anon = info.rss - info.shared
+                self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), anon)
+
+    def stop(self) -> int:
+        """Stop sampling; the largest peak of any one process."""
+        self.done.set()
+        self.join()
+        return max(self.peaks.values(), default=0)
+
+
 def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
+    probe = MemoryProbe() if spec.get("sample_memory") else None
+    if probe is not None:
+        probe.start()
     started = time.monotonic()
     llm = LLM(
         model=run["model_dir"],
@@ -65,6 +103,7 @@ def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             })
         return {
             "outputs": outputs,
+            "peak_anon_bytes": probe.stop() if probe is not None else None,
             "start_s": round(ready - started, 2),
             "generate_s": round(time.monotonic() - ready, 2),
         }

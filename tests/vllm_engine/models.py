@@ -34,6 +34,10 @@ class EngineCase:
     num_kv_heads: int = 2
     #: the mode the node must pick at TP 2 (what this case exercises in the plugin)
     tp2_mode: str = "sharded"
+    hidden_size: int = HIDDEN
+    num_heads: int = HEADS
+    intermediate_size: int = INTERMEDIATE
+    num_layers: int = LAYERS
 
 
 CASES: tuple[EngineCase, ...] = (
@@ -45,6 +49,13 @@ CASES: tuple[EngineCase, ...] = (
     EngineCase("qwen2-bias", "qwen2", 1001),
     # Not a Llama-family layout: the node keeps full tensors and vLLM's weight loaders slice.
     EngineCase("gpt2-full", "gpt2", 1001, tie=True, tp2_mode="full"),
+)
+
+#: Big enough (about 300 MB of float32, 150 MB a rank at TP 2) that a second copy of a rank's
+#: weights in the worker stands far above the noise of an engine start.
+MEMORY_CASE = EngineCase(
+    "llama-300mb", "llama", 16001, tie=False, num_kv_heads=4,
+    hidden_size=1024, num_heads=16, intermediate_size=2816, num_layers=4,
 )
 
 
@@ -63,10 +74,10 @@ def make_case(case: EngineCase, directory: Path) -> Path:
             vocab_size=case.vocab_size,
             tie=case.tie,
             num_kv_heads=case.num_kv_heads,
-            hidden_size=HIDDEN,
-            num_heads=HEADS,
-            intermediate_size=INTERMEDIATE,
-            num_layers=LAYERS,
+            hidden_size=case.hidden_size,
+            num_heads=case.num_heads,
+            intermediate_size=case.intermediate_size,
+            num_layers=case.num_layers,
             seed=len(case.name),
         )
     write_tokenizer(directory, case.vocab_size)
@@ -87,8 +98,15 @@ def _make_gpt2(directory: Path, vocab_size: int, *, seed: int) -> None:
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.5)
+        # Random everywhere, but layer norms near 1: with wild norms too a tied GPT-2 repeats
+        # one token, and outputs that never change could not tell a good load from a bad one.
+        for name, param in model.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                param.normal_(1.0, 0.1)
+            elif "ln_" in name:
+                param.normal_(0.0, 0.1)
+            else:
+                param.normal_(0.0, 0.3)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
 

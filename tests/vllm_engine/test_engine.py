@@ -14,6 +14,7 @@ imported once per size. The node and this test run in the project venv.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,9 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
+from safetensors import safe_open
 
 from tests.fixtures.node_server import free_port
-from tests.vllm_engine.models import CASES, PROMPTS, EngineCase, make_case
+from tests.vllm_engine.models import CASES, MEMORY_CASE, PROMPTS, EngineCase, make_case
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
@@ -43,6 +45,10 @@ TOP_LOGPROBS = 5
 #: Both loaders put the same float32 bits in the same parameters, so the engines compute the
 #: same numbers; this only absorbs a last-bit difference in summation order, nothing more.
 LOGPROB_TOLERANCE = 1e-5
+MiB = 1 << 20
+#: What a weightcache load may hold beyond the parameters themselves: its staging ring and a
+#: few MiB of buffers. A second copy of a rank of the memory case would be 150 MiB.
+RING_ALLOWANCE = 64 * MiB
 #: A two-model pipeline: each model's engine must take that model and nothing else.
 PIPELINE_MODELS = {"base": "llama-untied", "chat": "qwen2-bias"}
 
@@ -126,10 +132,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def _register(url: str, pipeline: str, models: dict[str, Path]) -> None:
+def _register(
+    url: str, pipeline: str, models: dict[str, Path], tp_sizes: tuple[int, ...] = (1, 2)
+) -> None:
     body = {
         "models": [{"name": name, "source": f"file://{path}"} for name, path in models.items()],
-        "tp_sizes": [1, 2],
+        "tp_sizes": list(tp_sizes),
     }
     response = httpx.put(f"{url}/v1/pipelines/{pipeline}", json=body, timeout=30)
     assert response.status_code == 202, response.text
@@ -156,7 +164,7 @@ def vllm_python() -> Path:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Iterator[EngineNode]:
     root = tmp_path_factory.mktemp("vllm-sources")
-    dirs = {case.name: make_case(case, root / case.name) for case in CASES}
+    dirs = {case.name: make_case(case, root / case.name) for case in (*CASES, MEMORY_CASE)}
     port = free_port()
     log = _log("node.log")
     command = [
@@ -175,7 +183,8 @@ def node(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Iterato
         for case in CASES:
             _register(url, case.name, {"llm": dirs[case.name]})
         _register(url, "duo", {name: dirs[case] for name, case in PIPELINE_MODELS.items()})
-        for pipeline in [case.name for case in CASES] + ["duo"]:
+        _register(url, MEMORY_CASE.name, {"llm": dirs[MEMORY_CASE.name]}, tp_sizes=(2,))
+        for pipeline in [case.name for case in CASES] + ["duo", MEMORY_CASE.name]:
             _wait_warm(url, pipeline)
         yield EngineNode(url=url, dirs=dirs, process=process)
     finally:
@@ -201,46 +210,56 @@ def _engine_runs(node: EngineNode, tp: int) -> list[dict[str, Any]]:
     return runs
 
 
+def run_engines(
+    vllm_python: Path, batch: str, spec: dict[str, Any], *, in_process: bool = True
+) -> dict[str, Any]:
+    """Run ``spec``'s engines in one ``engine_run.py`` process; their results by run name.
+
+    ``in_process`` keeps vLLM's engine core (and at TP 1 the worker) in that process; without
+    it every engine gets fresh worker processes, which the memory probe needs.
+    """
+    out = _log(f"engines-{batch}.json")
+    out.unlink(missing_ok=True)
+    spec_file = _log(f"engines-{batch}.spec.json")
+    spec_file.write_text(json.dumps(spec))
+    log = _log(f"engines-{batch}.log")
+    env = {**os.environ, **ENGINE_ENV}
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    started = time.monotonic()
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [str(vllm_python), str(ENGINE_RUN), str(spec_file), str(out)],
+            cwd=ARTIFACTS, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=1200)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the {batch} engines ran past 20 min\n{_tail(log)}")
+        finally:
+            _stop(process)
+    if not out.exists():
+        pytest.fail(f"the {batch} engines wrote nothing (exit {process.returncode})\n"
+                    f"{_tail(log)}")
+    print(f"{batch}: {len(spec['runs'])} engines in {time.monotonic() - started:.0f} s")
+    results: dict[str, Any] = json.loads(out.read_text())
+    return results
+
+
 @pytest.fixture(scope="module")
-def engines(
-    node: EngineNode, vllm_python: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[[int], dict[str, Any]]:
+def engines(node: EngineNode, vllm_python: Path) -> Callable[[int], dict[str, Any]]:
     """``engines(tp)``: every engine's outputs at that TP size (run once, on first use)."""
 
     def run(tp: int) -> dict[str, Any]:
-        if tp in node.runs:
-            return node.runs[tp]
-        work = tmp_path_factory.mktemp(f"engines-tp{tp}")
-        spec = {
-            "prompts": [list(p) for p in PROMPTS],
-            "max_tokens": MAX_TOKENS,
-            "logprobs": TOP_LOGPROBS,
-            "metrics_url": f"{node.url}/metrics",
-            "runs": _engine_runs(node, tp),
-        }
-        (work / "spec.json").write_text(json.dumps(spec))
-        out = _log(f"engines-tp{tp}.json")
-        out.unlink(missing_ok=True)
-        log = _log(f"engines-tp{tp}.log")
-        started = time.monotonic()
-        with open(log, "wb") as sink:
-            process = subprocess.Popen(
-                [str(vllm_python), str(ENGINE_RUN), str(work / "spec.json"), str(out)],
-                cwd=work, env={**os.environ, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            try:
-                process.wait(timeout=1200)
-            except subprocess.TimeoutExpired:
-                _stop(process)
-                pytest.fail(f"the TP {tp} engines ran past 20 min\n{_tail(log)}")
-            finally:
-                _stop(process)
-        if not out.exists():
-            pytest.fail(f"the TP {tp} engines wrote nothing (exit {process.returncode})\n"
-                        f"{_tail(log)}")
-        node.runs[tp] = json.loads(out.read_text())
-        print(f"TP {tp}: {len(spec['runs'])} engines in {time.monotonic() - started:.0f} s")
+        if tp not in node.runs:
+            node.runs[tp] = run_engines(vllm_python, f"tp{tp}", {
+                "prompts": [list(p) for p in PROMPTS],
+                "max_tokens": MAX_TOKENS,
+                "logprobs": TOP_LOGPROBS,
+                "metrics_url": f"{node.url}/metrics",
+                "runs": _engine_runs(node, tp),
+            })
         return node.runs[tp]
 
     return run
@@ -369,3 +388,48 @@ def test_launch_vllm_serve_answers_a_completion(
         assert choice["text"].split() == [f"t{t}" for t in tokens]  # the tokenizer decodes
     finally:
         _stop(process)
+
+
+def test_weightcache_load_holds_no_second_copy_of_the_weights(
+    node: EngineNode, vllm_python: Path
+) -> None:
+    """The worker's peak anonymous memory with ``--load-format weightcache`` is vLLM's own
+    loader's plus the staging ring at most, not a second copy of the rank's weights.
+
+    vLLM's loader maps the checkpoint file (page cache, not anonymous), so its peak is the
+    parameters themselves; a load that stages the whole rank before copying it into them
+    shows up as about ``rank_bytes`` more.
+    """
+    tp = 2
+    model_dir = node.dirs[MEMORY_CASE.name]
+    results = run_engines(vllm_python, "memory", {
+        "prompts": [list(PROMPTS[0])],
+        "max_tokens": 2,
+        "logprobs": 1,
+        "sample_memory": True,
+        "runs": [
+            {"name": "vllm", "model_dir": str(model_dir), "tp": tp},
+            {"name": "weightcache", "model_dir": str(model_dir), "tp": tp,
+             "load_format": "weightcache",
+             "extra": {"pipeline": MEMORY_CASE.name, "url": node.url}},
+        ],
+    }, in_process=False)
+    for name in ("vllm", "weightcache"):
+        if "error" in results[name]:
+            pytest.fail(f"{name} failed in the engine:\n{results[name]['error'][-4000:]}")
+    with safe_open(model_dir / "model.safetensors", "pt") as checkpoint:
+        model_bytes = sum(  # float32
+            4 * math.prod(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()
+        )
+    rank_bytes = model_bytes // tp
+    own = results["vllm"]["peak_anon_bytes"]
+    ours = results["weightcache"]["peak_anon_bytes"]
+    extra = ours - own
+    print(f"worker peak anonymous RSS at TP {tp}: vLLM's loader {own / MiB:.0f} MiB, "
+          f"weightcache {ours / MiB:.0f} MiB ({extra / MiB:+.0f} MiB; a rank's weights are "
+          f"{rank_bytes / MiB:.0f} MiB)")
+    assert results["weightcache"]["outputs"] == results["vllm"]["outputs"]
+    assert extra <= RING_ALLOWANCE, (
+        f"the weightcache worker peaked {extra / MiB:.0f} MiB above vLLM's own loader "
+        f"(a rank's weights are {rank_bytes / MiB:.0f} MiB)"
+    )
