@@ -137,6 +137,8 @@ class Manifest(_Wire):
     tensors: list[ManifestTensor]
     blobs: list[ManifestBlob] = Field(default_factory=list)
     mode: Literal["full", "sharded"] = "full"
+    #: Sharded mode: the rule the rank shards were cut by (``vllm-vocab-pad64``).
+    layout: str | None = None
 
 
 class Lease(_Wire):

@@ -8,6 +8,7 @@ import os
 from api.schema import Manifest, ManifestBlob, ManifestFile, ManifestTensor, PipelineFile
 from cache_node.errors import InvalidInput, NotWarm
 from cache_node.registry import PipelineRecord
+from cache_node.shard_sets import is_current
 from cache_node.store import BlobRecord, BlobStore
 from loader.errors import HeaderError
 from loader.safetensors_format import SafetensorsHeader, read_header
@@ -35,6 +36,13 @@ class ManifestBuilder:
         if not 0 <= rank < tp_size:
             raise InvalidInput(f"rank must be in [0, {tp_size})", field="rank")
         shard_set = record.shards[str(tp_size)]
+        if not is_current(shard_set):
+            # Cut by an older rule: its ranks would load into the engine and be wrong.
+            raise NotWarm(
+                f"pipeline {record.id!r}: the tp_size {tp_size} shards were cut by layout "
+                f"{shard_set.layout!r}, not the current one; warm the pipeline to rebuild them",
+                state="cold",
+            )
         files: list[ManifestFile] = []
         tensors: list[ManifestTensor] = []
         for model in record.models:
@@ -68,6 +76,7 @@ class ManifestBuilder:
             tensors=tensors,
             blobs=blobs,
             mode=shard_set.mode,
+            layout=shard_set.layout if shard_set.mode == "sharded" else None,
         )
 
     def files(self, record: PipelineRecord) -> list[PipelineFile]:

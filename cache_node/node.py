@@ -53,6 +53,7 @@ from cache_node.registry import (
     ShardSet,
 )
 from cache_node.settings import NodeSettings
+from cache_node.shard_sets import is_current as shard_set_is_current
 from cache_node.shard_sets import write_shard_set
 from cache_node.store import BlobRecord, BlobStore, Reservation
 from cache_node.tasks import run_all
@@ -597,8 +598,11 @@ class CacheNode:
         for tp_size in record.spec.tp_sizes:
             key = str(tp_size)
             existing = record.shards.get(key)
-            if existing is not None and existing.state == "ready" and all(
-                self.store.has(r.blob) for r in existing.ranks
+            if (
+                existing is not None
+                and existing.state == "ready"
+                and shard_set_is_current(existing)
+                and all(self.store.has(r.blob) for r in existing.ranks)
             ):
                 continue
             if tp_size == 1:
@@ -620,7 +624,10 @@ class CacheNode:
     def _blobs_present(self, record: PipelineRecord) -> bool:
         return all(
             f.blob is not None and self.store.has(f.blob) for m in record.models for f in m.files
-        ) and all(self.store.has(r.blob) for s in record.shards.values() for r in s.ranks)
+        ) and all(
+            shard_set_is_current(s) and all(self.store.has(r.blob) for r in s.ranks)
+            for s in record.shards.values()
+        )
 
     # ------------------------------------------------------------------ status
     def status_of(self, record: PipelineRecord) -> PipelineStatus:

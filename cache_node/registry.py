@@ -63,6 +63,12 @@ class ShardSet(BaseModel):
     mode: Literal["full", "sharded"] = "sharded"
     ranks: list[RankShard] = Field(default_factory=list)
     note: str | None = None
+    #: The rule the ranks were cut by (``sharding.SHARD_LAYOUT``); None: written before layouts
+    #: were recorded. A sharded set of another layout is rebuilt, never served.
+    layout: str | None = None
+    #: Vocab-parallel rows: each model's V, and the multiple V was padded to before splitting.
+    vocab_sizes: dict[str, int] = Field(default_factory=dict)
+    vocab_padding: int | None = None
 
     @property
     def bytes_total(self) -> int:

@@ -17,6 +17,16 @@ from cache_node.store import BlobStore
 from loader.errors import HeaderError
 from loader.safetensors_format import read_header
 
+
+def is_current(shard_set: ShardSet) -> bool:
+    """Whether ``shard_set`` can be served as it is: full mode, or cut by today's layout.
+
+    A sharded set written by another rule (an older vocab split, another engine's layout) must
+    be rebuilt: its ranks would load without a shape error yet hold the wrong rows.
+    """
+    return shard_set.mode == "full" or shard_set.layout == sharding.SHARD_LAYOUT
+
+
 #: Room reserved for each rank file's safetensors header beyond its tensor bytes.
 _HEADER_ALLOWANCE = 1 << 20
 
@@ -91,7 +101,18 @@ def write_shard_set(
         finally:
             for reservation in reservations:
                 reservation.release()
-    return ShardSet(tp_size=tp_size, state="ready", mode="sharded", ranks=ranks)
+    vocab_sizes = {
+        model.name: plan.vocab_size for model, plan, _ in plans if plan.vocab_size is not None
+    }
+    return ShardSet(
+        tp_size=tp_size,
+        state="ready",
+        mode="sharded",
+        ranks=ranks,
+        layout=sharding.SHARD_LAYOUT,
+        vocab_sizes=vocab_sizes,
+        vocab_padding=sharding.VOCAB_PADDING if vocab_sizes else None,
+    )
 
 
 def model_config(store: BlobStore, model: ModelEntry) -> dict[str, Any]:

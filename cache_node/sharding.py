@@ -6,7 +6,7 @@ every tensor each rank holds (the rules of ARCHITECTURE.md, "TP sharding rules")
 ==================================================  ===========================================
 tensor                                              each rank holds
 ==================================================  ===========================================
-``embed_tokens.weight``, ``lm_head.weight`` [V, H]   ``ceil(V/N)`` rows, zero-padded at the end
+``embed_tokens.weight``, ``lm_head.weight`` [V, H]   ``Vp/N`` rows in vLLM's layout (see below)
 ``q_proj`` weight [nH·d, H] and bias                 the rows of its ``nH/N`` query heads
 ``k_proj``, ``v_proj`` [nKV·d, H] and biases         its ``nKV/N`` KV heads; when N > nKV, the
                                                      rows of KV head ``rank·nKV // N`` (copied)
@@ -15,6 +15,14 @@ tensor                                              each rank holds
 ``o_proj.bias``, ``down_proj.bias``, norms, 1-D      everything (added once, after the reduce)
 anything else                                        everything, and the plan names it
 ==================================================  ===========================================
+
+Vocab-parallel tensors follow the engine exactly (vLLM's ``VocabParallelEmbedding`` and
+``ParallelLMHead``): the vocabulary is padded to ``Vp``, the next multiple of
+:data:`VOCAB_PADDING` (64), and rank ``r`` holds rows ``[r·Vp/N, (r+1)·Vp/N) ∩ [0, V)`` followed
+by zero rows, so its piece has exactly ``Vp/N`` rows: the shape of the engine's parameter. vLLM
+asserts that ``N`` divides ``Vp``; so does the plan. The rule is named by :data:`SHARD_LAYOUT`,
+written into every rank file's metadata (with ``V`` and ``Vp``) and into the shard set, so shards
+cut by another rule are never served as if they were cut by this one.
 
 ``write_rank_shards(plan, sources, out_dir)`` then reads each source tensor once (a bounded
 block at a time) and writes every rank's slice of it, so one pass over the model writes all N
@@ -49,6 +57,8 @@ __all__ = [
     "CHUNK_SIZE",
     "LLAMA_ARCHITECTURES",
     "LLAMA_MODEL_TYPES",
+    "SHARD_LAYOUT",
+    "VOCAB_PADDING",
     "RankPlan",
     "RankShardFile",
     "RankTensor",
@@ -57,7 +67,9 @@ __all__ = [
     "ShardingUnsupported",
     "SourceTensor",
     "detect_family",
+    "padded_vocab_size",
     "plan_rank_shards",
+    "vocab_rows",
     "write_rank_shards",
 ]
 
@@ -74,6 +86,12 @@ LLAMA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 LLAMA_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
+
+#: vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``: vocab-parallel layers pad V up to a multiple of this.
+VOCAB_PADDING = 64
+#: The name of the layout rank shards are cut in. Part of every shard set and rank file: a shard
+#: set written under another name (an older rule, another engine) is rebuilt, never served.
+SHARD_LAYOUT = f"vllm-vocab-pad{VOCAB_PADDING}"
 
 ShardMode = Literal["full", "sharded"]
 Split = Literal["replicated", "rows", "columns"]
@@ -170,6 +188,36 @@ class ShardPlan:
     ranks: tuple[RankPlan, ...] = ()
     replicated_unrecognised: tuple[str, ...] = ()
     vocab_size: int | None = None
+    layout: str = SHARD_LAYOUT
+
+    @property
+    def vocab_padded(self) -> int | None:
+        """The engine's padded vocabulary ``Vp`` (None when the model has no vocab tensor)."""
+        return None if self.vocab_size is None else padded_vocab_size(self.vocab_size)
+
+
+def padded_vocab_size(vocab_size: int, pad_to: int = VOCAB_PADDING) -> int:
+    """``V`` rounded up to a multiple of ``pad_to``, as vLLM's ``pad_vocab_size`` does."""
+    return -(-vocab_size // pad_to) * pad_to
+
+
+def vocab_rows(vocab_size: int, tp_size: int, rank: int) -> tuple[int, int, int]:
+    """Rank ``rank``'s vocab rows as ``(start, stop, pad_rows)``: real rows ``[start, stop)``,
+    then ``pad_rows`` zero rows, ``Vp/N`` rows in all (vLLM's ``VocabParallelEmbedding``).
+
+    Raises ``ShardingUnsupported`` when ``N`` does not divide ``Vp`` (vLLM asserts the same).
+    """
+    padded = padded_vocab_size(vocab_size)
+    if padded % tp_size:
+        raise ShardingUnsupported(
+            f"the padded vocabulary ({vocab_size} rows padded to {padded}, a multiple of "
+            f"{VOCAB_PADDING}) does not split evenly over tp_size {tp_size}",
+            tp_size=tp_size,
+        )
+    per_rank = padded // tp_size
+    start = min(rank * per_rank, vocab_size)
+    stop = min((rank + 1) * per_rank, vocab_size)
+    return start, stop, per_rank - (stop - start)
 
 
 @dataclass(frozen=True)
@@ -267,6 +315,12 @@ def plan_rank_shards(
     if len(vocab_sizes) > 1:
         raise ShardingUnsupported(f"embed_tokens and lm_head disagree on vocab size: {vocab_sizes}")
     vocab_size = vocab_sizes.pop() if vocab_sizes else None
+    declared = config.get("vocab_size")
+    if vocab_size is not None and declared is not None and declared != vocab_size:
+        # vLLM sizes its vocab layers from config.json and refuses a tensor of another size.
+        raise ShardingUnsupported(
+            f"config.json says vocab_size {declared}, the vocab tensors have {vocab_size} rows"
+        )
     per_rank: list[list[RankTensor]] = [[] for _ in range(tp_size)]
     unrecognised: list[str] = []
     for tensor in tensors:
@@ -277,9 +331,16 @@ def plan_rank_shards(
             unrecognised.append(tensor.name)
         for rank in range(tp_size):
             per_rank[rank].append(geometry.piece(tensor, rule, rank))
-    metadata = {"format": "pt", "weightcache.tp_size": str(tp_size), "weightcache.family": family}
+    metadata = {
+        "format": "pt",
+        "weightcache.tp_size": str(tp_size),
+        "weightcache.family": family,
+        "weightcache.layout": SHARD_LAYOUT,
+    }
     if vocab_size is not None:
         metadata["weightcache.vocab_size"] = str(vocab_size)
+        metadata["weightcache.vocab_padding"] = str(VOCAB_PADDING)
+        metadata["weightcache.vocab_padded"] = str(padded_vocab_size(vocab_size))
     ranks = tuple(
         RankPlan(rank, tuple(pieces), {**metadata, "weightcache.rank": str(rank)})
         for rank, pieces in enumerate(per_rank)
@@ -361,11 +422,8 @@ class _Geometry:
         n, d = self.tp_size, self.head_dim
         if rule == "vocab":
             self._expect(tensor, (tensor.shape[0] if tensor.shape else -1, self.hidden))
-            vocab = tensor.shape[0]
-            per_rank = -(-vocab // n)
-            start = min(rank * per_rank, vocab)
-            stop = min(start + per_rank, vocab)
-            return RankTensor(tensor, rule, "rows", start, stop, per_rank - (stop - start))
+            start, stop, pad_rows = vocab_rows(tensor.shape[0], n, rank)
+            return RankTensor(tensor, rule, "rows", start, stop, pad_rows)
         if rule == "kv_heads" and self.kv_heads % n:
             # Fewer KV heads than ranks: each holds a copy of the one its query heads use.
             self._expect_projection(tensor, self.kv_heads * d)

@@ -152,12 +152,49 @@ def cmd_load(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_launch(args: argparse.Namespace) -> int:
-    from loader.launcher import launch
+#: ``weightcache launch --help``: what the launcher does to the command, and examples.
+LAUNCH_HELP = """\
+Start vLLM on a pipeline of the cache: weights stream from the cache into vLLM's parameters.
 
-    code: int = launch(
-        args.id, tp_size=args.tp_size, command=args.command, url=args.url, token=args.token
-    )
+Waits until the pipeline is warm (re-warming it if it was evicted), stages its small files
+(config.json, tokenizer) in a local directory, then runs the engine command given after --
+with these additions (a flag the command already has is left as it is):
+
+  MODEL_DIR                            after `serve`, when the command names no model
+  --load-format weightcache            vLLM loads weights through weightcache's plugin
+  --model-loader-extra-config JSON     {"pipeline": ID, "url": URL, "model": NAME}
+                                       ("model" only with --model)
+  --tensor-parallel-size N             from --tp-size
+
+Each vLLM worker then streams only its own rank's shard (cut in vLLM's layout) into its
+parameters. The token goes to the engine as $WEIGHTCACHE_TOKEN, never on its command line.
+
+It prints the cold start: waiting for warm, staging files, each rank's weights (bytes,
+seconds, GB/s, printed by the plugin inside vLLM), and engine ready (when /health answers).
+
+examples:
+  weightcache launch chat-8b --tp-size 2 -- vllm serve --port 8000
+  weightcache launch asr-llm --model llm -- vllm serve     # one model of a pipeline of two
+"""
+
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from loader.launcher import LaunchError, launch
+
+    try:
+        code: int = launch(
+            args.id,
+            tp_size=args.tp_size,
+            command=args.command,
+            url=args.url,
+            token=args.token,
+            model=args.model,
+            exec_=args.exec_,
+        )
+    except LaunchError as exc:
+        print(f"error: launch: {exc}", file=sys.stderr)
+        return 2
     return code
 
 
@@ -227,9 +264,29 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--dest", required=True)
     pull.set_defaults(func=cmd_pull)
 
-    launch = sub.add_parser("launch", help="start vLLM on a pipeline: launch ID -- vllm serve")
-    launch.add_argument("id")
-    launch.add_argument("--tp-size", type=int, default=1)
+    launch = sub.add_parser(
+        "launch",
+        help="start vLLM on a pipeline: launch ID -- vllm serve",
+        description=LAUNCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="weightcache launch ID [--tp-size N] [--model NAME] [--exec] -- COMMAND ...",
+    )
+    launch.add_argument("id", help="the pipeline")
+    launch.add_argument(
+        "--tp-size", type=int, default=1, help="vLLM's --tensor-parallel-size (default 1)"
+    )
+    launch.add_argument(
+        "--model",
+        default=None,
+        help="which model of a multi-model pipeline this engine serves (passed as \"model\" "
+        "in --model-loader-extra-config)",
+    )
+    launch.add_argument(
+        "--exec",
+        dest="exec_",
+        action="store_true",
+        help="replace this process with the engine (no 'engine ready' line)",
+    )
     launch.add_argument("command", nargs="*", help="the engine command, after --")
     launch.set_defaults(func=cmd_launch)
 
@@ -260,6 +317,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(words)
     if args.command_name == "launch":
         args.command = list(args.command) + tail
+        if not args.command:
+            parser.error(
+                "launch needs the engine command after --, e.g. "
+                "weightcache launch ID -- vllm serve"
+            )
     elif tail:
         parser.error(f"unexpected arguments after --: {' '.join(tail)}")
     return args

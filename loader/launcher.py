@@ -1,24 +1,37 @@
-"""``weightcache launch ID -- vllm serve [ARGS]``: the thin vLLM launcher.
+"""``weightcache launch ID [--model NAME] -- vllm serve [ARGS]``: the thin vLLM launcher.
 
 It waits until the pipeline is warm (re-warming it if it was evicted), puts the pipeline's small
 files (config, tokenizer) in a local directory for vLLM's front end, and runs the command with
 ``--load-format weightcache`` and the loader's options, so every worker streams its own rank's
-weights from the cache. Weights never touch the local disk.
+weights from the cache straight into its parameters. Weights never touch the local disk.
+
+It prints the cold start as it goes: the wait for warm, the staging of the small files, then,
+from inside vLLM, one line per rank with its weights (bytes, seconds, GB/s), and, when it
+supervises the engine (the default), the moment the engine answers ``/health``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
+
+import httpx
 
 from clients.client import Client, default_token, default_url
 from clients.errors import raise_for_status
 
 _BLOCK = 1 << 20
+
+class LaunchError(ValueError):
+    """The launch cannot start: no command, or a model name the pipeline does not have."""
 
 
 def launch_command(
@@ -36,7 +49,7 @@ def launch_command(
     passed are kept as they are.
     """
     if not command:
-        raise ValueError("launch needs a command after --, e.g. -- vllm serve")
+        raise LaunchError("launch needs the engine command after --, e.g. -- vllm serve")
     argv = list(command)
     if "serve" in argv:
         at = argv.index("serve") + 1
@@ -56,14 +69,30 @@ def launch_command(
     return argv
 
 
-def stage_model_dir(client: Client, pipeline: str, *, tp_size: int, root: Path) -> Path:
-    """Write the pipeline's non-weight files (config, tokenizer) under ``root``; returns it."""
+def stage_model_dir(
+    client: Client, pipeline: str, *, tp_size: int, root: Path, model: str | None = None
+) -> tuple[Path, int]:
+    """Write one model's non-weight files (config, tokenizer) under ``root``.
+
+    Returns the directory and the bytes written. A pipeline of several models needs ``model``
+    (their ``config.json`` files would otherwise overwrite each other).
+    """
     manifest = client.manifest(pipeline, tp_size=tp_size, rank=0)
-    target = root / pipeline
+    models = sorted({f.model for f in manifest.files} | {t.model for t in manifest.tensors})
+    if model is None and len(models) > 1:
+        raise LaunchError(
+            f"pipeline {pipeline!r} has models {models}: pick one with --model NAME"
+        )
+    if model is not None and model not in models:
+        raise LaunchError(f"pipeline {pipeline!r} has no model {model!r} (has {models})")
+    target = root / pipeline / model if model is not None else root / pipeline
+    written = 0
     for file in manifest.files:
+        if model is not None and file.model != model:
+            continue
         path = (target / file.path).resolve()
         if not path.is_relative_to(target.resolve()):
-            raise ValueError(f"unsafe path {file.path!r} in the manifest")
+            raise LaunchError(f"unsafe path {file.path!r} in the manifest")
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.tmp")
         with client.http.stream("GET", f"/v1/blobs/{file.blob}") as response:
@@ -71,8 +100,32 @@ def stage_model_dir(client: Client, pipeline: str, *, tp_size: int, root: Path) 
             with open(temp, "wb") as out:
                 for data in response.iter_raw(_BLOCK):
                     out.write(data)
+                    written += len(data)
         os.replace(temp, path)
-    return target
+    return target, written
+
+
+def _say(message: str) -> None:
+    print(f"weightcache: {message}", file=sys.stderr, flush=True)
+
+
+def health_url(argv: Sequence[str]) -> str | None:
+    """Where a ``vllm serve`` command will answer ``/health`` (None for other commands)."""
+    if "serve" not in argv:
+        return None
+
+    def flag(name: str, default: str) -> str:
+        for index, word in enumerate(argv):
+            if word == name and index + 1 < len(argv):
+                return argv[index + 1]
+            if word.startswith(f"{name}="):
+                return word.split("=", 1)[1]
+        return default
+
+    host = flag("--host", "127.0.0.1")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{flag('--port', '8000')}/health"
 
 
 def launch(
@@ -83,32 +136,89 @@ def launch(
     url: str | None = None,
     token: str | None = None,
     root: Path | None = None,
-    exec_: bool = True,
+    model: str | None = None,
+    exec_: bool = False,
 ) -> int:
-    """Prepare and run ``command`` (replacing this process unless ``exec_`` is False)."""
+    """Prepare and run ``command``; returns its exit code.
+
+    By default the engine runs as a child: signals are passed on to it and the launcher prints
+    when it is ready. ``exec_`` replaces this process with the engine instead (no ready line).
+    """
+    if not command:
+        raise LaunchError("launch needs the engine command after --, e.g. -- vllm serve")
     url = default_url(url)
     token = default_token(token)
     root = root or Path.home() / ".cache" / "weightcache" / "launch"
     started = time.monotonic()
     with Client(url, token=token) as client:
+        _say(f"waiting for {pipeline} to be warm")
         client.wait_until_warm(pipeline)
         warm_s = time.monotonic() - started
-        model_dir = stage_model_dir(client, pipeline, tp_size=tp_size, root=root)
+        _say(f"{pipeline} warm after {warm_s:.1f} s")
+        mark = time.monotonic()
+        model_dir, staged = stage_model_dir(
+            client, pipeline, tp_size=tp_size, root=root, model=model
+        )
+        _say(
+            f"staged {staged / 1e6:.1f} MB of config and tokenizer files in "
+            f"{time.monotonic() - mark:.2f} s into {model_dir}"
+        )
     argv = launch_command(
-        command, pipeline=pipeline, model_dir=model_dir, tp_size=tp_size, url=url
+        command, pipeline=pipeline, model_dir=model_dir, tp_size=tp_size, url=url, model=model
     )
-    print(
-        f"weightcache: {pipeline} warm after {warm_s:.1f} s; config in {model_dir}\n"
-        f"weightcache: exec {' '.join(argv)}",
-        file=sys.stderr,
-        flush=True,
-    )
+    _say(f"{'exec' if exec_ else 'run'} {' '.join(argv)}")
     env = dict(os.environ, WEIGHTCACHE_URL=url)
     if token:
         env["WEIGHTCACHE_TOKEN"] = token
-    if not exec_:
-        import subprocess
+    if exec_:
+        os.execvpe(argv[0], argv, env)
+    return _supervise(argv, env, started=started)
 
-        return subprocess.run(argv, env=env, check=False).returncode
-    os.execvpe(argv[0], argv, env)
-    raise AssertionError("unreachable")
+
+def _supervise(argv: list[str], env: dict[str, str], *, started: float) -> int:
+    """Run the engine as a child, pass signals on, and say when it answers ``/health``."""
+    child = subprocess.Popen(argv, env=env)
+    done = threading.Event()
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, forward)
+    watcher = None
+    target = health_url(argv)
+    if target is not None:
+        watcher = threading.Thread(
+            target=_watch_ready, args=(target, child, done, started), daemon=True
+        )
+        watcher.start()
+    try:
+        code = child.wait()
+    finally:
+        done.set()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if watcher is not None:
+            watcher.join(timeout=5)
+    if code != 0:
+        _say(f"the engine exited with status {code}")
+    return code
+
+
+def _watch_ready(
+    target: str, child: subprocess.Popen[bytes], done: threading.Event, started: float
+) -> None:
+    with httpx.Client(timeout=2.0) as http:
+        while not done.is_set() and child.poll() is None:
+            try:
+                if http.get(target).status_code == 200:
+                    _say(
+                        f"engine ready ({target} answers) {time.monotonic() - started:.1f} s "
+                        "after launch"
+                    )
+                    return
+            except httpx.HTTPError:
+                pass
+            done.wait(0.5)

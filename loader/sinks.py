@@ -38,9 +38,11 @@ class SinkBuffer:
 
 
 class Sink(Protocol):
-    """A destination for read requests; ``acquire``/``commit`` are called from worker threads."""
+    """A destination for read requests; ``acquire``/``commit`` are called from worker threads.
 
-    output: torch.Tensor
+    The flat sinks (:class:`CpuSink`, :class:`RingSink`) also have ``output``, the one tensor
+    they fill; :class:`~loader.param_sink.ParamSink` fills tensors that already exist.
+    """
 
     def acquire(self, request: ReadRequest) -> SinkBuffer:
         """A buffer to read ``request`` into (may block until a staging buffer is free)."""

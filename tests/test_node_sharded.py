@@ -53,4 +53,34 @@ def test_sharded_pipeline_loads_rank_slices_that_rebuild_the_model(tmp_path: Pat
             received = sum(
                 t.numel() * t.element_size() for t in ranks[0].values() if t.dim() == 2
             )
-            assert received == split // tp_size  # 1/N of the split bytes (1000 % 4 == 0)
+            # 1/N of the split bytes, plus each vocab tensor's share of vLLM's padding (the
+            # vocabulary of 1000 is padded to 1024 rows, then split evenly)
+            pad = 2 * (1024 - 1000) * original["lm_head.weight"][0].numel() * 4
+            assert received == (split + pad) // tp_size
+
+
+def test_shards_cut_by_another_layout_are_rebuilt_not_served(tmp_path: Path) -> None:
+    source = make_tiny_llama(tmp_path / "src", num_kv_heads=2, vocab_size=1001, tie=False)
+    body = {"models": [{"name": "llm", "source": f"file://{source}"}], "tp_sizes": [2]}
+    with running_node(data_dir=tmp_path / "data", capacity="1GiB") as node, node.client() as c:
+        assert c.put("/v1/pipelines/tiny", json=body).status_code == 202
+        assert wait_for_state(c, "tiny", {"warm", "failed"})["state"] == "warm"
+        manifest = c.get("/v1/pipelines/tiny/manifest", params={"tp_size": 2, "rank": 1}).json()
+        assert manifest["layout"] == "vllm-vocab-pad64"
+        embed = next(t for t in manifest["tensors"] if t["name"] == "model.embed_tokens.weight")
+        assert embed["shape"] == [512, 64]  # 1001 padded to 1024, halved
+        # A record from before layouts were recorded (the old ceil(V/N) split).
+        record = next(iter(node.node.registry.all()))
+        assert record.shards["2"].layout == "vllm-vocab-pad64"
+        assert record.shards["2"].vocab_sizes == {"llm": 1001}
+        assert record.shards["2"].vocab_padding == 64
+        record.shards["2"].layout = None
+        node.node.registry.put(record)
+        refused = c.get("/v1/pipelines/tiny/manifest", params={"tp_size": 2, "rank": 1})
+        assert refused.status_code == 409
+        assert "layout" in refused.json()["error"]["message"]
+    # A restart finds the stale set, and the re-warm cuts it again in the current layout.
+    with running_node(data_dir=tmp_path / "data", capacity="1GiB") as node, node.client() as c:
+        assert wait_for_state(c, "tiny", {"warm", "failed"})["state"] == "warm"
+        manifest = c.get("/v1/pipelines/tiny/manifest", params={"tp_size": 2, "rank": 1}).json()
+        assert manifest["layout"] == "vllm-vocab-pad64"

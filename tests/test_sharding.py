@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +120,17 @@ CASES = [(name, tp) for name in MODELS for tp in TP_SIZES]
 CASE_IDS = [f"{name}-tp{tp}" for name, tp in CASES]
 
 
+def _vllm_vocab_rows(vocab: int, tp: int) -> int:
+    """Rows of each rank's vocab-parallel parameter in vLLM: V padded to 64, split evenly.
+
+    Written from vLLM's ``pad_vocab_size`` and ``VocabParallelEmbedding`` (not from the code
+    under test): ``Vp = ((V + 63) // 64) * 64``, ``Vp / tp`` rows per rank.
+    """
+    padded = ((vocab + 64 - 1) // 64) * 64
+    assert padded % tp == 0
+    return padded // tp
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(torch.uint8)
 
@@ -160,8 +170,15 @@ def test_rank_slices_rebuild_every_tensor_bit_for_bit(
         pieces = [rank[tensor_name] for rank in ranks]
         what = f"{name} tp{tp} {tensor_name}"
         if tensor_name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            rows = math.ceil(original.shape[0] / tp)
+            rows = _vllm_vocab_rows(original.shape[0], tp)
             assert all(piece.shape[0] == rows for piece in pieces), what
+            for index, piece in enumerate(pieces):
+                # rank r: rows [r*rows, (r+1)*rows) of the padded vocabulary, zeros past V
+                start, stop = min(index * rows, original.shape[0]), min(
+                    (index + 1) * rows, original.shape[0]
+                )
+                _assert_bitwise(piece[: stop - start], original[start:stop], what)
+                assert not _bits(piece[stop - start :]).any(), f"{what}: padding is not zero"
             whole = torch.cat(pieces, dim=0)
             assert not _bits(whole[original.shape[0] :]).any(), f"{what}: padding is not zero"
             _assert_bitwise(whole[: original.shape[0]], original, what)
@@ -329,7 +346,7 @@ def _expected_rank_bytes(config: dict[str, Any], tp: int, *, item: int) -> int:
     o_bias = bool(config.get("attention_bias"))
     kv_heads_per_rank = g.kv_heads // tp if g.kv_heads % tp == 0 else 1
     vocab_tensors = 1 if config["tie_word_embeddings"] else 2
-    elements = vocab_tensors * math.ceil(g.vocab / tp) * g.hidden
+    elements = vocab_tensors * _vllm_vocab_rows(g.vocab, tp) * g.hidden
     per_layer = (
         g.heads * g.head_dim * g.hidden // tp  # q_proj
         + 2 * kv_heads_per_rank * g.head_dim * g.hidden  # k_proj, v_proj
@@ -372,7 +389,7 @@ def test_each_rank_holds_exactly_its_share_of_the_bytes(
         vocab = model.config["vocab_size"]
         padding = (
             vocab_tensors
-            * (math.ceil(vocab / tp) * tp - vocab)
+            * (_vllm_vocab_rows(vocab, tp) * tp - vocab)
             * model.config["hidden_size"]
             * item
         )
@@ -416,6 +433,11 @@ def test_written_files_match_their_tables_and_digests(
         assert metadata["weightcache.tp_size"] == str(tp)
         assert metadata["weightcache.rank"] == str(rank)
         assert metadata["weightcache.vocab_size"] == str(model.config["vocab_size"])
+        assert metadata["weightcache.layout"] == "vllm-vocab-pad64"
+        assert metadata["weightcache.vocab_padding"] == "64"
+        assert metadata["weightcache.vocab_padded"] == str(
+            _vllm_vocab_rows(model.config["vocab_size"], 1)
+        )
     # The block size only changes how the source is read, never a byte of the output.
     plan = plan_rank_shards(model.config, model.headers, tp)
     again = write_rank_shards(plan, model.sources, tmp_path, chunk_size=SMALL_CHUNK)
@@ -509,3 +531,74 @@ def test_write_failures_leave_nothing_behind(models: dict[str, TinyModel], tmp_p
     with pytest.raises(IntegrityError, match="source file ends"):
         write_rank_shards(plan, {WEIGHTS: truncated}, out)
     assert list(out.iterdir()) == []
+
+
+# the engine's vocab layout ---------------------------------------------------------------------
+
+
+def _vocab_only_model(vocab: int, hidden: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config.json and a parsed header of a one-norm Llama with untied vocab tensors (no bytes)."""
+    from loader.safetensors_format import encode_header, parse_header
+
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "intermediate_size": 16,
+        "vocab_size": vocab,
+    }
+    entries = [
+        ("model.embed_tokens.weight", "BF16", (vocab, hidden), vocab * hidden * 2),
+        ("lm_head.weight", "BF16", (vocab, hidden), vocab * hidden * 2),
+        ("model.norm.weight", "BF16", (hidden,), hidden * 2),
+    ]
+    header, _ = encode_header(entries)
+    total = len(header) + sum(e[3] for e in entries)
+    return config, {WEIGHTS: parse_header(header, file_size=total)}
+
+
+@pytest.mark.parametrize("vocab", [1001, 32001, 128257, 1024])
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_vocab_rows_follow_vllms_padding_and_split(vocab: int, tp: int) -> None:
+    from cache_node.sharding import padded_vocab_size, vocab_rows
+
+    config, headers = _vocab_only_model(vocab)
+    per_rank = _vllm_vocab_rows(vocab, tp)
+    # vLLM's VocabParallelEmbedding: rank r owns [r*per, (r+1)*per) of the padded vocabulary,
+    # loads the part below V and zero-fills the rest of its per-rank rows.
+    expected = [
+        (min(r * per_rank, vocab), min((r + 1) * per_rank, vocab)) for r in range(tp)
+    ]
+    assert padded_vocab_size(vocab) == per_rank * tp
+    assert [vocab_rows(vocab, tp, r)[:2] for r in range(tp)] == expected
+    plan = plan_rank_shards(config, headers, tp)
+    if tp == 1:
+        assert plan.mode == "full"  # the engine pads the unsplit tensor itself
+        return
+    assert plan.vocab_size == vocab and plan.vocab_padded == per_rank * tp
+    covered = []
+    for rank_plan, (start, stop) in zip(plan.ranks, expected, strict=True):
+        assert rank_plan.metadata["weightcache.layout"] == "vllm-vocab-pad64"
+        assert rank_plan.metadata["weightcache.vocab_padded"] == str(per_rank * tp)
+        for piece in rank_plan.tensors:
+            if piece.rule != "vocab":
+                continue
+            assert piece.shape == (per_rank, 8), "exactly the shape of vLLM's parameter"
+            assert (piece.start, piece.stop) == (start, stop)
+            assert piece.pad_rows == per_rank - (stop - start)
+            if piece.name == "lm_head.weight":
+                covered.extend(range(piece.start, piece.stop))
+    assert covered == list(range(vocab)), "every token row once, in order"
+
+
+def test_vocab_that_does_not_split_evenly_is_refused() -> None:
+    from cache_node.sharding import vocab_rows
+
+    # vLLM asserts tp divides the padded vocabulary; the sharder refuses the same cases.
+    with pytest.raises(ShardingUnsupported, match="does not split evenly over tp_size 3"):
+        vocab_rows(1001, 3, 0)
+    config, headers = _vocab_only_model(1001)
+    with pytest.raises(ShardingUnsupported, match="vocab_size 1000"):
+        plan_rank_shards({**config, "vocab_size": 1000}, headers, 2)

@@ -69,11 +69,13 @@ def _expected_params(
     return params
 
 
-@pytest.mark.parametrize(("tp_size", "kv_heads"), [(2, 2), (4, 2), (2, 4)])
+@pytest.mark.parametrize(
+    ("tp_size", "kv_heads", "vocab"), [(2, 2, 1024), (4, 2, 1001), (2, 4, 1001), (8, 2, 1001)]
+)
 def test_rank_shards_fill_fused_vllm_parameters(
-    tmp_path: Path, tp_size: int, kv_heads: int
+    tmp_path: Path, tp_size: int, kv_heads: int, vocab: int
 ) -> None:
-    source = make_tiny_llama(tmp_path / "src", num_kv_heads=kv_heads, vocab_size=1024, tie=False)
+    source = make_tiny_llama(tmp_path / "src", num_kv_heads=kv_heads, vocab_size=vocab, tie=False)
     config = json.loads((source / "config.json").read_text())
     original = load_file(str(source / "model.safetensors"))
     for rank, tensors in enumerate(_rank_tensors(source, tp_size, tmp_path / "shards")):
@@ -86,11 +88,67 @@ def test_rank_shards_fill_fused_vllm_parameters(
 
 
 def test_shapes_that_do_not_fit_are_refused() -> None:
-    params = {"model.layers.0.self_attn.qkv_proj.weight": torch.zeros(6, 4)}
-    with pytest.raises(WeightMismatch, match="parts fill"):
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    params = {qkv: torch.zeros(6, 4), "model.embed_tokens.weight": torch.zeros(64, 4)}
+    with pytest.raises(WeightMismatch, match=r"\[6, 4\].*missing") as caught:
         copy_rank_weights(params, [("model.layers.0.self_attn.q_proj.weight", torch.ones(2, 4))])
-    with pytest.raises(WeightMismatch, match="no parameter"):
+    assert caught.value.code == "fused_rows"
+    with pytest.raises(WeightMismatch, match="no parameter") as caught:
         copy_rank_weights(params, [("model.norm.weight", torch.ones(4))])
+    assert caught.value.code == "no_parameter"
+    # A vocab shard cut by another rule (ceil(1001/2) = 501 rows, not vLLM's 512): refused with
+    # both shapes, never zero-filled at the end nor truncated.
+    for rows in (501, 60):
+        with pytest.raises(WeightMismatch, match=rf"\[{rows}, 4\].*\[64, 4\]") as caught:
+            copy_rank_weights(params, [("model.embed_tokens.weight", torch.ones(rows, 4))])
+        assert caught.value.code == "shape_mismatch"
+        assert not params["model.embed_tokens.weight"].any(), "nothing was copied"
+    too_many = [
+        (f"model.layers.0.self_attn.{p}_proj.weight", torch.ones(3, 4)) for p in "qkv"
+    ]
+    with pytest.raises(WeightMismatch, match="do not fill") as caught:
+        copy_rank_weights(params, too_many)
+    assert caught.value.code == "fused_rows"
+
+
+class _TinyVllmLike(torch.nn.Module):
+    """A vLLM-shaped module tree: fused projections, a tied lm_head, a rotary buffer."""
+
+    def __init__(self, *, tie: bool) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(64, 4)
+        self.model.norm = torch.nn.LayerNorm(4, bias=False)
+        self.model.register_buffer("cos_sin_cache", torch.ones(3))
+        self.lm_head = torch.nn.Module()
+        self.lm_head.weight = (
+            self.model.embed_tokens.weight if tie else torch.nn.Parameter(torch.zeros(64, 4))
+        )
+
+
+def test_every_parameter_must_be_filled_except_what_vllm_skips() -> None:
+    from loader.vllm_weights import check_all_filled, model_parameters
+
+    tied = _TinyVllmLike(tie=True)
+    params, aliases = model_parameters(tied)
+    assert set(params) == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert aliases == {"lm_head.weight": "model.embed_tokens.weight"}
+    shard = [
+        ("model.embed_tokens.weight", torch.ones(64, 4)),
+        ("model.norm.weight", torch.full((4,), 2.0)),
+        # a tied checkpoint that still carries lm_head, and an old rotary cache: vLLM skips both
+        ("lm_head.weight", torch.full((64, 4), 7.0)),
+        ("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(2)),
+    ]
+    filled = copy_rank_weights(params, shard, aliases=aliases)
+    check_all_filled(tied, filled)
+    assert torch.equal(tied.lm_head.weight, torch.ones(64, 4)), "the alias was not written"
+    untied = _TinyVllmLike(tie=False)
+    params, aliases = model_parameters(untied)
+    filled = copy_rank_weights(params, shard[:2], aliases=aliases)
+    with pytest.raises(WeightMismatch, match="lm_head.weight") as caught:
+        check_all_filled(untied, filled)
+    assert caught.value.code == "unfilled"
 
 
 def test_extra_config_is_validated() -> None:
@@ -99,3 +157,15 @@ def test_extra_config_is_validated() -> None:
         parse_extra_config({"pipeline": "chat", "shard": 1})
     with pytest.raises(ValueError, match="needs"):
         parse_extra_config({})
+
+
+def test_the_plugin_places_the_layout_the_node_cuts() -> None:
+    from cache_node.sharding import SHARD_LAYOUT
+    from loader.vllm_weights import ENGINE_LAYOUT, check_layout
+
+    assert ENGINE_LAYOUT == SHARD_LAYOUT
+    check_layout(SHARD_LAYOUT)
+    check_layout(None)  # a node that does not say: the shapes are still checked one by one
+    with pytest.raises(WeightMismatch, match="vllm-vocab-pad128") as caught:
+        check_layout("vllm-vocab-pad128")
+    assert caught.value.code == "layout"
