@@ -5,7 +5,8 @@ in the project venv and talks to this script through files. ``engine_run.py SPEC
 JSON spec ``{"prompts": [[ids]], "max_tokens": N, "logprobs": K, "runs": [{"name", "model_dir",
 "load_format", "extra", "tp"}], "metrics_url": URL?}`` and writes ``{name: {"outputs": [...],
 "bytes_served": N} | {"error": text}}`` (``bytes_served``: what the cache node sent during the run,
-read from its ``/metrics`` when ``metrics_url`` is given).
+read from its ``/metrics`` when ``metrics_url`` is given; ``loads``: each worker's peak memory
+during its load, with ``"memprobe_dir": DIR`` and ``memprobe/`` on ``PYTHONPATH``).
 
 Engines in one process share one import of vLLM (most of a CPU engine's start-up time); each is
 torn down (distributed groups included) before the next starts. A run that fails records its
@@ -16,54 +17,22 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 
-class MemoryProbe(threading.Thread):
-    """The peak anonymous RSS of each process this one started, sampled every few ms.
-
-    Anonymous memory (RSS minus file-backed and shared pages) is what a load allocates: vLLM's
-    own loader maps the checkpoint file (page cache, not counted), a second copy of the weights
-    in the worker is counted. With vLLM's multiprocessing on, each engine's workers are fresh
-    processes, so their peaks belong to that engine alone.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peaks: dict[int, int] = {}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self.done.wait(0.003):
-            for process in me.children(recursive=True):
-                try:
-                    info = process.memory_info()
-                except psutil.Error:
-                    continue
-                anon = info.rss - info.shared
-                self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), anon)
-
-    def stop(self) -> int:
-        """Stop sampling; the largest peak of any one process."""
-        self.done.set()
-        self.join()
-        return max(self.peaks.values(), default=0)
-
-
 def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    probe = MemoryProbe() if spec.get("sample_memory") else None
-    if probe is not None:
-        probe.start()
+    probe = None
+    if spec.get("memprobe_dir"):  # memprobe/sitecustomize.py appends each load's peak here
+        probe = Path(spec["memprobe_dir"]) / f"{run['name'].replace('/', '-')}.jsonl"
+        probe.unlink(missing_ok=True)
+        os.environ["WEIGHTCACHE_MEMPROBE_OUT"] = str(probe)  # workers spawned below inherit it
     started = time.monotonic()
     llm = LLM(
         model=run["model_dir"],
@@ -103,7 +72,7 @@ def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
             })
         return {
             "outputs": outputs,
-            "peak_anon_bytes": probe.stop() if probe is not None else None,
+            "loads": _probed_loads(probe),
             "start_s": round(ready - started, 2),
             "generate_s": round(time.monotonic() - ready, 2),
         }
@@ -111,6 +80,14 @@ def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         llm.llm_engine.engine_core.shutdown()
         del llm
         _teardown()
+
+
+def _probed_loads(probe: Path | None) -> list[dict[str, Any]] | None:
+    if probe is None:
+        return None
+    if not probe.exists():
+        raise RuntimeError(f"the memory probe recorded no load in {probe}")
+    return [json.loads(line) for line in probe.read_text().splitlines()]
 
 
 def _teardown() -> None:

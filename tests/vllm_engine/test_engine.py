@@ -14,7 +14,6 @@ imported once per size. The node and this test run in the project venv.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -27,7 +26,6 @@ from typing import Any
 
 import httpx
 import pytest
-from safetensors import safe_open
 
 from tests.fixtures.node_server import free_port
 from tests.vllm_engine.models import CASES, MEMORY_CASE, PROMPTS, EngineCase, make_case
@@ -40,14 +38,16 @@ VLLM_PYTHON = Path(
 )
 ARTIFACTS = REPO / "test-artifacts" / "vllm"
 ENGINE_RUN = Path(__file__).with_name("engine_run.py")
+MEMPROBE = Path(__file__).with_name("memprobe")
 MAX_TOKENS = 8
 TOP_LOGPROBS = 5
 #: Both loaders put the same float32 bits in the same parameters, so the engines compute the
 #: same numbers; this only absorbs a last-bit difference in summation order, nothing more.
 LOGPROB_TOLERANCE = 1e-5
 MiB = 1 << 20
-#: What a weightcache load may hold beyond the parameters themselves: its staging ring and a
-#: few MiB of buffers. A second copy of a rank of the memory case would be 150 MiB.
+#: What a weightcache load may hold beyond the parameters it fills: its staging ring (none on
+#: the CPU, where tensors are read in place) and a few MiB of buffers. A second copy of a rank
+#: of the memory case would be 150 MiB.
 RING_ALLOWANCE = 64 * MiB
 #: A two-model pipeline: each model's engine must take that model and nothing else.
 PIPELINE_MODELS = {"base": "llama-untied", "chat": "qwen2-bias"}
@@ -203,21 +203,21 @@ def _engine_runs(node: EngineNode, tp: int) -> list[dict[str, Any]]:
 
 
 def run_engines(
-    vllm_python: Path, batch: str, spec: dict[str, Any], *, in_process: bool = True
+    vllm_python: Path, batch: str, spec: dict[str, Any], *, probe: bool = False
 ) -> dict[str, Any]:
     """Run ``spec``'s engines in one ``engine_run.py`` process; their results by run name.
 
-    ``in_process`` keeps vLLM's engine core (and at TP 1 the worker) in that process; without
-    it every engine gets fresh worker processes, which the memory probe needs.
+    vLLM's engine core (and at TP 1 its worker) runs in that process. ``probe`` puts the memory
+    probe (``memprobe/sitecustomize.py``) in every process of the engines.
     """
     out = _log(f"engines-{batch}.json")
     out.unlink(missing_ok=True)
     spec_file = _log(f"engines-{batch}.spec.json")
     spec_file.write_text(json.dumps(spec))
     log = _log(f"engines-{batch}.log")
-    env = {**os.environ, **ENGINE_ENV}
-    if in_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env = {**os.environ, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if probe:
+        env["PYTHONPATH"] = os.pathsep.join([str(MEMPROBE), env.get("PYTHONPATH", "")])
     started = time.monotonic()
     with open(log, "wb") as sink:
         process = subprocess.Popen(
@@ -391,14 +391,14 @@ def test_launch_vllm_serve_answers_a_completion(
 
 
 def test_weightcache_load_holds_no_second_copy_of_the_weights(
-    node: EngineNode, vllm_python: Path
+    node: EngineNode, vllm_python: Path, tmp_path: Path
 ) -> None:
-    """The worker's peak anonymous memory with ``--load-format weightcache`` is vLLM's own
-    loader's plus the staging ring at most, not a second copy of the rank's weights.
+    """Inside each worker, a ``--load-format weightcache`` load needs the staging ring and a
+    few MiB beyond the parameters it fills, not a second copy of the rank's weights.
 
-    vLLM's loader maps the checkpoint file (page cache, not anonymous), so its peak is the
-    parameters themselves; a load that stages the whole rank before copying it into them
-    shows up as about ``rank_bytes`` more.
+    ``memprobe/sitecustomize.py`` measures every load in the workers (peak RSS above the start,
+    parameters already resident); vLLM's own loader on the same checkpoint is measured too, for
+    the record: its peak is the checkpoint pages it maps.
     """
     tp = 2
     model_dir = node.dirs[MEMORY_CASE.name]
@@ -406,30 +406,27 @@ def test_weightcache_load_holds_no_second_copy_of_the_weights(
         "prompts": [list(PROMPTS[0])],
         "max_tokens": 2,
         "logprobs": 1,
-        "sample_memory": True,
+        "memprobe_dir": str(tmp_path),
         "runs": [
             {"name": "vllm", "model_dir": str(model_dir), "tp": tp},
             {"name": "weightcache", "model_dir": str(model_dir), "tp": tp,
              "load_format": "weightcache",
              "extra": {"pipeline": MEMORY_CASE.name, "url": node.url}},
         ],
-    }, in_process=False)
+    }, probe=True)
     for name in ("vllm", "weightcache"):
         if "error" in results[name]:
             pytest.fail(f"{name} failed in the engine:\n{results[name]['error'][-4000:]}")
-    with safe_open(model_dir / "model.safetensors", "pt") as checkpoint:
-        model_bytes = sum(  # float32
-            4 * math.prod(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()
-        )
-    rank_bytes = model_bytes // tp
-    own = results["vllm"]["peak_anon_bytes"]
-    ours = results["weightcache"]["peak_anon_bytes"]
-    extra = ours - own
-    print(f"worker peak anonymous RSS at TP {tp}: vLLM's loader {own / MiB:.0f} MiB, "
-          f"weightcache {ours / MiB:.0f} MiB ({extra / MiB:+.0f} MiB; a rank's weights are "
-          f"{rank_bytes / MiB:.0f} MiB)")
     assert results["weightcache"]["outputs"] == results["vllm"]["outputs"]
-    assert extra <= RING_ALLOWANCE, (
-        f"the weightcache worker peaked {extra / MiB:.0f} MiB above vLLM's own loader "
-        f"(a rank's weights are {rank_bytes / MiB:.0f} MiB)"
-    )
+    for name in ("vllm", "weightcache"):
+        for load in results[name]["loads"]:
+            print(f"TP {tp} {load['loader']} (pid {load['pid']}): {load['param_bytes'] / MiB:.0f} "
+                  f"MiB of parameters, peak {load['extra_bytes'] / MiB:.1f} MiB above them")
+    loads = results["weightcache"]["loads"]
+    assert len(loads) == tp and {load["loader"] for load in loads} == {"WeightcacheModelLoader"}
+    for load in loads:
+        assert load["param_bytes"] > 100 * MiB  # the rank is big enough to see a second copy
+        assert load["extra_bytes"] <= RING_ALLOWANCE, (
+            f"a weightcache load peaked {load['extra_bytes'] / MiB:.0f} MiB above the "
+            f"{load['param_bytes'] / MiB:.0f} MiB of parameters it filled"
+        )
