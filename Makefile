@@ -55,7 +55,7 @@ test-all: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -m "not gpu and not vllm"
 
 # The plugin in a real vLLM engine (CPU): the node runs from $(VENV), the engines from
-# $(VLLM_VENV). About 10-15 min on two cores, the venv's install included.
+# $(VLLM_VENV). About 13 min on two shared cores, the venv's install (2 min) included.
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/pytest -m vllm tests/vllm_engine
 
