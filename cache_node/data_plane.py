@@ -99,7 +99,10 @@ class _Plane:
     def __init__(self, settings: NodeSettings, *, slot: int | None = None) -> None:
         self.tokens = settings.load_tokens()
         self.meta = DiskcacheKeyValue(settings.data_dir / "meta")
-        self.store = BlobStore(settings.data_dir, capacity=settings.capacity, meta=self.meta)
+        # a reader: a bad chunk it finds is quarantined by the node, which owns the store
+        self.store = BlobStore(
+            settings.data_dir, capacity=settings.capacity, meta=self.meta, owner=False
+        )
         self.stats = WorkerStats(stats_dir(settings), slot) if slot is not None else None
         self.registry = Registry(_CountingMeta(self.meta, self.stats))
 

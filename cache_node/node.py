@@ -78,6 +78,8 @@ log = logging.getLogger("weightcache.node")
 VERSION = "0.1.0"
 _FILES_AT_ONCE = 4
 _FILL_ROUNDS = 3
+#: How often the node carries out quarantines the data-plane workers asked for.
+_QUARANTINE_POLL_S = 0.5
 
 
 @dataclass
@@ -145,6 +147,7 @@ class CacheNode:
             each_pass=self._free_retired,
         )
         self._retry_task: asyncio.Task[None] | None = None
+        self._quarantine_task: asyncio.Task[None] | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -177,12 +180,27 @@ class CacheNode:
         self._watermark_task = asyncio.create_task(self._watermark_loop(), name="watermarks")
         # failed pipelines whose retry_at passed while the node was down are retried now
         self._retry_task = asyncio.create_task(self.retries.run(), name="retries")
+        self._quarantine_task = asyncio.create_task(
+            self._quarantine_requests_loop(), name="quarantine requests"
+        )
+
+    async def _quarantine_requests_loop(self) -> None:
+        """Carry out the quarantines the data-plane workers ask for (they only read the store):
+        the blob goes aside, its pipelines go cold and re-warm, the accounting follows."""
+        while True:
+            await asyncio.sleep(_QUARANTINE_POLL_S)
+            try:
+                await anyio.to_thread.run_sync(self.store.serve_quarantine_requests)
+            except Exception:  # the loop must outlive one bad pass
+                log.exception("quarantine requests pass failed")
 
     async def stop(self) -> None:
         if self._watermark_task is not None:
             self._watermark_task.cancel()
         if self._retry_task is not None:
             self._retry_task.cancel()
+        if self._quarantine_task is not None:
+            self._quarantine_task.cancel()
         for task in list(self._jobs.values()) + list(self._rewarming):
             task.cancel()
         self.fetcher.cancel_all()

@@ -147,6 +147,7 @@ class BlobStore:
         capacity: int,
         meta: KeyValue,
         on_quarantine: Callable[[str, str], None] | None = None,
+        owner: bool = True,
         disk: DiskGuard | None = None,
     ) -> None:
         self.root = root
@@ -168,6 +169,10 @@ class BlobStore:
         self._active_partials: set[str] = set()
         self._committed = sum(r.size for r in self.records())
         self._on_quarantine = on_quarantine
+        # One process owns the store (the node); others (data-plane workers) only read. A
+        # reader that finds a bad chunk asks the owner to quarantine it instead of moving the
+        # file itself, so the owner's accounting and pipelines never miss a quarantine.
+        self.owner = owner
         self._verified: dict[tuple[str, int], tuple[int, int, int]] = {}
         #: Called with the bytes still needed when a reservation does not fit; returns bytes freed.
         self.make_room: Callable[[int], int] | None = None
@@ -428,7 +433,18 @@ class BlobStore:
         return record.size
 
     def quarantine(self, sha256: str, reason: str) -> None:
-        """Move a bad blob aside and forget it, so it is never served again and gets re-fetched."""
+        """Move a bad blob aside and forget it, so it is never served again and gets re-fetched.
+
+        In a reader process this records a request the owner carries out
+        (:meth:`serve_quarantine_requests`); the reader keeps refusing the blob meanwhile,
+        since its chunks fail their digests on every read.
+        """
+        if not self.owner:
+            with self._lock:
+                for key in [k for k in self._verified if k[0] == sha256]:
+                    del self._verified[key]
+            self.meta.set(f"{_QUARANTINE_REQUEST}{sha256}", {"reason": reason, "at": time.time()})
+            return
         with self._publish_lock:
             record = self.get(sha256)
             self.meta.delete(f"blob:{sha256}")
@@ -443,6 +459,17 @@ class BlobStore:
                 pass
         if self._on_quarantine is not None:
             self._on_quarantine(sha256, reason)
+
+    def serve_quarantine_requests(self) -> int:
+        """Quarantine the blobs reader processes found bad (the owner's side); returns how many."""
+        served = 0
+        for key, raw in list(self.meta.scan(_QUARANTINE_REQUEST)):
+            sha256 = key.removeprefix(_QUARANTINE_REQUEST)
+            self.meta.delete(key)
+            if self.get(sha256) is not None:
+                self.quarantine(sha256, f"{raw.get('reason', 'bad chunk')} (found by a reader)")
+                served += 1
+        return served
 
     # ----------------------------------------------------------------- reading
     def open(self, sha256: str) -> tuple[BlobRecord, Any]:
@@ -594,6 +621,9 @@ class BlobStore:
             self._committed = sum(r.size for r in self.records())
         return report
 
+
+#: Metadata keys of quarantines a reader process asks the owner for.
+_QUARANTINE_REQUEST = "quarantine-request:"
 
 #: File timestamps are coarse (a kernel tick, a few ms). A chunk is remembered as verified only
 #: when the file was last written more than this long ago, so any later write, even within the
