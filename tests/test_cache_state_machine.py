@@ -177,10 +177,11 @@ class CacheMachine(RuleBasedStateMachine):
     async def _settle(self) -> None:
         """Run the loop until every job and transfer has finished (the watermark loop sleeps)."""
         me = asyncio.current_task()
+        loops = ("watermarks", "retries", "quarantine requests")  # they sleep between passes
         for _ in range(100_000):
             busy = [
                 t for t in asyncio.all_tasks()
-                if t is not me and t.get_name() not in ("watermarks", "retries") and not t.done()
+                if t is not me and t.get_name() not in loops and not t.done()
             ]
             if not busy:
                 return
