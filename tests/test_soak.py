@@ -504,5 +504,6 @@ def test_soak(tmp_path: Path, seaweed: SeaweedServer, bucket: str, proxy: Counti
     duration = float(os.environ.get("WEIGHTCACHE_SOAK_S", "1800"))
     figures = run_soak("long", duration, kill_every_s=180, tmp_path=tmp_path, seaweed=seaweed,
                        bucket=bucket, proxy=proxy)
-    assert figures.kills >= duration // 180 - 1
+    chaos_s = duration - max(30.0, duration / 5)  # the last fifth runs without kills
+    assert figures.kills >= chaos_s // 180 - 1
     check(figures)
