@@ -78,8 +78,8 @@ log = logging.getLogger("weightcache.node")
 VERSION = "0.1.0"
 _FILES_AT_ONCE = 4
 _FILL_ROUNDS = 3
-#: How often the node carries out quarantines the data-plane workers asked for.
-_QUARANTINE_POLL_S = 0.5
+#: How often the node carries out workers' quarantine requests and restores disk headroom.
+_HOUSEKEEPING_S = 0.5
 
 
 @dataclass
@@ -181,18 +181,21 @@ class CacheNode:
         # failed pipelines whose retry_at passed while the node was down are retried now
         self._retry_task = asyncio.create_task(self.retries.run(), name="retries")
         self._quarantine_task = asyncio.create_task(
-            self._quarantine_requests_loop(), name="quarantine requests"
+            self._housekeeping_loop(), name="housekeeping"
         )
 
-    async def _quarantine_requests_loop(self) -> None:
-        """Carry out the quarantines the data-plane workers ask for (they only read the store):
-        the blob goes aside, its pipelines go cold and re-warm, the accounting follows."""
+    async def _housekeeping_loop(self) -> None:
+        """Twice a second: carry out the quarantines the data-plane workers ask for (they only
+        read the store: the blob goes aside, its pipelines go cold and re-warm, the accounting
+        follows), and give a disk that was full its headroom back as soon as it has room, so
+        that a disk filling again soon after still leaves room to record deletions and leases."""
         while True:
-            await asyncio.sleep(_QUARANTINE_POLL_S)
+            await asyncio.sleep(_HOUSEKEEPING_S)
             try:
                 await anyio.to_thread.run_sync(self.store.serve_quarantine_requests)
+                await anyio.to_thread.run_sync(self.disk.problems)
             except Exception:  # the loop must outlive one bad pass
-                log.exception("quarantine requests pass failed")
+                log.exception("housekeeping pass failed")
 
     async def stop(self) -> None:
         if self._watermark_task is not None:

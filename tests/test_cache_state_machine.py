@@ -177,7 +177,7 @@ class CacheMachine(RuleBasedStateMachine):
     async def _settle(self) -> None:
         """Run the loop until every job and transfer has finished (the watermark loop sleeps)."""
         me = asyncio.current_task()
-        loops = ("watermarks", "retries", "quarantine requests")  # they sleep between passes
+        loops = ("watermarks", "retries", "housekeeping")  # they sleep between passes
         for _ in range(100_000):
             busy = [
                 t for t in asyncio.all_tasks()
