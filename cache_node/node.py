@@ -22,7 +22,6 @@ from api.schema import (
     Lease,
     Manifest,
     ModelSpec,
-    ModelStatus,
     NodeInfo,
     PipelineFile,
     PipelineSpec,
@@ -52,7 +51,7 @@ from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import KeyValue, open_metadata
 from cache_node.metrics import NodeMetrics
 from cache_node.origins import Origin, open_origin
-from cache_node.origins.base import OriginFile, Snapshot
+from cache_node.origins.base import Snapshot
 from cache_node.origins.patterns import without_excluded
 from cache_node.registry import (
     FileEntry,
@@ -623,7 +622,7 @@ class CacheNode:
                 continue
             for file in entry.files:
                 known = self.fetcher.already_verified(
-                    origin, _origin_file(file), source=model.source, revision=snapshot.revision
+                    origin, file.origin_file(), source=model.source, revision=snapshot.revision
                 )
                 if known is not None and known.sha256 == file.blob:
                     previous[(file.path, file.size, file.sha256, file.etag)] = file.blob
@@ -663,7 +662,7 @@ class CacheNode:
             for file in model.files:
                 if file.blob and self.store.has(file.blob):
                     continue
-                origin_file = _origin_file(file)
+                origin_file = file.origin_file()
                 revision = model.revision or ""
                 verified = self.fetcher.already_verified(
                     origin, origin_file, source=model.source, revision=revision
@@ -815,7 +814,7 @@ class CacheNode:
         def on_progress(nbytes: int) -> None:
             progress[progress_key] = progress.get(progress_key, 0) + nbytes
 
-        origin_file = _origin_file(file)
+        origin_file = file.origin_file()
         key = transfer_key(origin, model.source, model.revision or "", origin_file)
         async with limiter:
             fetching = asyncio.ensure_future(
@@ -1062,21 +1061,7 @@ class CacheNode:
             progress=1.0 if record.state == "warm" else (
                 bytes_cached / bytes_total if bytes_total else 0.0
             ),
-            models=[
-                ModelStatus(
-                    name=m.name,
-                    source=m.source,
-                    revision=m.revision,
-                    files=len(m.files),
-                    bytes_total=m.bytes_total,
-                )
-                for m in record.models
-            ]
-            or [
-                ModelStatus(name=m.name, source=m.source, revision=m.revision, files=0,
-                            bytes_total=0)
-                for m in record.spec.models
-            ],
+            models=restage.model_statuses(record),
             tp_sizes=record.spec.tp_sizes,
             shards={
                 str(tp): (record.shards[str(tp)].state if str(tp) in record.shards else "pending")
@@ -1260,14 +1245,3 @@ def _validate_spec(spec: PipelineSpec) -> None:
         raise InvalidInput("tp_sizes must be powers of two from 1 to 64", field="tp_sizes")
     if len(set(spec.tp_sizes)) != len(spec.tp_sizes):
         raise InvalidInput("tp_sizes must be unique", field="tp_sizes")
-
-
-def _origin_file(file: FileEntry) -> OriginFile:
-    return OriginFile(
-        path=file.path,
-        size=file.size,
-        sha256=file.sha256,
-        git_sha1=file.git_sha1,
-        md5=file.md5,
-        etag=file.etag,
-    )

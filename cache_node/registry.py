@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from api.schema import ErrorInfo, ManifestTensor, PipelineSpec, PipelineState, ShardState
 from cache_node.errors import TooManyLeases
 from cache_node.metadata import KeyValue
+from cache_node.origins.base import OriginFile
 
 
 class FileEntry(BaseModel):
@@ -43,6 +44,17 @@ class FileEntry(BaseModel):
     etag: str | None = None
     blob: str | None = None  # the committed blob's sha256
     verified: bool = False
+
+    def origin_file(self) -> OriginFile:
+        """The file as the origin protocol names it (what the fetcher reads and checks)."""
+        return OriginFile(
+            path=self.path,
+            size=self.size,
+            sha256=self.sha256,
+            git_sha1=self.git_sha1,
+            md5=self.md5,
+            etag=self.etag,
+        )
 
 
 class ModelEntry(BaseModel):

@@ -114,23 +114,28 @@ def fold_pending(record: PipelineRecord) -> None:
     record.pending = None
 
 
+def model_statuses(record: PipelineRecord) -> list[ModelStatus]:
+    """The models of a pipeline (or of a staged attempt) as the status shows them: resolved
+    ones with their files and bytes, else the spec's, not yet resolved."""
+    return [
+        ModelStatus(
+            name=m.name,
+            source=m.source,
+            revision=m.revision,
+            files=len(m.files),
+            bytes_total=m.bytes_total,
+        )
+        for m in record.models
+    ] or [
+        ModelStatus(name=m.name, source=m.source, revision=m.revision, files=0, bytes_total=0)
+        for m in record.spec.models
+    ]
+
+
 def attempt_status(attempt: PipelineRecord, *, progress: float) -> AttemptStatus:
     """A staged record as the status shows it."""
     return AttemptStatus(
-        models=[
-            ModelStatus(
-                name=m.name,
-                source=m.source,
-                revision=m.revision,
-                files=len(m.files),
-                bytes_total=m.bytes_total,
-            )
-            for m in attempt.models
-        ]
-        or [
-            ModelStatus(name=m.name, source=m.source, revision=m.revision, files=0, bytes_total=0)
-            for m in attempt.spec.models
-        ],
+        models=model_statuses(attempt),
         tp_sizes=attempt.spec.tp_sizes,
         pinned=attempt.spec.pinned,
         state=attempt.state,

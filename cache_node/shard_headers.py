@@ -70,7 +70,7 @@ async def _read(
         return store.blob_path(blob).read_bytes()
     if file.size > limit:
         raise ReadAheadSkipped(f"{file.path} is {file.size} bytes, more than read ahead")
-    return await _span(origin, _origin_file(file), 0, file.size)
+    return await _span(origin, file.origin_file(), 0, file.size)
 
 
 async def _header(
@@ -79,7 +79,7 @@ async def _header(
     blob = held_blob(store, model, file, held)
     if blob is not None:
         return read_header(store.blob_path(blob))
-    origin_file = _origin_file(file)
+    origin_file = file.origin_file()
     prefix = await _span(origin, origin_file, 0, min(8, file.size))
     if len(prefix) < 8:
         raise ReadAheadSkipped(f"{file.path} is shorter than a safetensors header")
@@ -100,14 +100,3 @@ async def _span(origin: Origin, file: OriginFile, start: int, end: int) -> bytes
             retryable=True,
         )
     return bytes(data)
-
-
-def _origin_file(file: FileEntry) -> OriginFile:
-    return OriginFile(
-        path=file.path,
-        size=file.size,
-        sha256=file.sha256,
-        git_sha1=file.git_sha1,
-        md5=file.md5,
-        etag=file.etag,
-    )
