@@ -105,7 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host = socket.getfqdn() if settings.host in ("0.0.0.0", "::", "") else settings.host
             settings.data_url = f"http://{host}:{data_port}"
         # Supervised: a worker that dies is started again (and /readyz says when none runs).
-        data_plane = DataPlane(settings, port=data_port, workers=args.data_workers).start()
+        try:
+            data_plane = DataPlane(settings, port=data_port, workers=args.data_workers).start()
+        except RuntimeError as exc:  # the port is taken, or no worker could start
+            raise ClientError(f"{exc} (choose another with --data-port)") from None
         print(f"data plane: {args.data_workers} workers on {settings.data_url}", file=sys.stderr)
     print(f"weightcache node {settings.node_id} serving on http://{settings.host}:{settings.port}"
           f" (data dir {settings.data_dir})", file=sys.stderr)

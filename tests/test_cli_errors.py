@@ -146,3 +146,15 @@ def test_the_loader_raises_the_same_classes() -> None:
     with pytest.raises(NotWarmError) as caught:
         raise_for_status(_answer(409, "not_warm", state="cold"))
     assert caught.value.state == "cold"
+
+
+def test_a_data_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = weightcache("serve", "--data-dir", str(tmp_path / "d"), "--port", "0",
+                             "--data-port", str(port), "--data-workers", "1")
+    assert_one_clear_line(result, EXIT_FAILURE, "data plane", str(port), "--data-port")

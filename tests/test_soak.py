@@ -102,6 +102,7 @@ class NodeProcess:
                  seaweed: SeaweedServer, log: Path) -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        self.data_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.capacity = capacity
         self.env = {
@@ -122,7 +123,8 @@ class NodeProcess:
 
     def start(self) -> None:
         command = [sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(self.data_dir),
-                   "--port", str(self.port), "--capacity", str(self.capacity),
+                   "--port", str(self.port), "--data-port", str(self.data_port),
+                   "--capacity", str(self.capacity),
                    "--data-workers", "2", "--log-format", "json"]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
