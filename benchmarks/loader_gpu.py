@@ -366,10 +366,15 @@ def main() -> None:
         f"in {time.perf_counter() - started:.1f} s at {work}"
     )
 
-    server, url = start_http_server(data_dir, args.http_processes)
+    processes: list[subprocess.Popen[bytes]] = []
     model_dir = work / "model"
-    node, node_url = start_node(work, model_dir, args.http_processes)
+    out = args.out / f"loader_gpu-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results: dict[str, Any] = {}
     try:
+        server, url = start_http_server(data_dir, args.http_processes)
+        processes.append(server)
+        node, node_url = start_node(work, model_dir, args.http_processes)
+        processes.append(node)
         leg_bytes = node_pipeline(node_url, paths, model_dir)
         runs = candidates(paths, manifest, data_dir, device, args)
 
@@ -396,7 +401,6 @@ def main() -> None:
         )
         sizes = {name: total for name in runs}
         sizes["weightcache node http tp2 rank0"] = leg_bytes["tp2"]
-        results: dict[str, Any] = {}
         for name, run in runs.items():
             if isinstance(run, str):
                 results[name] = {"skipped": run}
@@ -427,11 +431,24 @@ def main() -> None:
                     }
                     print(f"{name:40s} {mode}: {median:.3f} s  {moved / median / 1e9:6.2f} GB/s")
             results[name] = entry
+            # after every path, so that a run cut short still leaves what it measured
+            write_report(out, args, device, manifest, len(paths), results)
     finally:
-        for process in (server, node):
+        for process in processes:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait()
+    print(f"wrote {out}")
 
+
+def write_report(
+    out: Path,
+    args: Any,
+    device: torch.device,
+    manifest: Manifest,
+    files: int,
+    results: dict[str, Any],
+) -> None:
+    """The JSON report: every time, the machine, the checkpoint and the settings."""
     machine = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -446,9 +463,9 @@ def main() -> None:
         "machine": machine,
         "checkpoint": {
             "tensors": len(manifest.tensors),
-            "bytes": total,
+            "bytes": manifest.bytes_total,
             "scale": args.scale,
-            "files": len(paths),
+            "files": files,
         },
         "settings": {
             "workers": args.workers,
@@ -458,10 +475,8 @@ def main() -> None:
         },
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"loader_gpu-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

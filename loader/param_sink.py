@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import queue
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -156,6 +157,14 @@ class ParamSink:
             for s in self._segments
             if self._cpu and s.same_dtype
         }
+        # Casting on the GPU: each slot's raw bytes go to one device buffer, then cast from
+        # there into the parameter. copy_ across devices *and* dtypes would allocate a device
+        # temporary per call, one per slot in flight (the whole ring again, on the GPU).
+        # One buffer is enough: every copy is queued on the one stream, in order, so the next
+        # upload into it starts after the previous cast read it; the lock keeps each
+        # upload-then-cast pair together on that queue.
+        self._cast_buffer: torch.Tensor | None = None
+        self._cast_lock = threading.Lock()
         self._closed = False
 
     @property
@@ -225,14 +234,22 @@ class ParamSink:
                 code="misaligned",
                 tensor=segment.name,
             )
+        first = offset // itemsize
+        target = segment.dest.view(-1)[first : first + source.numel() // itemsize]
+        # The cast happens here, per staging buffer, as vLLM's copy_ casts per tensor.
+        if self._cuda:
+            with self._cast_lock:
+                if self._cast_buffer is None:
+                    self._cast_buffer = torch.empty(
+                        self._slot_size, dtype=torch.uint8, device=self.device
+                    )
+                raw = self._cast_buffer[: source.numel()]
+                raw.copy_(source, non_blocking=True)
+                target.copy_(raw.view(segment.src_dtype), non_blocking=True)
+            return
         if source.storage_offset() % itemsize:
             source = source.clone()  # at most one slot: typed views need element alignment
-        first = offset // itemsize
-        values = source.view(segment.src_dtype)
-        # The cast happens here, per staging buffer, as vLLM's copy_ casts per tensor.
-        segment.dest.view(-1)[first : first + values.numel()].copy_(
-            values, non_blocking=self._cuda
-        )
+        target.copy_(source.view(segment.src_dtype))
 
     def _slot_of(self, buffer: SinkBuffer) -> _Slot:
         slot = self._slots.get(id(buffer.staging))
@@ -253,4 +270,5 @@ class ParamSink:
             return
         self._closed = True
         self.finish()
+        self._cast_buffer = None
         staging_pool.give(self._buffers, pinned=self._cuda)
