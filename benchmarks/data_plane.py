@@ -45,9 +45,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_node.data_plane import run_data_plane, stop_data_plane  # noqa: E402
-from cache_node.settings import NodeSettings  # noqa: E402
-from loader.sources import HttpRangeSource  # noqa: E402
+from cache_node.data_plane import run_data_plane, stop_data_plane
+from cache_node.settings import NodeSettings
+from loader.sources import HttpRangeSource
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = 4

@@ -56,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eviction import Entry, Limits, Usage, plan, plan_watermark  # noqa: E402
+from eviction import Entry, Limits, Usage, plan, plan_watermark
 
 GB = 10**9
 DAY = 86_400.0

@@ -55,10 +55,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from api.schema import Manifest, ManifestTensor  # noqa: E402
-from loader.load import load, load_manifest  # noqa: E402
-from loader.safetensors_format import encode_header, read_header  # noqa: E402
-from loader.sources import HttpRangeSource, LocalFileSource, blob_path  # noqa: E402
+from api.schema import Manifest, ManifestTensor
+from loader.load import load, load_manifest
+from loader.safetensors_format import encode_header, read_header
+from loader.sources import HttpRangeSource, LocalFileSource, blob_path
 
 HIDDEN, INTER, VOCAB, LAYERS, KV = 4096, 14336, 128256, 32, 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -399,7 +399,7 @@ def main() -> None:
         runs["weightcache node http tp2 rank0"] = lambda: load(
             "bench", tp_size=2, rank=0, url=node_url, device=device, **options
         )
-        sizes = {name: total for name in runs}
+        sizes = dict.fromkeys(runs, total)
         sizes["weightcache node http tp2 rank0"] = leg_bytes["tp2"]
         for name, run in runs.items():
             if isinstance(run, str):

@@ -50,17 +50,17 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from boto3.s3.transfer import TransferConfig, create_transfer_manager  # noqa: E402
-from pydantic import SecretStr  # noqa: E402
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from pydantic import SecretStr
 
-from cache_node.fetch import Fetcher  # noqa: E402
-from cache_node.metadata import DiskcacheKeyValue  # noqa: E402
-from cache_node.origins.base import parse_source  # noqa: E402
-from cache_node.origins.manifest import MANIFEST_NAME  # noqa: E402
-from cache_node.origins.s3 import S3Origin  # noqa: E402
-from cache_node.settings import FetchSettings, S3Settings  # noqa: E402
-from cache_node.store import BlobStore  # noqa: E402
-from clients.seaweed import SeaweedServer  # noqa: E402
+from cache_node.fetch import Fetcher
+from cache_node.metadata import DiskcacheKeyValue
+from cache_node.origins.base import parse_source
+from cache_node.origins.manifest import MANIFEST_NAME
+from cache_node.origins.s3 import S3Origin
+from cache_node.settings import FetchSettings, S3Settings
+from cache_node.store import BlobStore
+from clients.seaweed import SeaweedServer
 
 BUCKET = "bench"
 PREFIX = "org/model"

@@ -256,11 +256,10 @@ def detect_family(config: Mapping[str, Any]) -> Literal["llama"] | None:
         return None
     if model_type is not None and model_type not in LLAMA_MODEL_TYPES:
         return None
-    if architectures is not None:
-        if not isinstance(architectures, list) or not all(
-            arch in LLAMA_ARCHITECTURES for arch in architectures
-        ):
-            return None
+    if architectures is not None and (not isinstance(architectures, list) or not all(
+        arch in LLAMA_ARCHITECTURES for arch in architectures
+    )):
+        return None
     return "llama"
 
 

@@ -15,6 +15,7 @@ bytes before any origin byte, and committed + reserved + idle partials never exc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -453,10 +454,8 @@ class BlobStore:
                     self._committed -= record.size
                 for key in [k for k in self._verified if k[0] == sha256]:
                     del self._verified[key]
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.replace(self.blob_path(sha256), self.quarantine_dir / sha256)
-            except FileNotFoundError:
-                pass
         if self._on_quarantine is not None:
             self._on_quarantine(sha256, reason)
 

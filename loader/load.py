@@ -16,6 +16,7 @@ no fragmentation); a tensor stays valid as long as any view of it is alive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -318,10 +319,8 @@ def _advertised_data_urls(client: httpx.Client, url: str, headers: dict[str, str
 
 def _release(client: httpx.Client, lease_url: str, headers: dict[str, str]) -> None:
     # A lease that cannot be released expires on its own; never hide the load's own outcome.
-    try:
+    with contextlib.suppress(httpx.HTTPError):
         client.delete(lease_url, headers=headers)
-    except httpx.HTTPError:
-        pass
 
 
 def load_manifest(

@@ -217,7 +217,7 @@ class RingSink:
         staging_pool.give(self._buffers, pinned=self._pinned)
 
 
-def CudaSink(  # noqa: N802 - a constructor by name, for symmetry with CpuSink
+def CudaSink(
     size: int, *, device: torch.device | str = "cuda", slots: int = 8, slot_size: int = 32 << 20
 ) -> RingSink:
     """A :class:`RingSink` into a CUDA device, through pinned staging buffers."""

@@ -83,7 +83,8 @@ def test_admin_names_the_tenant_with_a_query_parameter(node: RunningNode) -> Non
             with node.client(token) as own:
                 assert _config_blob(admin, tenant) == _config_blob(own, tenant)
             manifest = admin.get("/v1/pipelines/p/manifest", params={"tenant": tenant})
-            assert manifest.status_code == 200 and manifest.json()["pipeline"] == "p"
+            assert manifest.status_code == 200
+            assert manifest.json()["pipeline"] == "p"
         lease = admin.post("/v1/pipelines/p/leases", params={"tenant": "team-b"})
         assert lease.status_code == 201
         with node.client("tok-b") as b:
@@ -108,7 +109,8 @@ def test_admin_names_the_tenant_with_a_query_parameter(node: RunningNode) -> Non
         source = admin.get("/v1/pipelines/p").json()["models"][0]["source"]
         body = {"models": [{"name": "m", "source": source}]}
         made = admin.put("/v1/pipelines/q", json=body, params={"tenant": "team-a"})
-        assert made.status_code == 202 and made.json()["tenant"] == "team-a"
+        assert made.status_code == 202
+        assert made.json()["tenant"] == "team-a"
         with node.client("tok-a") as a:
             assert a.get("/v1/pipelines/q").json()["tenant"] == "team-a"
 

@@ -63,7 +63,8 @@ def test_the_service_monitor_scrapes_each_node_once() -> None:
     assert service["spec"].get("clusterIP") == "None"
     ports = {p["name"] for p in service["spec"]["ports"]}
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    assert endpoint["port"] in ports
+    assert endpoint["path"] == "/metrics"
     # the node-down alert watches the job the monitor makes: the Service's name
     jobs = {m for r in _rules() for m in re.findall(r'job="([^"]+)"', r["expr"])}
     assert jobs == {service["metadata"]["name"]}

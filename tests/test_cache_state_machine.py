@@ -27,6 +27,7 @@ The run is checked to reach at least 2,000 steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -218,7 +219,8 @@ class CacheMachine(RuleBasedStateMachine):
             if before.get(pipeline, ("",))[0] == "warm":  # the new spec failed beside it
                 assert after[pipeline][0] == "warm"
                 status = self.node.status(DEFAULT_TENANT, pipeline)
-                assert status.last_attempt is not None and status.last_attempt.error is not None
+                assert status.last_attempt is not None
+                assert status.last_attempt.error is not None
                 assert status.last_attempt.error.code == "insufficient_storage"
             else:
                 assert after[pipeline][0] == "failed"
@@ -245,10 +247,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.counter.count("pin")
         pipeline = data.draw(st.sampled_from(sorted(self.registered)))
         source = self.registered[pipeline]
-        try:
+        with contextlib.suppress(InsufficientStorage):
             self._run(self.node.register(DEFAULT_TENANT, pipeline, self._spec(source, pinned=True)))
-        except InsufficientStorage:
-            pass
         self.pinned.add(pipeline)  # recorded with the pin; a failed one keeps no bytes ...
         record = self.node.registry.get(DEFAULT_TENANT, pipeline)
         if record is not None and record.state == "warm" and not record.spec.pinned:

@@ -25,11 +25,13 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
         assert main([*url, "status", "tiny", "--json"]) == 0
         status = json.loads(capsys.readouterr().out)
-        assert status["state"] == "warm" and status["shards"] == {"1": "ready", "2": "ready"}
+        assert status["state"] == "warm"
+        assert status["shards"] == {"1": "ready", "2": "ready"}
 
         assert main([*url, "status"]) == 0
         table = capsys.readouterr().out
-        assert "tiny" in table and "cache: warm" in table
+        assert "tiny" in table
+        assert "cache: warm" in table
 
         dest = tmp_path / "pulled"
         assert main([*url, "pull", "tiny", "--dest", str(dest)]) == 0
@@ -41,7 +43,9 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
         assert main([*url, "load", "tiny", "--tp-size", "2", "--rank", "1", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
-        assert report["tp_size"] == 2 and report["rank"] == 1 and report["bytes_delivered"] > 0
+        assert report["tp_size"] == 2
+        assert report["rank"] == 1
+        assert report["bytes_delivered"] > 0
         assert main([*url, "load", "tiny", "--verify"]) == 0
         assert "GB/s" in capsys.readouterr().out
 
@@ -74,10 +78,12 @@ def test_launch_arguments_after_the_separator_belong_to_the_engine() -> None:
     from clients.cli import parse_args
 
     args = parse_args(["launch", "chat", "--tp-size", "2", "--", "vllm", "serve", "--port", "1"])
-    assert args.id == "chat" and args.tp_size == 2
+    assert args.id == "chat"
+    assert args.tp_size == 2
     assert args.command == ["vllm", "serve", "--port", "1"]
     args = parse_args(["launch", "--tp-size", "4", "chat", "--", "vllm", "serve"])
-    assert args.tp_size == 4 and args.command == ["vllm", "serve"]
+    assert args.tp_size == 4
+    assert args.command == ["vllm", "serve"]
 
 
 def test_unreachable_node_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -201,7 +201,8 @@ def test_dashboard_shows_states_progress_and_failures_for_one_tenant(
             assert voice.locator(".chip").inner_text() == "cache: warming"
             page.wait_for_timeout(1000)  # the bar's width animates to the new value
             second_width = voice.locator(".progress-fill").bounding_box()
-            assert first_width is not None and second_width is not None
+            assert first_width is not None
+            assert second_width is not None
             assert second_width["width"] > first_width["width"]
 
             chat = page.locator('.card[data-pipeline="chat-assistant"]')
@@ -251,12 +252,15 @@ def test_dashboard_assets_are_local_and_locked_down(tmp_path: Path) -> None:
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
         csp = page.headers["content-security-policy"]
-        assert "default-src 'none'" in csp and "script-src 'self'" in csp
-        assert "http://" not in page.text and "https://" not in page.text
+        assert "default-src 'none'" in csp
+        assert "script-src 'self'" in csp
+        assert "http://" not in page.text
+        assert "https://" not in page.text
         for asset in ("dashboard.js", "dashboard.css", "favicon.svg"):
             answer = c.get(f"/static/{asset}")
             assert answer.status_code == 200, asset
-            assert "https://" not in answer.text and "http://" not in answer.text.replace(
+            assert "https://" not in answer.text
+            assert "http://" not in answer.text.replace(
                 "http://www.w3.org/2000/svg", ""
             )
         assert c.get("/static/app.py").status_code == 404

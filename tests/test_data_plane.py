@@ -122,7 +122,8 @@ def test_ranges_are_exact(plane: Plane) -> None:
     head = httpx.head(
         f"{plane.data_url}/v1/blobs/{blob}", headers={"Authorization": "Bearer tok-alpha"}
     )
-    assert head.status_code == 200 and int(head.headers["content-length"]) == size
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) == size
     assert httpx.get(f"{plane.data_url}/healthz").json() == {"status": "ok"}
 
 
@@ -137,7 +138,8 @@ def test_tenants(plane: Plane) -> None:
     assert other.status_code == 404
     assert other.json()["error"]["code"] == "not_found"
     admin = plane.get(blob, token="tok-admin")
-    assert admin.status_code == 200 and admin.content == source
+    assert admin.status_code == 200
+    assert admin.content == source
     # A digest no pipeline references is missing even for the admin; a malformed one is a 400.
     assert plane.get("ab" * 32, token="tok-admin").status_code == 404
     assert plane.get("not-a-digest", token="tok-admin").json()["error"]["code"] == "invalid_input"
@@ -150,7 +152,8 @@ def test_a_new_pipeline_is_served_at_once(plane: Plane) -> None:
     blob, source = plane.blob_of("late", "tok-beta")
     for _ in range(4):  # whichever worker answers, its index learns the new pipeline
         answer = plane.get(blob, token="tok-beta")
-        assert answer.status_code == 200 and answer.content == source
+        assert answer.status_code == 200
+        assert answer.content == source
     assert plane.get(blob, token="tok-alpha").status_code == 404
 
 

@@ -81,7 +81,8 @@ def test_killed_workers_are_restarted_and_their_counts_kept(node: ServeProcess) 
     before = _metrics(node).get("weightcache_data_plane_bytes_served_total")
     for _ in range(3):
         answer = httpx.get(f"{node.data_url}/v1/blobs/{sha}", timeout=30)
-        assert answer.status_code == 200 and answer.content == data
+        assert answer.status_code == 200
+        assert answer.content == data
     served = before + 3 * len(data)
     _until("bytes counted", lambda: _metrics(node).get(
         "weightcache_data_plane_bytes_served_total") == served)
@@ -129,7 +130,8 @@ def _check(result: Any, node: ServeProcess) -> None:
 def test_a_healthy_data_plane_serves_the_load(node: ServeProcess) -> None:
     result = load("m", url=node.url, request_size=64 * 1024, workers=2)
     _check(result, node)
-    assert result.report.fallback_reads == 0 and result.report.fallback_reason is None
+    assert result.report.fallback_reads == 0
+    assert result.report.fallback_reason is None
 
 
 def test_a_refused_data_plane_falls_back_to_the_api(node: ServeProcess) -> None:
@@ -137,12 +139,13 @@ def test_a_refused_data_plane_falls_back_to_the_api(node: ServeProcess) -> None:
     result = load("m", url=node.url, data_urls=[refused], request_size=64 * 1024, workers=2)
     _check(result, node)
     assert result.report.fallback_reads == result.report.stream.requests > 1
-    assert result.report.fallback_reason is not None and refused in result.report.fallback_reason
+    assert result.report.fallback_reason is not None
+    assert refused in result.report.fallback_reason
     assert result.report.as_dict()["fallback_reads"] == result.report.fallback_reads
 
 
 class _Failing(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the handler's name)
+    def do_GET(self) -> None:
         body = b'{"error": {"code": "internal", "message": "boom"}}'
         self.send_response(503)
         self.send_header("Content-Length", str(len(body)))
@@ -166,7 +169,8 @@ def test_a_data_plane_answering_5xx_falls_back_to_the_api(node: ServeProcess) ->
         server.server_close()
     _check(result, node)
     assert result.report.fallback_reads == result.report.stream.requests
-    assert result.report.fallback_reason is not None and "503" in result.report.fallback_reason
+    assert result.report.fallback_reason is not None
+    assert "503" in result.report.fallback_reason
 
 
 def test_load_cli_says_it_fell_back(node: ServeProcess, tmp_path: Path,
@@ -187,5 +191,6 @@ def test_restarts_back_off_and_cap() -> None:
     config = DataPlaneSettings(restart_backoff_s=0.5, restart_backoff_cap_s=30)
     delays = [restart_delay(n, config) for n in range(1, 10)]
     assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
-    assert delays == sorted(delays) and max(delays) == 30
+    assert delays == sorted(delays)
+    assert max(delays) == 30
     assert restart_delay(10_000, config) == 30

@@ -98,7 +98,8 @@ def test_filesystem_smaller_than_capacity_is_507_not_a_wedged_node(
         assert _blobs_on_disk(data_dir) == 0
         info = c.get("/v1/node").json()
         assert info["free"] < 64 * MiB  # what the filesystem has, not what --capacity says
-        assert info["used"] == 0 and info["reserved"] == 0
+        assert info["used"] == 0
+        assert info["reserved"] == 0
         assert c.get("/healthz").status_code == 200
 
         assert c.delete("/v1/pipelines/big").status_code == 204

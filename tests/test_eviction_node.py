@@ -212,7 +212,8 @@ def test_nothing_evictable_is_507_and_nothing_is_evicted(
             assert status["bytes_cached"] == status["bytes_total"]
         assert _du(tmp_path / "data") == before_disk
         info = c.get("/v1/node").json()
-        assert info["used"] == before_used and info["reserved"] == 0
+        assert info["used"] == before_used
+        assert info["reserved"] == 0
         assert _metric(c, "weightcache_evictions_total", reason="cold") == 0
         assert _metric(c, "weightcache_evicted_bytes_total", reason="cold") == 0
         assert _metric(c, "weightcache_insufficient_storage_total") == 1
@@ -295,7 +296,8 @@ def test_wait_until_warm_rewarms_an_evicted_pipeline(tmp_path: Path) -> None:
             client.register("m", models=[{"name": "m", "source": f"file://{src / 'm'}"}])
             assert client.wait_until_warm("m", poll_s=0.02, timeout_s=60).state == "warm"
             evicted = client.evict("m")
-            assert evicted.state == "evicted" and evicted.evicted_reason == "manual"
+            assert evicted.state == "evicted"
+            assert evicted.evicted_reason == "manual"
             assert _du(tmp_path / "data") == {}
             assert client.node().used == 0
 
@@ -304,8 +306,10 @@ def test_wait_until_warm_rewarms_an_evicted_pipeline(tmp_path: Path) -> None:
                 "m", poll_s=0.02, timeout_s=60, on_status=lambda s: seen.append(s.state)
             )
 
-            assert status.state == "warm" and status.evicted_reason is None
-            assert seen[0] in ("warming", "warm") and "evicted" not in seen
+            assert status.state == "warm"
+            assert status.evicted_reason is None
+            assert seen[0] in ("warming", "warm")
+            assert "evicted" not in seen
             assert status.bytes_cached == status.bytes_total == _pipeline_bytes(files)
             manifest = client.manifest("m")
             for blob in manifest.blobs:

@@ -69,14 +69,18 @@ def test_public_api_is_pinned() -> None:
 def test_fits_without_evicting() -> None:
     entries = [entry("a"), entry("b")]
     result = plan(entries, need_bytes=GB, usage=Usage(2 * GB), limits=limits(3 * GB), now=NOW)
-    assert result.victims == () and result.satisfied and result.bytes_freed == 0
+    assert result.victims == ()
+    assert result.satisfied
+    assert result.bytes_freed == 0
 
 
 def test_least_recently_used_goes_first_and_only_as_much_as_needed() -> None:
     entries = [entry("new", age_h=60), entry("old", age_h=90), entry("mid", age_h=70)]
     result = plan(entries, need_bytes=2 * GB, usage=Usage(3 * GB), limits=limits(3 * GB), now=NOW)
     assert result.victim_ids == ("old", "mid")
-    assert result.bytes_freed == 2 * GB and result.satisfied and not result.used_hot
+    assert result.bytes_freed == 2 * GB
+    assert result.satisfied
+    assert not result.used_hot
     assert [v.reason for v in result.victims] == ["cold", "cold"]
 
 
@@ -94,9 +98,11 @@ def test_hot_window_is_used_last_and_flagged() -> None:
     entries = [entry("hot-old", age_h=40), entry("hot-new", age_h=1), entry("cold", age_h=50)]
     lim = limits(3 * GB, hot_window_s=48 * HOUR)
     one = plan(entries, need_bytes=GB, usage=Usage(3 * GB), limits=lim, now=NOW)
-    assert one.victim_ids == ("cold",) and not one.used_hot
+    assert one.victim_ids == ("cold",)
+    assert not one.used_hot
     two = plan(entries, need_bytes=2 * GB, usage=Usage(3 * GB), limits=lim, now=NOW)
-    assert two.victim_ids == ("cold", "hot-old") and two.used_hot
+    assert two.victim_ids == ("cold", "hot-old")
+    assert two.used_hot
     assert [(v.hot, v.reason) for v in two.victims] == [(False, "cold"), (True, "hot-window")]
 
 
@@ -133,7 +139,8 @@ def test_never_used_pipeline_is_as_recent_as_its_registration() -> None:
     result = plan(
         [fresh, stale], need_bytes=GB, usage=Usage(2 * GB), limits=limits(2 * GB), now=NOW
     )
-    assert result.victim_ids == ("stale",) and result.used_hot
+    assert result.victim_ids == ("stale",)
+    assert result.used_hot
 
 
 def test_shared_blob_is_freed_only_with_its_last_referent() -> None:
@@ -145,7 +152,8 @@ def test_shared_blob_is_freed_only_with_its_last_referent() -> None:
     assert total(entries) == 13 * GB
     # One own blob is enough: "base" stays because b still holds it.
     one = plan(entries, need_bytes=GB, usage=Usage(13 * GB), limits=limits(13 * GB), now=NOW)
-    assert one.victim_ids == ("a",) and one.bytes_freed == GB
+    assert one.victim_ids == ("a",)
+    assert one.bytes_freed == GB
     # 3 GB: a frees 1 (base still held by b), b frees 1 + 10, counted once, on b.
     three = plan(entries, need_bytes=3 * GB, usage=Usage(13 * GB), limits=limits(13 * GB), now=NOW)
     assert three.victim_ids == ("a", "b")
@@ -162,20 +170,24 @@ def test_blob_shared_with_a_pinned_pipeline_is_never_counted() -> None:
     ]
     result = plan(entries, need_bytes=GB, usage=Usage(12 * GB), limits=limits(12 * GB), now=NOW)
     # "cold" frees nothing (its only blob stays with the pinned one), so it is not in the plan.
-    assert result.victim_ids == ("other",) and result.bytes_freed == 2 * GB
+    assert result.victim_ids == ("other",)
+    assert result.bytes_freed == 2 * GB
 
 
 def test_unsatisfiable_evicts_nothing() -> None:
     entries = [entry("a", age_h=90), entry("pinned", pinned=True), entry("leased", leased=True)]
     result = plan(entries, need_bytes=2 * GB, usage=Usage(3 * GB), limits=limits(3 * GB), now=NOW)
-    assert not result.satisfied and result.victims == () and result.bytes_freed == 0
+    assert not result.satisfied
+    assert result.victims == ()
+    assert result.bytes_freed == 0
     assert "cannot make room" in result.reason
 
 
 def test_all_pinned_and_a_new_fill_evicts_nothing() -> None:
     entries = [entry(str(i), pinned=True) for i in range(5)]
     result = plan(entries, need_bytes=GB, usage=Usage(5 * GB), limits=limits(5 * GB), now=NOW)
-    assert not result.satisfied and result.victims == ()
+    assert not result.satisfied
+    assert result.victims == ()
 
 
 def test_reserved_bytes_count_against_capacity() -> None:
@@ -189,7 +201,8 @@ def test_reserved_bytes_count_against_capacity() -> None:
 def test_need_zero_resolves_an_over_committed_node() -> None:
     entries = [entry("a", age_h=90), entry("b", age_h=1)]
     result = plan(entries, need_bytes=0, usage=Usage(2 * GB), limits=limits(GB), now=NOW)
-    assert result.victim_ids == ("a",) and result.satisfied
+    assert result.victim_ids == ("a",)
+    assert result.satisfied
 
 
 def test_watermark_pass_trims_cold_down_to_the_low_watermark() -> None:
@@ -197,7 +210,8 @@ def test_watermark_pass_trims_cold_down_to_the_low_watermark() -> None:
     lim = limits(10 * GB, high_watermark=0.9, low_watermark=0.6)
     assert plan_watermark(entries[:9], usage=Usage(9 * GB), limits=lim, now=NOW).victims == ()
     result = plan_watermark(entries, usage=Usage(10 * GB), limits=lim, now=NOW)
-    assert result.satisfied and result.bytes_freed == 4 * GB
+    assert result.satisfied
+    assert result.bytes_freed == 4 * GB
     assert result.victim_ids == ("c9", "c8", "c7", "c6")
     assert {v.reason for v in result.victims} == {"watermark"}
 
@@ -206,7 +220,9 @@ def test_watermark_pass_never_takes_hot_pipelines() -> None:
     entries = [entry("cold", age_h=100), *(entry(f"h{i}", age_h=i) for i in range(9))]
     lim = limits(10 * GB, high_watermark=0.9, low_watermark=0.5)
     result = plan_watermark(entries, usage=Usage(10 * GB), limits=lim, now=NOW)
-    assert result.victim_ids == ("cold",) and not result.satisfied and not result.used_hot
+    assert result.victim_ids == ("cold",)
+    assert not result.satisfied
+    assert not result.used_hot
 
 
 def test_ties_are_broken_by_pipeline_id_and_plans_are_deterministic() -> None:
@@ -216,7 +232,8 @@ def test_ties_are_broken_by_pipeline_id_and_plans_are_deterministic() -> None:
     again = plan(
         list(reversed(entries)), need_bytes=2 * GB, usage=Usage(3 * GB), limits=lim, now=NOW
     )
-    assert first == again and first.victim_ids == ("a", "b")
+    assert first == again
+    assert first.victim_ids == ("a", "b")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ SIM_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "eviction_sim.py
 @pytest.fixture(scope="module")
 def sim() -> ModuleType:
     spec = importlib.util.spec_from_file_location("eviction_sim", SIM_PATH)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["eviction_sim"] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
@@ -46,7 +47,8 @@ def test_catalogue_and_trace_are_deterministic_and_in_range(sim: ModuleType) -> 
     spec = sim.TraceSpec("t", zipf_s=1.2, starts_per_day=50, days=2, seed=1)
     trace = sim.make_trace(spec, pipelines=20)
     assert trace == sim.make_trace(spec, pipelines=20)
-    assert trace == sorted(trace) and all(0 <= t < 2 * sim.DAY for t, _ in trace)
+    assert trace == sorted(trace)
+    assert all(0 <= t < 2 * sim.DAY for t, _ in trace)
 
 
 @pytest.mark.parametrize("policy", ["lru", "policy", "policy+trim", "policy-lru-order", "gdsf"])
@@ -54,7 +56,8 @@ def test_every_policy_runs_and_accounts(sim: ModuleType, policy: str) -> None:
     result = _run(sim, policy, pct=25)
     assert result.requests > 100  # type: ignore[attr-defined]
     assert 0 < result.hits < result.requests  # type: ignore[attr-defined]
-    assert result.origin_bytes > 0 and result.evictions > 0  # type: ignore[attr-defined]
+    assert result.origin_bytes > 0
+    assert result.evictions > 0
 
 
 def test_hot_window_tiers_do_not_reorder_lru(sim: ModuleType) -> None:
@@ -71,6 +74,7 @@ def test_main_writes_the_table_and_json(
     )
     assert sim.main(["--workers", "1", "--out", str(tmp_path), "--capacities", "25"]) == 0
     table = (tmp_path / "eviction_sim.md").read_text()
-    assert "| tiny | 25% | lru |" in table and "| tiny | 25% | policy |" in table
+    assert "| tiny | 25% | lru |" in table
+    assert "| tiny | 25% | policy |" in table
     payload = json.loads((tmp_path / "eviction_sim.json").read_text())
     assert {r["policy"] for r in payload["results"]} == set(sim.POLICIES)

@@ -126,7 +126,8 @@ def compose_value(text: str) -> str:
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(INFRA)))
 def test_yaml_file_parses(path: Path) -> None:
     docs = load_docs(path)
-    assert docs and all(isinstance(doc, dict) for doc in docs)
+    assert docs
+    assert all(isinstance(doc, dict) for doc in docs)
 
 
 @pytest.mark.parametrize("path", sorted(INFRA.rglob("*.json")), ids=lambda p: p.name)
@@ -186,9 +187,11 @@ def test_dockerfile_runs_serve_on_the_default_ports() -> None:
     argv = json.loads(instruction(pairs, "ENTRYPOINT")) + json.loads(instruction(pairs, "CMD"))
     assert argv[0] == "weightcache"
     args, _ = parse_cli(argv[1:])
-    assert args.command_name == "serve" and args.host == "0.0.0.0"
+    assert args.command_name == "serve"
+    assert args.host == "0.0.0.0"
     # the image's default is safe: auth on (a tokens file to mount), never unauthenticated
-    assert args.tokens_file is not None and not args.allow_unauthenticated
+    assert args.tokens_file is not None
+    assert not args.allow_unauthenticated
     check_serve_is_guarded(args, published=None)
     assert args.data_dir in json.loads(instruction(pairs, "VOLUME"))
     assert {int(p) for p in instruction(pairs, "EXPOSE").split()} == {api, data}
@@ -204,7 +207,8 @@ def test_compose_cache_node(monkeypatch: pytest.MonkeyPatch) -> None:
     assert node["build"]["dockerfile"] == "infra/Dockerfile"
     api, data = serve_ports()
     args, _ = parse_cli([str(a) for a in node["command"]])  # after the image's ENTRYPOINT
-    assert args.command_name == "serve" and args.host == "0.0.0.0"
+    assert args.command_name == "serve"
+    assert args.host == "0.0.0.0"
     assert any(v.split(":")[1] == args.data_dir for v in node["volumes"])
     check_serve_is_guarded(args, published=[str(p) for p in node["ports"]])
     published = {int(p.rsplit(":", 1)[1]) for p in node["ports"]}
@@ -216,7 +220,8 @@ def test_compose_cache_node(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = node_settings_from(env, monkeypatch)
     assert settings.data_url == f"http://127.0.0.1:{data}"
     s3_host, s3_port = url_host_port(settings.s3.endpoint_url or "")
-    assert s3_host in services and f"-s3.port={s3_port}" in services["seaweedfs"]["command"]
+    assert s3_host in services
+    assert f"-s3.port={s3_port}" in services["seaweedfs"]["command"]
     (identity,) = json.loads((INFRA / "seaweedfs-s3.json").read_text())["identities"]
     (credential,) = identity["credentials"]
     assert settings.s3.access_key_id == credential["accessKey"]
@@ -315,7 +320,8 @@ def test_secrets_are_those_the_manifests_use(
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(secrets["weightcache-tokens"]["tokens.json"])
     tokens = NodeSettings(tokens_file=tokens_file).load_tokens()
-    assert tokens is not None and "admin" in tokens.values()
+    assert tokens is not None
+    assert "admin" in tokens.values()
     assert secrets["weightcache-replica-token"]["token"] in tokens
 
     # The origin credentials are the standard variables the node's settings read.
@@ -336,7 +342,8 @@ def check_launch(argv: list[str], *, pipeline: str, tp_size: int) -> list[str]:
     args, tail = parse_cli(argv[1:])
     assert args.command_name == "launch"
     assert (args.id, args.tp_size, args.command) == (pipeline, tp_size, [])
-    assert tail is not None and tail[:2] == ["vllm", "serve"]
+    assert tail is not None
+    assert tail[:2] == ["vllm", "serve"]
     return tail
 
 
@@ -347,11 +354,13 @@ def test_replica_dockerfile_launches_vllm() -> None:
     assert entrypoint[:2] == ["/bin/sh", "-c"]
     script = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), m.group(0)), entrypoint[2])
     words = shlex.split(script)
-    assert words[0] == "exec" and words[-1] == "$@"
+    assert words[0] == "exec"
+    assert words[-1] == "$@"
     tail = check_launch(words[1:-1], pipeline=env["PIPELINE"], tp_size=int(env["TP"]))
     assert tail == ["vllm", "serve"]
     installs = [rest for key, rest in pairs if key == "RUN" and "pip install" in rest]
-    assert installs and not any("[" in rest for rest in installs)  # no extras on a replica
+    assert installs
+    assert not any("[" in rest for rest in installs)
 
 
 def test_vllm_deployment_uses_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:

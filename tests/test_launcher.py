@@ -32,7 +32,8 @@ def test_launch_command_adds_model_dir_and_loader_flags(tmp_path: Path) -> None:
         ["vllm", "serve", "/m", "--tensor-parallel-size=4"],
         pipeline="chat", model_dir=tmp_path, tp_size=2, url="u",
     )
-    assert kept[2] == "/m" and "--tensor-parallel-size" not in kept
+    assert kept[2] == "/m"
+    assert "--tensor-parallel-size" not in kept
     chosen = launch_command(
         ["vllm", "serve"], pipeline="two", model_dir=tmp_path, tp_size=1, url="u", model="llm"
     )

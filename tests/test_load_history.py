@@ -24,7 +24,8 @@ def test_history_keeps_the_newest_reports_up_to_its_limit(tmp_path: Path) -> Non
     history = LoadHistory(meta, NodeMetrics(), limit=3)
     for i in range(5):
         stored = history.record("team-a", "chat", _report(float(i)), now=1000.0 + i)
-        assert stored.pipeline == "chat" and stored.at == 1000.0 + i
+        assert stored.pipeline == "chat"
+        assert stored.at == 1000.0 + i
     history.record("team-b", "chat", _report(9.0))
     assert [r.stages.total for r in history.recent("team-a", "chat")] == [4.0, 3.0, 2.0]
     assert [r.stages.total for r in history.recent("team-a", "chat", limit=1)] == [4.0]

@@ -153,7 +153,7 @@ def test_tenant_matrix(tmp_path: Path, hf_hub: FixtureHub) -> None:
                 for method, path in requests:
                     answer = other.request(method, path)
                     assert answer.status_code == expected, (token, method, path, answer.text)
-                    assert blob not in answer.text or expected == 404 and "no blob" in answer.text
+                    assert blob not in answer.text or (expected == 404 and "no blob" in answer.text)
                 listing = other.get("/v1/pipelines")
                 if expected == 404:
                     assert listing.json() == {"pipelines": []}

@@ -398,7 +398,8 @@ async def test_500_forever_stays_retryable(hf_hub: FixtureHub, origin_of: list[H
     for _ in range(3):
         with pytest.raises(OriginError) as failure:
             await read(origin, files[name], 0, 100)
-        assert failure.value.retryable and failure.value.status == 500
+        assert failure.value.retryable
+        assert failure.value.status == 500
 
 
 @pytest.mark.anyio
@@ -589,9 +590,11 @@ def test_fixture_serves_integrity_faults(hf_hub: FixtureHub) -> None:
         served = {n: client.get(f"/org/bad/resolve/main/fault-{n}.bin").content for n in names}
         listing = client.get("/api/models/org/bad/tree/main").json()
     flipped = [i for i, (a, b) in enumerate(zip(served["flip"], data, strict=True)) if a != b]
-    assert len(flipped) == 1 and bin(served["flip"][flipped[0]] ^ data[flipped[0]]).count("1") == 1
+    assert len(flipped) == 1
+    assert bin(served["flip"][flipped[0]] ^ data[flipped[0]]).count("1") == 1
     assert served["short"] == data[:-1]
-    assert served["long"][:-1] == data and len(served["long"]) == len(data) + 1
+    assert served["long"][:-1] == data
+    assert len(served["long"]) == len(data) + 1
     assert served["html"] == HTML_ERROR_PAGE
     assert served["lfs-pointer"] == lfs_pointer(data)
     # The listing declares the real bytes throughout.
@@ -608,14 +611,16 @@ def test_fixture_range_and_counters(hf_hub: FixtureHub) -> None:
         beyond = client.get(url, headers={"Range": f"bytes={len(BIG)}-"})
         head = client.head(url)
         gz = client.get(url.replace("model", "x"))
-    assert part.status_code == 206 and part.content == BIG[10:20]
+    assert part.status_code == 206
+    assert part.content == BIG[10:20]
     assert part.headers["content-range"] == f"bytes 10-19/{len(BIG)}"
     assert tail.content == BIG[-5:]
     assert beyond.status_code == 416
     assert head.headers["x-linked-etag"] == f'"{hashlib.sha256(BIG).hexdigest()}"'
     assert head.headers["x-linked-size"] == str(len(BIG))
     assert head.headers["x-repo-commit"] == part.headers["x-repo-commit"]
-    assert gz.status_code == 404 and gz.headers["x-error-code"] == "EntryNotFound"
+    assert gz.status_code == 404
+    assert gz.headers["x-error-code"] == "EntryNotFound"
     assert hf_hub.requests("model.safetensors") == 3  # GETs only
     assert hf_hub.bytes_sent("model.safetensors") == 15
 

@@ -97,7 +97,8 @@ async def test_resolve_lists_nested_files_with_their_digests(
     files = by_path(snapshot)
     assert sorted(files) == ["config.json", "sub/big.safetensors", "sub/model.safetensors"]
     assert snapshot.source == f"s3://{bucket}/org/model/"
-    assert snapshot.revision.startswith("etags:") and len(snapshot.revision) == 6 + 32
+    assert snapshot.revision.startswith("etags:")
+    assert len(snapshot.revision) == 6 + 32
     assert (await origin.resolve()).revision == snapshot.revision
 
     plain = files["config.json"]
@@ -112,8 +113,10 @@ async def test_resolve_lists_nested_files_with_their_digests(
 
     multipart = files["sub/big.safetensors"]
     assert multipart.size == sum(len(p) for p in big)
-    assert multipart.etag is not None and "-" in multipart.etag
-    assert multipart.md5 is None and multipart.sha256 is None
+    assert multipart.etag is not None
+    assert "-" in multipart.etag
+    assert multipart.md5 is None
+    assert multipart.sha256 is None
     assert not multipart.has_digest
 
 
@@ -221,8 +224,10 @@ async def test_an_object_replaced_after_resolve_fails_the_read(
     with pytest.raises(OriginError, match="changed") as caught:
         await read(origin, file, 0, file.size)
     error = caught.value
-    assert type(error) is OriginError and error.code == "origin_error"
-    assert error.status == 412 and not error.retryable
+    assert type(error) is OriginError
+    assert error.code == "origin_error"
+    assert error.status == 412
+    assert not error.retryable
 
 
 @pytest.mark.anyio
@@ -251,7 +256,8 @@ async def test_missing_bucket_prefix_and_object_are_not_found(
 ) -> None:
     with pytest.raises(OriginNotFound) as caught:
         await open_origin("s3://no-such-bucket-here/model").resolve()
-    assert caught.value.status == 404 and not caught.value.retryable
+    assert caught.value.status == 404
+    assert not caught.value.retryable
 
     seaweed.put(bucket, "present/w.safetensors", b"bytes")
     with pytest.raises(OriginNotFound, match="no objects"):
@@ -280,9 +286,12 @@ async def test_bad_credentials_are_unauthorized_and_never_echoed(
     finally:
         await origin.aclose()
     error = caught.value
-    assert error.code == "unauthorized" and error.status == 403 and not error.retryable
+    assert error.code == "unauthorized"
+    assert error.status == 403
+    assert not error.retryable
     assert wrong_secret not in str(error.to_dict())
-    assert seaweed.access_key in origin.scope and wrong_secret not in origin.scope
+    assert seaweed.access_key in origin.scope
+    assert wrong_secret not in origin.scope
 
     unknown_key = S3Origin(
         parse_source(f"s3://{bucket}/s"),
@@ -310,19 +319,22 @@ async def test_server_errors_are_retryable_with_retry_after(
     proxy.add_fault(Fault(match="e/w.safetensors", status=503, retry_after="7"))
     with pytest.raises(OriginError) as caught:
         await read(origin, file, 0, 10)
-    assert caught.value.retryable and caught.value.status == 503
+    assert caught.value.retryable
+    assert caught.value.status == 503
     assert caught.value.retry_after == 7.0
     assert proxy.gets(f"/{bucket}/e/w.safetensors") == 1  # botocore itself does not retry
 
     proxy.add_fault(Fault(match="e/w.safetensors", status=429))
     with pytest.raises(OriginError) as caught:
         await read(origin, file, 0, 10)
-    assert caught.value.retryable and caught.value.retry_after is None
+    assert caught.value.retryable
+    assert caught.value.retry_after is None
 
     proxy.add_fault(Fault(match=f"/{bucket}", status=500))  # the LIST
     with pytest.raises(OriginError) as caught:
         await origin.resolve()
-    assert caught.value.retryable and caught.value.status == 500
+    assert caught.value.retryable
+    assert caught.value.status == 500
 
     assert b"".join(await read(origin, file, 0, 10)) == b"0123456789"  # faults are spent
 
@@ -343,7 +355,8 @@ async def test_a_reset_mid_body_is_retryable_and_never_overshoots(
             received.append(chunk)
     assert caught.value.retryable
     got = b"".join(received)
-    assert len(got) <= CHUNK_SIZE + 100 and got == data[: len(got)]
+    assert len(got) <= CHUNK_SIZE + 100
+    assert got == data[: len(got)]
 
     # Resuming where it stopped gives the rest.
     rest = b"".join(await read(origin, file, len(got), file.size))
@@ -363,7 +376,8 @@ async def test_unreachable_endpoint_is_retryable(seaweed: SeaweedServer) -> None
             await origin.resolve()
     finally:
         await origin.aclose()
-    assert type(caught.value) is OriginError and caught.value.retryable
+    assert type(caught.value) is OriginError
+    assert caught.value.retryable
     assert seaweed.secret_key not in caught.value.message
 
 

@@ -58,7 +58,8 @@ def test_direct_load_on_the_gpu_allocates_no_second_copy(
     assert growth <= 2 * request_size + (1 << 20), growth
     for index, param in enumerate(params.values()):
         expected = row_values(COLUMNS, index).to(cuda)
-        assert torch.equal(param[0], expected) and torch.equal(param[ROWS - 1], expected)
+        assert torch.equal(param[0], expected)
+        assert torch.equal(param[ROWS - 1], expected)
     if checkpoint == torch.float32:
         torch.cuda.reset_peak_memory_stats(cuda)
         before = torch.cuda.memory_allocated(cuda)

@@ -52,14 +52,16 @@ def test_pulled_model_loads_offline_with_transformers(
 
         assert main(["--url", node.url, "pull", "chat", "--hf-cache", str(cache)]) == 0
         out = capsys.readouterr()
-        assert "0 already present" in out.out and "org/tiny" in out.out
+        assert "0 already present" in out.out
+        assert "org/tiny" in out.out
 
         repo = cache / "models--org--tiny"
         assert (repo / "refs" / "main").read_text() == commit
         snapshot = repo / "snapshots" / commit
         for path in source.iterdir():
             pulled = snapshot / path.name
-            assert pulled.is_symlink() and not os.path.isabs(os.readlink(pulled))
+            assert pulled.is_symlink()
+            assert not os.path.isabs(os.readlink(pulled))
             assert pulled.read_bytes() == path.read_bytes()
 
         # offline, in a fresh process (huggingface_hub reads HF_HUB_OFFLINE at import)
@@ -79,7 +81,8 @@ def test_pulled_model_loads_offline_with_transformers(
         partial = weights.with_name(weights.name + ".incomplete")
         partial.write_bytes(data[: len(data) // 3])
         assert main(["--url", node.url, "pull", "chat", "--hf-cache", str(cache)]) == 0
-        assert weights.read_bytes() == data and not partial.exists()
+        assert weights.read_bytes() == data
+        assert not partial.exists()
         assert hf_hub.requests("model.safetensors") == requests_before  # never the origin
 
 
@@ -104,7 +107,8 @@ def test_a_corrupt_partial_is_refused_not_published(
         partial.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:100])  # a wrong byte already there
         assert main(["--url", node.url, "pull", "p", "--hf-cache", str(cache)]) == 1
         assert "do not match" in capsys.readouterr().err
-        assert not blob.exists() and not partial.exists()  # nothing wrong published or kept
+        assert not blob.exists()
+        assert not partial.exists()
         assert main(["--url", node.url, "pull", "p", "--hf-cache", str(cache)]) == 0
         assert blob.read_bytes() == data
 

@@ -38,7 +38,8 @@ def test_include_exclude_and_revision(
         files = {f["path"] for f in client.get("/v1/pipelines/p/files").json()["files"]}
         assert files == {"config.json", "model.safetensors"}
         assert status["models"][0]["revision"] == old
-        assert hf_hub.requests("tokenizer.json") == 0 and hf_hub.requests("README.md") == 0
+        assert hf_hub.requests("tokenizer.json") == 0
+        assert hf_hub.requests("README.md") == 0
 
 
 def test_exclude_is_part_of_the_wire_spec(tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def test_a_failed_reregistration_leaves_the_warm_version_serving(
         assert answer.status_code == 202
         assert answer.json()["state"] == "warm"  # never failed, never cold in between
         status = c.get("/v1/pipelines/p").json()
-        assert status["state"] == "warm" and status["error"] is None
+        assert status["state"] == "warm"
+        assert status["error"] is None
         assert status["pending"] is None
         attempt = status["last_attempt"]
         assert attempt["state"] == "failed"
@@ -110,7 +111,8 @@ def test_a_good_reregistration_swaps_in_and_frees_the_old_bytes_after_the_last_l
             assert time.monotonic() < deadline, "the new spec never finished"
             time.sleep(0.05)
         status = c.get("/v1/pipelines/p").json()
-        assert status["state"] == "warm" and status["last_attempt"] is None
+        assert status["state"] == "warm"
+        assert status["last_attempt"] is None
         assert status["models"][0]["revision"] == second
         new_blob = _blob_of(c, "p")
         assert new_blob != old_blob
@@ -143,7 +145,8 @@ def test_delete_and_evict_while_a_reregistration_fills(tmp_path: Path, hub: Fixt
         for name in ("del", "evi"):
             c.put(f"/v1/pipelines/{name}", json=_spec("hf://org/slow"))
             status = c.get(f"/v1/pipelines/{name}").json()
-            assert status["state"] == "warm" and status["pending"]["state"] == "warming"
+            assert status["state"] == "warm"
+            assert status["pending"]["state"] == "warming"
             _serves(c, name, blob, weights)
             # the policy does not take a pipeline whose new spec is filling
         assert c.delete("/v1/pipelines/del").status_code == 204
@@ -151,7 +154,8 @@ def test_delete_and_evict_while_a_reregistration_fills(tmp_path: Path, hub: Fixt
 
         assert c.post("/v1/pipelines/evi/evict").status_code == 202
         status = c.get("/v1/pipelines/evi").json()
-        assert status["state"] == "evicted" and status["pending"] is None
+        assert status["state"] == "evicted"
+        assert status["pending"] is None
         # the newest registered spec is what the next warm warms
         assert status["models"][0]["source"] == "hf://org/slow"
         assert c.get("/v1/pipelines/evi/manifest", params={"tp_size": 1, "rank": 0}
@@ -185,7 +189,8 @@ def test_concurrent_reregistrations_end_in_one_warm_spec_and_no_stray_bytes(
             assert status["state"] == "warm"  # serving all along
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert status["state"] == "warm" and status["last_attempt"] is None
+        assert status["state"] == "warm"
+        assert status["last_attempt"] is None
         revision = status["models"][0]["revision"]
         assert revision in commits[1:]
         # exactly the warm version's blobs are on disk: every other attempt's were freed
@@ -232,7 +237,8 @@ def test_registering_the_filling_or_the_warm_spec_again(tmp_path: Path, hub: Fix
         # back to the warm spec: the filling one is dropped
         answer = c.put("/v1/pipelines/p", json=_spec("hf://org/m"))
         assert answer.status_code == 202
-        assert answer.json()["pending"] is None and answer.json()["state"] == "warm"
+        assert answer.json()["pending"] is None
+        assert answer.json()["state"] == "warm"
         assert c.put("/v1/pipelines/p", json=_spec("hf://org/m")).status_code == 200
         # a pin alone changes nothing to fetch: the new spec is warm at once
         c.put("/v1/pipelines/p", json=_spec("hf://org/m", pinned=True))
@@ -240,7 +246,8 @@ def test_registering_the_filling_or_the_warm_spec_again(tmp_path: Path, hub: Fix
         while (status := c.get("/v1/pipelines/p").json())["pending"] is not None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert status["pinned"] is True and status["state"] == "warm"
+        assert status["pinned"] is True
+        assert status["state"] == "warm"
 
 
 def test_a_transiently_failed_reregistration_is_retried_and_swaps_in(
@@ -268,5 +275,6 @@ def test_a_transiently_failed_reregistration_is_retried_and_swaps_in(
             assert time.monotonic() < deadline, status
             time.sleep(0.05)
         assert seen_failed
-        assert status["state"] == "warm" and status["last_attempt"] is None
+        assert status["state"] == "warm"
+        assert status["last_attempt"] is None
         assert hub.requests("model-fault-503x1.safetensors") == 2

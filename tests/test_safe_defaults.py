@@ -47,7 +47,8 @@ def test_serve_on_an_open_address_without_tokens_refuses_to_start(tmp_path: Path
             refused.kill()
             refused.communicate()
     assert refused.returncode != 0
-    assert "--allow-unauthenticated" in stderr and "--tokens" in stderr
+    assert "--allow-unauthenticated" in stderr
+    assert "--tokens" in stderr
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
 
@@ -68,7 +69,8 @@ def test_a_bad_tokens_file_stops_serve_without_echoing_it(tmp_path: Path) -> Non
                     data_dir=tmp_path / "d")
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode != 0
-    assert "ftp://nope/" in stderr and "tok-secret-123" not in stdout + stderr
+    assert "ftp://nope/" in stderr
+    assert "tok-secret-123" not in stdout + stderr
 
 
 @pytest.mark.parametrize("auth", [False, True])
@@ -87,7 +89,8 @@ def test_file_sources_need_a_local_root_with_or_without_auth(tmp_path: Path, aut
         )
         assert answer.status_code == 400, answer.text
         error = answer.json()["error"]
-        assert error["reason"] == "no_local_root" and "--local-root" in error["message"]
+        assert error["reason"] == "no_local_root"
+        assert "--local-root" in error["message"]
         assert client.get("/v1/pipelines/p").status_code == 404
     settings["local_roots"] = [tmp_path / "models"]
     with running_node(**settings) as node, node.client("tok" if auth else None) as client:

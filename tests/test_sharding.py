@@ -63,19 +63,19 @@ class TinyModel:
 
 MODELS: dict[str, dict[str, Any]] = {
     # A: GQA with 2 KV heads (so TP 4 and 8 replicate them), vocab 1001, tied embeddings.
-    "A-llama-gqa-tied": dict(num_kv_heads=2, vocab_size=1001, tie=True),
+    "A-llama-gqa-tied": {"num_kv_heads": 2, "vocab_size": 1001, "tie": True},
     # B: q/k/v/o biases, a separate lm_head, bf16.
-    "B-llama-bias-untied-bf16": dict(
-        num_kv_heads=4, vocab_size=1000, tie=False, bias=True, dtype=torch.bfloat16
-    ),
+    "B-llama-bias-untied-bf16": {
+        "num_kv_heads": 4, "vocab_size": 1000, "tie": False, "bias": True, "dtype": torch.bfloat16
+    },
     # C: Qwen2 (q/k/v biases, no o bias) with a single KV head, fp16.
-    "C-qwen2-mqa-fp16": dict(
-        num_kv_heads=1, vocab_size=999, tie=False, model_type="qwen2", dtype=torch.float16
-    ),
+    "C-qwen2-mqa-fp16": {
+        "num_kv_heads": 1, "vocab_size": 999, "tie": False, "model_type": "qwen2", "dtype": torch.float16
+    },
     # D: Qwen3 (per-head q_norm/k_norm), full multi-head attention, tied, with biases.
-    "D-qwen3-mha-tied": dict(
-        num_kv_heads=8, vocab_size=1003, tie=True, bias=True, model_type="qwen3"
-    ),
+    "D-qwen3-mha-tied": {
+        "num_kv_heads": 8, "vocab_size": 1003, "tie": True, "bias": True, "model_type": "qwen3"
+    },
 }
 
 
@@ -217,7 +217,8 @@ def test_tp1_and_unknown_architectures_write_nothing(
     gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_head": 8}
     plan = plan_rank_shards(gpt2, model.headers, 4)
     assert (plan.mode, plan.family, plan.ranks) == ("full", None, ())
-    assert "full-tensor mode" in plan.reason and "GPT2LMHeadModel" in plan.reason
+    assert "full-tensor mode" in plan.reason
+    assert "GPT2LMHeadModel" in plan.reason
     assert write_rank_shards(plan, model.sources, tmp_path) == []
 
     quantized = {**model.config, "quantization_config": {"quant_method": "fp8"}}
@@ -410,7 +411,8 @@ def test_written_files_match_their_tables_and_digests(
     model, result = models[name], sharded[name, tp]
     for rank, written in enumerate(result.files):
         data = written.path.read_bytes()
-        assert written.rank == rank and written.tp_size == tp
+        assert written.rank == rank
+        assert written.tp_size == tp
         assert written.sha256 == hashlib.sha256(data).hexdigest()
         assert written.chunk_size == SMALL_CHUNK
         chunks = [data[i : i + SMALL_CHUNK] for i in range(0, len(data), SMALL_CHUNK)]
@@ -577,7 +579,8 @@ def test_vocab_rows_follow_vllms_padding_and_split(vocab: int, tp: int) -> None:
     if tp == 1:
         assert plan.mode == "full"  # the engine pads the unsplit tensor itself
         return
-    assert plan.vocab_size == vocab and plan.vocab_padded == per_rank * tp
+    assert plan.vocab_size == vocab
+    assert plan.vocab_padded == per_rank * tp
     covered = []
     for rank_plan, (start, stop) in zip(plan.ranks, expected, strict=True):
         assert rank_plan.metadata["weightcache.layout"] == "vllm-vocab-pad64"

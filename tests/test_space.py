@@ -97,7 +97,9 @@ def test_files_that_fit_with_shard_sets_that_do_not_are_507_before_any_origin_by
         assert status["error"]["code"] == "insufficient_storage"
         assert c.get("/v1/pipelines/p").json()["state"] == "warm"
         info = c.get("/v1/node").json()
-        assert info["used"] == pinned and info["reserved"] == 0 and info["temp"] == 0
+        assert info["used"] == pinned
+        assert info["reserved"] == 0
+        assert info["temp"] == 0
         assert not list((tmp_path / "data" / "tmp").iterdir())
 
 
@@ -111,7 +113,8 @@ def test_a_second_tenant_on_a_held_model_at_near_full_capacity_evicts_nobody(
             node.client("tok-a") as alice:
         assert alice.put("/v1/pipelines/llm", json=_llama_body(bucket)).status_code == 202
         status = wait_for_state(alice, "llm", {"warm", "failed"})
-        assert status["state"] == "warm" and status["shards"] == {"1": "ready", "2": "ready"}
+        assert status["state"] == "warm"
+        assert status["shards"] == {"1": "ready", "2": "ready"}
         model_bytes = alice.get("/v1/node").json()["used"]  # files and the TP 2 shard set
 
     # The same data dir, now with 64 KiB to spare once a filler pipeline is in.
@@ -133,7 +136,8 @@ def test_a_second_tenant_on_a_held_model_at_near_full_capacity_evicts_nobody(
         assert alice.get("/v1/pipelines/llm").json()["state"] == "warm"
         assert _evictions(alice) == 0
         info = alice.get("/v1/node").json()
-        assert info["used"] == model_bytes + filler and info["reserved"] == 0
+        assert info["used"] == model_bytes + filler
+        assert info["reserved"] == 0
         # bob's replicas read the same verified shard blobs
         alice_manifest = alice.get("/v1/pipelines/llm/manifest", params={"tp_size": 2, "rank": 1})
         bob_manifest = bob.get("/v1/pipelines/llm/manifest", params={"tp_size": 2, "rank": 1})
@@ -175,7 +179,8 @@ def test_making_room_never_evicts_the_holder_of_blobs_the_registration_uses(
         assert c.get("/v1/pipelines/a").json()["state"] == "warm"
         assert c.get("/v1/pipelines/filler").json()["state"] == "evicted"
         info = c.get("/v1/node").json()
-        assert info["used"] == held + 512 * KiB and info["reserved"] == 0
+        assert info["used"] == held + 512 * KiB
+        assert info["reserved"] == 0
 
 
 def test_shard_sets_larger_than_the_estimate_fail_before_any_weight_byte(
@@ -205,4 +210,5 @@ def test_shard_sets_larger_than_the_estimate_fail_before_any_weight_byte(
         # only the header was read ahead, not the weights
         assert proxy.bytes_sent(f"/{bucket}/llama/model.safetensors") < 64 * KiB
         info = c.get("/v1/node").json()
-        assert info["reserved"] == 0 and info["temp"] == 0
+        assert info["reserved"] == 0
+        assert info["temp"] == 0

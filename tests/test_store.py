@@ -49,7 +49,8 @@ def test_layout_and_atomic_publish(tmp_path: Path) -> None:
     assert store.usage().committed == len(data)
     assert _read(store, sha, 10, 20) == data[10:20]
     again = _put(store, data)  # the same content twice is stored once
-    assert again == sha and store.usage().committed == len(data)
+    assert again == sha
+    assert store.usage().committed == len(data)
     with pytest.raises(IntegrityError):
         temp = store.new_temp_path()
         temp.write_bytes(b"short")
@@ -82,7 +83,8 @@ def test_make_room_is_asked_once_and_may_free_space(tmp_path: Path) -> None:
 
     store.make_room = make_room
     store.reserve(5 * KiB).release()
-    assert asked == [5 * KiB] and not store.has(old)
+    assert asked == [5 * KiB]
+    assert not store.has(old)
 
 
 def test_a_thousand_random_flips_are_caught_before_the_bytes_leave(tmp_path: Path) -> None:
@@ -126,8 +128,10 @@ def test_check_reconciles_disk_with_metadata(tmp_path: Path) -> None:
 
     reopened = _store(tmp_path)
     report = reopened.check(fix=True, deep=True)
-    assert report.temps_removed == 1 and report.partials_kept == 1
-    assert report.orphans_removed == 1 and not orphan.exists()
+    assert report.temps_removed == 1
+    assert report.partials_kept == 1
+    assert report.orphans_removed == 1
+    assert not orphan.exists()
     assert report.missing == [missing]
     assert set(report.quarantined) == {truncated, flipped}
     assert not (tmp_path / "blobs" / "planted").exists()

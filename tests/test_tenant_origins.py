@@ -204,7 +204,8 @@ def test_another_scope_with_the_same_bytes_verifies_once_then_shares(
 def test_tokens_file_shapes(tmp_path: Path) -> None:
     plain = write_tokens(tmp_path, {"tok-a": "team-a", "tok-ops": "admin"})
     config = load_access(plain)
-    assert config.tokens == {"tok-a": "team-a", "tok-ops": "admin"} and config.tenants == {}
+    assert config.tokens == {"tok-a": "team-a", "tok-ops": "admin"}
+    assert config.tenants == {}
     inline = write_tokens(tmp_path, {
         "tok-a": {"tenant": "team-a", "sources": ["hf://org-a/"], "hf_token": "hf_x"},
         "tok-a2": {"tenant": "team-a", "sources": ["hf://org-a/"], "hf_token": "hf_x"},

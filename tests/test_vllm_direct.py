@@ -171,7 +171,8 @@ def test_the_target_is_the_device_of_the_parameters() -> None:
     synchronize(torch.device("cpu"))  # nothing to wait for, and no CUDA call
     # the plugin asks the model, never a backend by name
     source = inspect.getsource(vllm_plugin)
-    assert "cuda:" not in source and "torch.cuda" not in source
+    assert "cuda:" not in source
+    assert "torch.cuda" not in source
 
 
 def test_each_engine_of_a_two_model_pipeline_takes_only_its_model(tmp_path: Path) -> None:

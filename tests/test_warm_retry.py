@@ -101,7 +101,8 @@ def test_a_due_retry_survives_a_restart(tmp_path: Path, hf_hub: FixtureHub) -> N
     meta = DiskcacheKeyValue(tmp_path / "data" / "meta")
     registry = Registry(meta)
     record = registry.get("default", "p")
-    assert record is not None and record.error is not None
+    assert record is not None
+    assert record.error is not None
     record.error = record.error.model_copy(update={"retry_at": time.time() - 1})
     registry.put(record)
     meta.close()
@@ -140,7 +141,9 @@ def test_backoff_doubles_to_its_cap_and_honours_retry_after() -> None:
         IntegrityError("digest"),
     ):
         info = failure_info(permanent, failures=1, settings=settings, now=1000.0)
-        assert info.retry_at is None and info.action and "person" in info.action
+        assert info.retry_at is None
+        assert info.action
+        assert "person" in info.action
 
 
 def test_an_unreachable_origin_is_retried_again_and_again(tmp_path: Path) -> None:
@@ -158,5 +161,6 @@ def test_an_unreachable_origin_is_retried_again_and_again(tmp_path: Path) -> Non
                 break
             assert time.monotonic() < deadline, error
             time.sleep(0.05)
-        assert error["code"] == "origin_error" and "cannot reach" in error["message"]
+        assert error["code"] == "origin_error"
+        assert "cannot reach" in error["message"]
         assert error["retry_at"] is not None

@@ -423,7 +423,8 @@ def test_weightcache_load_holds_no_second_copy_of_the_weights(
             print(f"TP {tp} {load['loader']} (pid {load['pid']}): {load['param_bytes'] / MiB:.0f} "
                   f"MiB of parameters, peak {load['extra_bytes'] / MiB:.1f} MiB above them")
     loads = results["weightcache"]["loads"]
-    assert len(loads) == tp and {load["loader"] for load in loads} == {"WeightcacheModelLoader"}
+    assert len(loads) == tp
+    assert {load["loader"] for load in loads} == {"WeightcacheModelLoader"}
     for load in loads:
         assert load["param_bytes"] > 100 * MiB  # the rank is big enough to see a second copy
         assert load["extra_bytes"] <= RING_ALLOWANCE, (
