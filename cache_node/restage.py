@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import time
 
-from api.schema import AttemptStatus, ModelStatus, PipelineSpec
+from api.schema import PipelineSpec
 from cache_node.registry import PipelineRecord, ShardSet
 
-__all__ = ["attempt_status", "expired_retirement", "fold_pending", "promote", "stage"]
+__all__ = ["expired_retirement", "fold_pending", "promote", "stage"]
 
 
 def stage(existing: PipelineRecord, spec: PipelineSpec) -> PipelineRecord:
@@ -112,34 +112,3 @@ def fold_pending(record: PipelineRecord) -> None:
     record.generation = max(record.generation, attempt.generation)
     record.failures = 0
     record.pending = None
-
-
-def model_statuses(record: PipelineRecord) -> list[ModelStatus]:
-    """The models of a pipeline (or of a staged attempt) as the status shows them: resolved
-    ones with their files and bytes, else the spec's, not yet resolved."""
-    return [
-        ModelStatus(
-            name=m.name,
-            source=m.source,
-            revision=m.revision,
-            files=len(m.files),
-            bytes_total=m.bytes_total,
-        )
-        for m in record.models
-    ] or [
-        ModelStatus(name=m.name, source=m.source, revision=m.revision, files=0, bytes_total=0)
-        for m in record.spec.models
-    ]
-
-
-def attempt_status(attempt: PipelineRecord, *, progress: float) -> AttemptStatus:
-    """A staged record as the status shows it."""
-    return AttemptStatus(
-        models=model_statuses(attempt),
-        tp_sizes=attempt.spec.tp_sizes,
-        pinned=attempt.spec.pinned,
-        state=attempt.state,
-        progress=progress,
-        registered_at=attempt.registered_at,
-        error=attempt.error,
-    )

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api import views
 from api.deps import Node, Tenant
 from api.schema import NodeInfo
 
@@ -17,8 +18,8 @@ router = APIRouter(tags=["node"])
 
 
 @router.get("/v1/node", response_model=NodeInfo)
-async def node_info(node: Node, tenant: Tenant) -> NodeInfo:
-    return node.node_info()
+def node_info(node: Node, tenant: Tenant) -> NodeInfo:
+    return views.node_info(node)
 
 
 @router.get("/healthz")
@@ -53,6 +54,6 @@ async def readyz(request: Request, node: Node) -> dict[str, Any] | JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(node: Node) -> Response:
-    node.refresh_gauges()
+def metrics(node: Node) -> Response:
+    node.refresh_gauges()  # reads every record: in a worker thread, as a plain def
     return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
