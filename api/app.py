@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.blob_stream import StreamSlots
+from api.data_plane_supervisor import DataPlane, DataPlaneCollector
 from api.errors import install_error_handlers
 from api.routes import blobs, dashboard, loads, pipelines, replicas
 from api.routes import node as node_routes
-from cache_node.data_plane_supervisor import DataPlane, DataPlaneCollector
 from cache_node.node import VERSION, CacheNode
 from cache_node.settings import NodeSettings
 

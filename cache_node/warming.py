@@ -87,6 +87,10 @@ class WarmJobs:
         self._progress: dict[str, dict[str, int]] = {}  # job key → file → bytes in flight
         self._shard_locks: dict[tuple[object, ...], tuple[asyncio.Lock, int]] = {}
 
+    def busy(self) -> bool:
+        """Whether any warm job, or shard build, is running."""
+        return self.tasks.has_jobs() or bool(self._shard_locks)
+
     def bytes_in_flight(self, job_key: str) -> int:
         """Bytes of the job's transfers so far that are not yet blobs."""
         return sum(self._progress.get(job_key, {}).values())

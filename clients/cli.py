@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     data_port = args.data_port if args.data_port is not None else settings.port + 1
     data_plane = None
     if args.data_workers > 0:
-        from cache_node.data_plane_supervisor import DataPlane
+        from api.data_plane_supervisor import DataPlane
 
         if settings.data_url is None:  # WEIGHTCACHE_DATA_URL names it when the bind is a wildcard
             host = socket.getfqdn() if settings.host in ("0.0.0.0", "::", "") else settings.host

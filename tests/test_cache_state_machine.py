@@ -52,6 +52,7 @@ from hypothesis.stateful import (
 from safetensors.numpy import save
 
 from api.schema import ModelSpec, PipelineSpec
+from api.views import pipeline_status
 from cache_node.errors import Conflict, InsufficientStorage, IntegrityError, NotFound, NotWarm
 from cache_node.node import DEFAULT_TENANT, CacheNode
 from cache_node.settings import EvictionSettings, FetchSettings, NodeSettings
@@ -218,7 +219,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert not newly, f"a 507 evicted {newly}"
             if before.get(pipeline, ("",))[0] == "warm":  # the new spec failed beside it
                 assert after[pipeline][0] == "warm"
-                status = self.node.record(DEFAULT_TENANT, pipeline)
+                status = pipeline_status(self.node, self.node.record(DEFAULT_TENANT, pipeline))
                 assert status.last_attempt is not None
                 assert status.last_attempt.error is not None
                 assert status.last_attempt.error.code == "insufficient_storage"
@@ -339,7 +340,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.leases[pipeline], f"{pipeline} refused eviction without a lease"
             return
         assert not self.leases[pipeline], f"{pipeline} evicted while leased"
-        status = self.node.record(DEFAULT_TENANT, pipeline)
+        status = pipeline_status(self.node, self.node.record(DEFAULT_TENANT, pipeline))
         assert (status.state, status.evicted_reason) == ("evicted", "manual")
         assert status.bytes_cached == 0
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from cache_node.access import load_access
-from cache_node.data_plane import run_data_plane, stop_data_plane
+from api.data_plane import run_data_plane, stop_data_plane
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.hf_hub import FixtureHub

@@ -14,8 +14,8 @@ Each worker opens the node's metadata (SQLite, safe across processes) and blob s
 only reads them, apart from quarantining a bad blob. A blob is authorised with one read of the
 registry's blob index, so a flood of 404s costs no scan. Each worker counts what it serves in
 its slot of :mod:`cache_node.worker_stats` (shared memory the node reads for ``/metrics``).
-``weightcache serve`` starts and supervises the workers (:mod:`cache_node.data_plane_supervisor`);
-``python -m cache_node.data_plane --port P --workers N`` runs them alone.
+``weightcache serve`` starts and supervises the workers (:mod:`api.data_plane_supervisor`);
+``python -m api.data_plane --port P --workers N`` runs them alone.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import select
 import signal
@@ -36,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from starlette.responses import JSONResponse
 
+from api.errors import bearer_token, error_response, exception_response, http_error_code
 from api.ranges import plan_blob_response
-from cache_node.errors import NotFound, Unauthorized, WeightCacheError, error_headers
+from cache_node.errors import NotFound, Unauthorized, WeightCacheError
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.registry import Registry
 from cache_node.settings import NodeSettings
@@ -109,10 +110,8 @@ class _Plane:
     def tenant_for(self, authorization: str | None) -> str | None:
         if self.tokens is None:
             return DEFAULT_TENANT
-        scheme, _, value = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            return None
-        return self.tokens.get(value.strip())
+        token = bearer_token(authorization)
+        return None if token is None else self.tokens.get(token)
 
     def allows(self, tenant: str, sha256: str) -> bool:
         """Whether a pipeline of ``tenant`` (any pipeline, for the admin) references the blob:
@@ -224,27 +223,25 @@ async def _answer(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         return response
     except WeightCacheError as exc:
-        return _error(exc.http_status, exc.code, exc.message, headers=error_headers(exc),
-                      **exc.details)
+        return _from_api(exception_response(exc))
     except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _error(exc.status, code, exc.reason)
+        return _error(exc.status, http_error_code(exc.status), exc.reason)
 
 
 def _error(
-    status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = _json({"error": {"code": code, "message": message, **details}}).encode()
-    return web.Response(body=body, status=status,
-                        headers={**(headers or {}), "Content-Type": "application/json"})
+    response = _from_api(error_response(status, code, message))
+    response.headers.update(headers or {})
+    return response
 
 
-def _json(value: Any) -> str:
-    # Byte for byte the API's error bodies (Starlette's JSONResponse): the same answer on
-    # both ports down to its Content-Length.
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+def _from_api(answer: JSONResponse) -> web.Response:
+    """The API's error answer, byte for byte (body, Content-Length and headers), on aiohttp."""
+    headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-length"}
+    return web.Response(body=bytes(answer.body), status=answer.status_code, headers=headers)
 
 
 # --------------------------------------------------------------------------- processes
@@ -253,11 +250,11 @@ def run_data_plane(
 ) -> list[subprocess.Popen[bytes]]:
     """Start ``workers`` processes serving on ``settings.host:port``; return once all listen.
 
-    Each is ``python -m cache_node.data_plane --worker ...`` (a fresh interpreter: nothing of
+    Each is ``python -m api.data_plane --worker ...`` (a fresh interpreter: nothing of
     the caller's threads, event loop or main module comes along), with its own stats slot,
     zeroed here. Raises RuntimeError, after stopping the others, when a worker cannot start
     (say the port belongs to something else). Nothing restarts a worker that dies: see
-    :class:`cache_node.data_plane_supervisor.DataPlane` for that.
+    :class:`api.data_plane_supervisor.DataPlane` for that.
     """
     if workers < 1 or not 0 < port < 65536:
         raise ValueError("the data plane needs a port and at least one worker")
@@ -277,7 +274,7 @@ def run_data_plane(
 def start_worker(settings: NodeSettings, *, port: int, slot: int) -> subprocess.Popen[bytes]:
     """Spawn one worker process for stats slot ``slot``; :func:`wait_ready` waits for it."""
     command = [
-        sys.executable, "-m", "cache_node.data_plane", "--worker",
+        sys.executable, "-m", "api.data_plane", "--worker",
         "--data-dir", str(settings.data_dir),
         "--host", settings.host,
         "--port", str(port),
@@ -356,12 +353,12 @@ async def _serve(settings: NodeSettings, *, port: int, slot: int | None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cache_node.data_plane``: the data plane alone, settings from the environment.
+    """``python -m api.data_plane``: the data plane alone, settings from the environment.
 
     ``--worker`` runs one worker process in the foreground (what ``run_data_plane`` starts);
     without it, ``--workers`` of them run under a supervisor that restarts any that dies.
     """
-    parser = argparse.ArgumentParser(prog="python -m cache_node.data_plane")
+    parser = argparse.ArgumentParser(prog="python -m api.data_plane")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, required=True)
@@ -380,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         asyncio.run(_serve(settings, port=args.port, slot=args.slot))
         return 0
-    from cache_node.data_plane_supervisor import DataPlane
+    from api.data_plane_supervisor import DataPlane
 
     plane = DataPlane(settings, port=args.port, workers=args.workers).start()
     print(f"data plane: {args.workers} workers on http://{settings.host}:{args.port}",

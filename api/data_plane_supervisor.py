@@ -1,6 +1,6 @@
 """A supervised data plane: workers that die are started again, with backoff.
 
-``weightcache serve`` runs :class:`DataPlane`: N worker processes (``cache_node.data_plane``) on
+``weightcache serve`` runs :class:`DataPlane`: N worker processes (``api.data_plane``) on
 one port, and a thread that watches them. A worker that exits for any reason (``kill -9``, a
 crash, the OOM killer) is started again in the same stats slot, so its counters carry on;
 each restart logs ``data_plane.worker_restarted`` and counts in
@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cache_node.data_plane import (
+from api.data_plane import (
     run_data_plane,
     start_worker,
     stats_dir,
