@@ -90,7 +90,8 @@ class _Prepared:
     reservations: dict[str, Reservation]  # transfer key → space held for it
     shard_reservation: Reservation | None = None  # the TP shard sets' space (I5)
     finished: bool = False  # its job released all of the above
-    shard_need: ShardNeed = ShardNeed()  # what the shard reservation holds, and how known
+    # what the shard reservation holds, and how known
+    shard_need: ShardNeed = dataclasses.field(default_factory=ShardNeed)
     held: dict[tuple[str, str], str] | None = None  # files found on disk (model, path) → blob
 
 
