@@ -37,6 +37,7 @@ for that TP size and reports the message.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -480,42 +481,45 @@ def write_rank_shards(
         raise InvalidInput(f"no path given for source files {sorted(missing)}")
     writers: list[_HashingWriter] = []
     inputs: dict[str, BinaryIO] = {}
-    try:
-        for rank_plan in plan.ranks:
-            writers.append(_HashingWriter.create(out_dir, plan.tp_size, rank_plan.rank, chunk_size))
-        headers = []
-        for rank_plan, writer in zip(plan.ranks, writers, strict=True):
-            header, starts = encode_header(
-                [(t.name, t.dtype, t.shape, t.nbytes) for t in rank_plan.tensors],
-                rank_plan.metadata,
-            )
-            writer.write(header)
-            headers.append((len(header), starts))
-        # Every rank lists the same source tensors in the same order (the plan builds them so):
-        # one read of each source tensor feeds all the ranks' files.
-        for pieces in zip(*(rank_plan.tensors for rank_plan in plan.ranks), strict=True):
-            source = pieces[0].source
-            if source.file not in inputs:
-                inputs[source.file] = Path(sources[source.file]).open("rb")
-            _copy_pieces(inputs[source.file], pieces, writers, block_size)
-        results = []
-        for rank_plan, writer, (header_len, starts) in zip(
-            plan.ranks, writers, headers, strict=True
-        ):
-            writer.finish()
-            entries = tuple(
-                ShardTensorEntry(t.name, t.dtype, t.shape, header_len + start, t.nbytes)
-                for t, start in zip(rank_plan.tensors, starts, strict=True)
-            )
-            results.append(writer.result(rank_plan.rank, plan.tp_size, entries))
-        return results
-    except BaseException:
-        for writer in writers:
-            writer.discard()
-        raise
-    finally:
-        for handle in inputs.values():
-            handle.close()
+    # Each source file is opened on its first use and stays open until every rank is written.
+    with contextlib.ExitStack() as opened:
+        try:
+            for rank_plan in plan.ranks:
+                writers.append(
+                    _HashingWriter.create(out_dir, plan.tp_size, rank_plan.rank, chunk_size)
+                )
+            headers = []
+            for rank_plan, writer in zip(plan.ranks, writers, strict=True):
+                header, starts = encode_header(
+                    [(t.name, t.dtype, t.shape, t.nbytes) for t in rank_plan.tensors],
+                    rank_plan.metadata,
+                )
+                writer.write(header)
+                headers.append((len(header), starts))
+            # Every rank lists the same source tensors in the same order (the plan builds them so):
+            # one read of each source tensor feeds all the ranks' files.
+            for pieces in zip(*(rank_plan.tensors for rank_plan in plan.ranks), strict=True):
+                source = pieces[0].source
+                if source.file not in inputs:
+                    inputs[source.file] = opened.enter_context(
+                        Path(sources[source.file]).open("rb")
+                    )
+                _copy_pieces(inputs[source.file], pieces, writers, block_size)
+            results = []
+            for rank_plan, writer, (header_len, starts) in zip(
+                plan.ranks, writers, headers, strict=True
+            ):
+                writer.finish()
+                entries = tuple(
+                    ShardTensorEntry(t.name, t.dtype, t.shape, header_len + start, t.nbytes)
+                    for t, start in zip(rank_plan.tensors, starts, strict=True)
+                )
+                results.append(writer.result(rank_plan.rank, plan.tp_size, entries))
+            return results
+        except BaseException:
+            for writer in writers:
+                writer.discard()
+            raise
 
 
 def _copy_pieces(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,9 @@ def report_to_node(
         },
     }
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
+    # The history is a convenience; a load that worked is not failed by it.
+    with contextlib.suppress(httpx.HTTPError):
         httpx.post(f"{url}/v1/pipelines/{pipeline}/loads", json=body, headers=headers, timeout=5)
-    except httpx.HTTPError:
-        pass  # the history is a convenience; a load that worked is not failed by it
 
 
 def print_stage_table(report: dict[str, Any]) -> None:

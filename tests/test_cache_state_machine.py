@@ -54,8 +54,9 @@ from safetensors.numpy import save
 from api.schema import ModelSpec, PipelineSpec
 from api.views import pipeline_status
 from cache_node.errors import Conflict, InsufficientStorage, IntegrityError, NotFound, NotWarm
-from cache_node.node import DEFAULT_TENANT, CacheNode
+from cache_node.node import CacheNode
 from cache_node.settings import EvictionSettings, FetchSettings, NodeSettings
+from cache_node.tenants import DEFAULT_TENANT
 
 T = TypeVar("T")
 KiB = 1024

@@ -129,7 +129,9 @@ def _answer(status: int, code: str = "", **extra: object) -> httpx.Response:
         (400, "invalid_input", ApiError),
     ],
 )
-def test_one_mapping_from_answers_to_errors(status: int, code: str, cls: type) -> None:
+def test_one_mapping_from_answers_to_errors(
+    status: int, code: str, cls: type[ApiError]
+) -> None:
     with pytest.raises(cls) as caught:
         raise_for_status(_answer(status, code, state="evicted"), context="ctx")
     assert type(caught.value) is cls

@@ -74,7 +74,7 @@ def test_no_route_blocks_the_event_loop(tmp_path: Path, loop_blocking_calls: lis
         assert c.get("/v1/node").status_code == 200
         assert c.get("/readyz").status_code == 200
         assert c.get("/metrics").status_code == 200
-        blobs = set()
+        blobs: set[str] = set()
         for tp_size, rank in ((1, 0), (2, 0), (2, 1)):
             answer = c.get(
                 "/v1/pipelines/tiny/manifest", params={"tp_size": tp_size, "rank": rank}
