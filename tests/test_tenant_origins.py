@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cache_node.access import load_access
 from api.data_plane import run_data_plane, stop_data_plane
+from cache_node.access import load_access
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.hf_hub import FixtureHub
