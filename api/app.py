@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.blob_stream import StreamSlots
 from api.data_plane_supervisor import DataPlane, DataPlaneCollector
 from api.errors import install_error_handlers
-from api.routes import blobs, dashboard, loads, pipelines, replicas
+from api.routes import blobs, captures, dashboard, loads, pipelines, replicas
 from api.routes import node as node_routes
 from cache_node.node import VERSION, CacheNode
 from cache_node.settings import NodeSettings
@@ -55,6 +55,7 @@ def create_app(
         blobs.router,
         node_routes.router,
         loads.router,
+        captures.router,
         dashboard.router,
     ):
         app.include_router(router)

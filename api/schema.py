@@ -5,10 +5,12 @@ Imports only pydantic, so the replica side (``loader``, ``clients``) can use it 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # Identifiers become keys and never paths, but we still allow-list them (I8): lowercase or
 # uppercase letters, digits, and ``._-`` inside, no leading dot, at most 128 characters.
@@ -34,7 +36,18 @@ def is_sha256(value: str) -> bool:
     return bool(_SHA256_PATTERN.fullmatch(value))
 
 
+def _sha256_field(value: str) -> str:
+    if not is_sha256(value):
+        raise ValueError(f"not a lowercase hex sha256 digest: {value[:80]!r}")
+    return value
+
+
 Identifier = Annotated[str, AfterValidator(validate_identifier)]
+Sha256 = Annotated[str, AfterValidator(_sha256_field)]
+#: A short word of a capture key: an engine name, version, dtype, quantisation or device kind.
+KeyWord = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+:-]*$")
+]
 
 
 class _Wire(BaseModel):
@@ -120,6 +133,9 @@ class PipelineStatus(_Wire):
     # version, which keeps serving until the new one is warm and takes its place.
     pending: AttemptStatus | None = None  # the new spec while it fills
     last_attempt: AttemptStatus | None = None  # the new spec after it failed (the old serves)
+    #: Engine artifacts replicas uploaded (shard sets, compile caches); their bytes are in
+    #: ``bytes_total`` and ``bytes_cached``, charged to the pipeline like its shard sets.
+    captures: list[CaptureSummary] = Field(default_factory=list)
 
 
 class PipelineList(_Wire):
@@ -167,6 +183,9 @@ class Manifest(_Wire):
     mode: Literal["full", "sharded"] = "full"
     #: Sharded mode: the rule the rank shards were cut by (``vllm-vocab-pad64``).
     layout: str | None = None
+    #: Each model's snapshot: a sha256 over the content digests of its source files (what a
+    #: weights capture is keyed by, ``CaptureKey.snapshot``).
+    snapshots: dict[str, str] = Field(default_factory=dict)
 
 
 class Lease(_Wire):
@@ -234,9 +253,123 @@ class LoadReport(_Wire):
     gbps: float = Field(ge=0, allow_inf_nan=False)
     at: float | None = Field(default=None, allow_inf_nan=False)
     source: Literal["local", "http"] = "http"
+    capture: CaptureUse | None = None
 
 
 class LoadList(_Wire):
     """``GET /v1/pipelines/{id}/loads`` and ``GET /v1/loads``: recent loads, newest first."""
 
     loads: list[LoadReport]
+
+
+# ----------------------------------------------------------------------- captures
+CaptureKind = Literal["weights", "compile_cache"]
+#: What a weights capture holds: the parameters after vLLM's post-processing (``processed``:
+#: a replay skips the weight loaders and the post-processing), or as the weight loaders left
+#: them (``loaded``: a replay skips the weight loaders, then post-processes as usual).
+CaptureStage = Literal["processed", "loaded"]
+#: The safetensors metadata entries in which a weights capture says its stage, and which of
+#: its tensors are module buffers (a JSON list of names).
+CAPTURE_STAGE_METADATA = "weightcache.capture_stage"
+CAPTURE_BUFFERS_METADATA = "weightcache.capture_buffers"
+#: Prefixes every capture id: a new key format never meets captures of the old one.
+_CAPTURE_ID_VERSION = b"weightcache-capture-v1\n"
+
+
+class CaptureKey(_Wire):
+    """What an engine artifact was made for; an engine uses one only when its own key is equal,
+    field for field (the capture's id is a digest of the key: :func:`capture_id`).
+
+    ``kind="weights"``: an engine shard set, one rank's final parameters, for the model's
+    ``snapshot`` (a digest of the content of its source blobs, never of a path or a header),
+    the engine and its version, TP size and rank, pipeline-parallel size and rank, dtype,
+    quantisation and device kind. ``kind="compile_cache"``: the engine's compile cache, for
+    the engine version, the model's ``config`` (the sha256 of its ``config.json``), TP size,
+    device kind and ``settings`` (a digest of the engine settings that change compiled code).
+    """
+
+    kind: CaptureKind
+    model: Identifier
+    engine: KeyWord
+    engine_version: KeyWord
+    tp_size: int = Field(ge=1, le=64)
+    device: KeyWord
+    snapshot: Sha256 | None = None
+    rank: int | None = Field(default=None, ge=0, le=63)
+    pp_size: int | None = Field(default=None, ge=1, le=64)
+    pp_rank: int | None = Field(default=None, ge=0, le=63)
+    dtype: KeyWord | None = None
+    quantization: KeyWord | None = None
+    config: Sha256 | None = None
+    settings: Sha256 | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> CaptureKey:
+        weights = ("snapshot", "rank", "pp_size", "pp_rank", "dtype", "quantization")
+        compiled = ("config", "settings")
+        needed, foreign = (weights, compiled) if self.kind == "weights" else (compiled, weights)
+        missing = [name for name in needed if getattr(self, name) is None]
+        extra = [name for name in foreign if getattr(self, name) is not None]
+        if missing or extra:
+            raise ValueError(
+                f"a {self.kind} key needs {', '.join(needed)}"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; has no {', '.join(extra)}" if extra else "")
+            )
+        if self.rank is not None and self.rank >= self.tp_size:
+            raise ValueError(f"rank {self.rank} is not below tp_size {self.tp_size}")
+        if self.pp_rank is not None and self.pp_size is not None and self.pp_rank >= self.pp_size:
+            raise ValueError(f"pp_rank {self.pp_rank} is not below pp_size {self.pp_size}")
+        return self
+
+
+def capture_id(key: CaptureKey) -> str:
+    """The id of the capture made for ``key``: a sha256 of its fields (hex), the same on the
+    node and in every replica, so a replica asks for exactly the capture its key names."""
+    fields = key.model_dump(mode="json", exclude_none=True)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(_CAPTURE_ID_VERSION + canonical).hexdigest()
+
+
+class CaptureTensor(_Wire):
+    """One tensor of a weights capture, by the engine's own parameter name: ``length`` bytes at
+    ``offset`` of the capture's blob."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    length: int
+    buffer: bool = False  # a module buffer, not a parameter
+
+
+class CaptureSummary(_Wire):
+    """A capture as a pipeline's status and ``GET .../captures`` list it."""
+
+    id: str
+    key: CaptureKey
+    stage: CaptureStage | None = None
+    bytes: int
+    created_at: float
+
+
+class CaptureInfo(CaptureSummary):
+    """``GET /v1/pipelines/{id}/captures/{capture_id}``: where a capture's bytes are (its
+    blob, with the chunk digests the node computed when it took the upload) and, for weights,
+    its tensors."""
+
+    blob: ManifestBlob
+    tensors: list[CaptureTensor] = Field(default_factory=list)
+
+
+class CaptureList(_Wire):
+    captures: list[CaptureSummary]
+
+
+class CaptureUse(_Wire):
+    """Whether a replica's load replayed a capture (in its load report), and if not, why."""
+
+    used: bool
+    id: str | None = None
+    stage: CaptureStage | None = None
+    reason: str = Field(default="", max_length=2000)

@@ -4,10 +4,20 @@ that what the domain stores and what the API shows can change apart."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
-from api.schema import AttemptStatus, ModelStatus, NodeInfo, PipelineStatus
+from api.schema import (
+    AttemptStatus,
+    CaptureInfo,
+    CaptureSummary,
+    ManifestBlob,
+    ModelStatus,
+    NodeInfo,
+    PipelineStatus,
+)
 from cache_node.node import VERSION, CacheNode
-from cache_node.registry import PipelineRecord
+from cache_node.registry import CaptureRecord, PipelineRecord
+from cache_node.store import BlobRecord
 
 
 def pipeline_status(node: CacheNode, record: PipelineRecord) -> PipelineStatus:
@@ -65,6 +75,8 @@ def _status_of(node: CacheNode, record: PipelineRecord) -> PipelineStatus:
     in_flight = node.warming.bytes_in_flight(record.key)
     bytes_cached = min(bytes_total, _committed_bytes(node, record) + in_flight)
     shard_bytes = sum(s.bytes_total for s in record.shards.values())
+    # engine artifacts are the pipeline's bytes too: charged to it, evicted with it
+    shard_bytes += sum(c.size for c in record.captures.values())
     leases = node.registry.leases_of(record.tenant, record.id)
     # "hot" on the wire means used by a replica within the hot window; the policy also
     # shelters a just-registered pipeline, but it has not been used, so it is not hot.
@@ -94,6 +106,38 @@ def _status_of(node: CacheNode, record: PipelineRecord) -> PipelineStatus:
         evicted_reason=record.evicted_reason if record.state == "evicted" else None,
         unverified_files=sum(1 for m in record.models for f in m.files if not f.verified),
         active_leases=leases,
+        captures=[capture_summary(c) for c in _by_key(record.captures.values())],
+    )
+
+
+def capture_summary(capture: CaptureRecord) -> CaptureSummary:
+    """A capture as the status and the capture list show it."""
+    return CaptureSummary(
+        id=capture.id,
+        key=capture.key,
+        stage=capture.stage,
+        bytes=capture.size,
+        created_at=capture.created_at,
+    )
+
+
+def capture_info(capture: CaptureRecord, blob: BlobRecord) -> CaptureInfo:
+    """A capture with its blob's digests and its tensors, for a replica to read it."""
+    return CaptureInfo(
+        **capture_summary(capture).model_dump(),
+        blob=ManifestBlob(
+            sha256=blob.sha256,
+            size=blob.size,
+            chunk_size=blob.chunk_size,
+            chunk_xxh3_128=list(blob.chunk_xxh3_128),
+        ),
+        tensors=capture.tensors,
+    )
+
+
+def _by_key(captures: Iterable[CaptureRecord]) -> list[CaptureRecord]:
+    return sorted(
+        captures, key=lambda c: (c.key.model, c.key.kind, c.key.tp_size, c.key.rank or 0, c.id)
     )
 
 

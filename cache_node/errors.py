@@ -4,18 +4,25 @@ The tree::
 
     WeightCacheError                     code, http_status, message, details
     ├── InvalidInput(ValueError)         400 invalid_input
-    │   └── LocalSourceNotAllowed        400 invalid_input, reason no_local_root /
-    │                                        outside_local_roots / data_dir (file:// sources)
+    │   ├── LocalSourceNotAllowed        400 invalid_input, reason no_local_root /
+    │   │                                    outside_local_roots / data_dir (file:// sources)
+    │   └── TooLarge                     413 too_large (an upload over its limit)
     ├── Unauthorized                     401 unauthorized (missing or bad token)
     ├── SourceNotAllowed                 403 source_not_allowed (outside the tenant's sources)
     ├── NotFound(LookupError)            404 not_found (also: another tenant's pipeline or blob)
     ├── Conflict                         409 conflict
     │   ├── NotWarm                      409 not_warm
-    │   └── AmbiguousPipeline            409 ambiguous_pipeline (admin: an id several tenants use)
+    │   ├── AmbiguousPipeline            409 ambiguous_pipeline (admin: an id several tenants use)
+    │   └── CaptureKeyMismatch           409 capture_key_mismatch (a capture made for another
+    │                                        version of the model, or another id than its key's)
     ├── InsufficientStorage              507 insufficient_storage
     ├── IntegrityError(ValueError)       502 integrity_error (bytes that do not match a digest)
+    │   └── UploadIntegrityError         422 integrity_error (uploaded bytes that do not match
+    │                                        the size or sha256 their sender declared)
     ├── InvalidCheckpoint(ValueError)    422 invalid_checkpoint (weights no loader can read)
-    │   └── NoWeights                    422 no_weights (a source without loadable weights)
+    │   ├── NoWeights                    422 no_weights (a source without loadable weights)
+    │   └── InvalidCapture               422 invalid_capture (an engine shard set that is not a
+    │                                        well-formed safetensors file of its stage)
     ├── OriginError                      502 origin_error (the origin failed after the retry budget)
     │   ├── OriginUnauthorized           401/403 (gated or private): code unauthorized
     │   └── OriginNotFound               origin has no such repo, revision or object
@@ -72,6 +79,13 @@ class LocalSourceNotAllowed(InvalidInput):
     """
 
 
+class TooLarge(InvalidInput):
+    """An upload larger than the node takes (``limit`` says how much)."""
+
+    code = "too_large"
+    http_status = 413
+
+
 class Unauthorized(WeightCacheError):
     code = "unauthorized"
     http_status = 401
@@ -104,6 +118,13 @@ class AmbiguousPipeline(Conflict):
     code = "ambiguous_pipeline"
 
 
+class CaptureKeyMismatch(Conflict):
+    """A capture's key does not name the pipeline as it is: a snapshot or ``config.json`` of
+    another version of the model (re-registered meanwhile), or an id that is not its key's."""
+
+    code = "capture_key_mismatch"
+
+
 class InsufficientStorage(WeightCacheError):
     code = "insufficient_storage"
     http_status = 507
@@ -112,6 +133,13 @@ class InsufficientStorage(WeightCacheError):
 class IntegrityError(WeightCacheError, ValueError):
     code = "integrity_error"
     http_status = 502
+
+
+class UploadIntegrityError(IntegrityError):
+    """Uploaded bytes whose size or sha256 (computed by the node) is not what the sender
+    declared: nothing was stored. The sender's fault, so a 4xx."""
+
+    http_status = 422
 
 
 class InvalidCheckpoint(WeightCacheError, ValueError):
@@ -125,6 +153,12 @@ class NoWeights(InvalidCheckpoint):
     """A source whose files hold no weights weightcache can load (none, or only ``.bin``)."""
 
     code = "no_weights"
+
+
+class InvalidCapture(InvalidCheckpoint):
+    """An uploaded engine shard set that is not a well-formed safetensors file of its stage."""
+
+    code = "invalid_capture"
 
 
 class OriginError(WeightCacheError):

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 
 import anyio
 
-from api.schema import Lease, Manifest, PipelineFile, PipelineSpec
+from api.schema import CaptureKey, Lease, Manifest, PipelineFile, PipelineSpec
 from cache_node import restage
 from cache_node.access import TenantAccess
+from cache_node.captures import Captures, PendingCapture
 from cache_node.collector import Collector
 from cache_node.disk import DiskGuard
 from cache_node.errors import Conflict, InvalidInput, NotFound, NotWarm, WeightCacheError
@@ -30,9 +31,10 @@ from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import KeyValue, open_metadata
 from cache_node.metrics import NodeMetrics
 from cache_node.pipelines import PipelineBook
-from cache_node.registry import PipelineRecord, Registry, staged_job_key
+from cache_node.registry import CaptureRecord, PipelineRecord, Registry, staged_job_key
 from cache_node.settings import NodeSettings
 from cache_node.shard_sets import is_current as shard_set_is_current
+from cache_node.snapshots import snapshots
 from cache_node.store import BlobRecord, BlobStore
 from cache_node.tasks import TaskOwner
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
@@ -66,7 +68,7 @@ class CacheNode:
             settings.data_dir,
             capacity=settings.capacity,
             meta=self.meta,
-            on_quarantine=lambda sha256, reason: self.warming.on_quarantine(sha256, reason),
+            on_quarantine=self._on_quarantine,
             disk=self.disk,
         )
         self.registry = Registry(self.meta)
@@ -88,6 +90,15 @@ class CacheNode:
             self.registry, self.store, settings.eviction, evict=self._evict_record
         )
         self.store.make_room = self.make_room
+        self.captures = Captures(
+            book=self.book,
+            registry=self.registry,
+            store=self.store,
+            collector=self.collector,
+            evictor=self.evictor,
+            settings=settings.captures,
+            on_change=self.refresh_gauges,
+        )
         self.warming = WarmJobs(
             book=self.book,
             registry=self.registry,
@@ -114,6 +125,12 @@ class CacheNode:
     def auth_enabled(self) -> bool:
         return self.tokens is not None
 
+    def _on_quarantine(self, sha256: str, reason: str) -> None:
+        # A capture whose blob failed is dropped, its pipeline stays warm; a pipeline file or
+        # shard that failed makes its pipeline cold and re-warms it (warming).
+        self.captures.forget_blob(sha256)
+        self.warming.on_quarantine(sha256, reason)
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Reconcile disk with metadata, then resume the pipelines that were warming."""
@@ -122,6 +139,7 @@ class CacheNode:
         self.tasks.bind(asyncio.get_running_loop())
         self.collector.collect_orphans()  # before any job: left by transfers of pipelines now gone
         self.fetcher.verified.sweep()  # facts about blobs reconcile removed or quarantined
+        self.captures.prune_missing()  # captures whose blob reconcile found missing or bad
         if report.missing or report.quarantined or report.orphans_removed:
             log.warning("start-up reconcile: %s", report)
         for record in list(self.registry.all()):
@@ -308,6 +326,7 @@ class CacheNode:
         for shard_set in record.shards.values():
             shard_set.state = "pending"
             shard_set.ranks = []
+        record.captures = {}  # engine artifacts go with the bytes they were made from
         # metadata first: nothing points at a blob we are about to unlink
         self.book.save(record, with_pending=True)
         freed = self.collector.free_unreferenced(blobs)
@@ -377,10 +396,37 @@ class CacheNode:
         if record.state != "warm":
             raise _not_warm(record)
         manifest = self.manifests.build(record, tp_size=tp_size, rank=rank)
+        manifest.snapshots = snapshots(record)
         record.last_used_at = time.time()
         record.loads += 1
         self.book.save(record)
         return manifest
+
+    # ------------------------------------------------------------------ captures
+    def captures_of(self, tenant: str, pipeline_id: str) -> list[CaptureRecord]:
+        """The engine shard sets and compile caches replicas uploaded for a pipeline."""
+        return self.captures.list(tenant, pipeline_id)
+
+    def capture(
+        self, tenant: str, pipeline_id: str, capture_id: str
+    ) -> tuple[CaptureRecord, BlobRecord]:
+        """One capture and its blob (NotFound, also for another tenant's, I7)."""
+        return self.captures.get(tenant, pipeline_id, capture_id)
+
+    def begin_capture(
+        self, tenant: str, pipeline_id: str, capture_id: str, key: CaptureKey, *,
+        size: int, sha256: str,
+    ) -> PendingCapture:
+        """Check and reserve an upload before its first byte (``cache_node.captures``)."""
+        return self.captures.begin(tenant, pipeline_id, capture_id, key, size=size,
+                                   sha256=sha256)
+
+    def commit_capture(self, pending: PendingCapture) -> tuple[CaptureRecord, BlobRecord]:
+        """Verify an upload's bytes and record the capture."""
+        return self.captures.commit(pending)
+
+    def delete_capture(self, tenant: str, pipeline_id: str, capture_id: str) -> None:
+        self.captures.delete(tenant, pipeline_id, capture_id)
 
     def files(self, tenant: str, pipeline_id: str) -> list[PipelineFile]:
         """Every origin file of a warm pipeline with its blob (to materialise it on disk)."""

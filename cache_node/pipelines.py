@@ -41,23 +41,28 @@ class PipelineBook:
 
     def save(self, record: PipelineRecord, *, with_pending: bool = False) -> None:
         """Write ``record``; a staged one into its pipeline's ``pending`` slot (if it is still
-        the one there). A pipeline's own save keeps the stored ``pending`` and retired blobs
-        (a job's copy of them is stale) unless ``with_pending`` says it sets them itself."""
-        stored = self.registry.get(record.tenant, record.id)
-        if record.staged:
-            if (
-                stored is None
-                or stored.pending is None
-                or stored.pending.generation != record.generation
-            ):
-                return
-            stored.pending = record
-            record = stored
-        elif stored is not None and not with_pending:
-            record.pending = stored.pending
-            record.retired_blobs = stored.retired_blobs
-            record.retired_leases = stored.retired_leases
-        self.registry.put(record)
+        the one there). A pipeline's own save keeps the stored ``pending``, retired blobs and
+        captures (a job's copy of them is stale) unless ``with_pending`` says it sets them
+        itself."""
+        with self.registry.lock:  # nothing written between this read and the write is lost
+            stored = self.registry.get(record.tenant, record.id)
+            if record.staged:
+                if (
+                    stored is None
+                    or stored.pending is None
+                    or stored.pending.generation != record.generation
+                ):
+                    return
+                stored.pending = record
+                record = stored
+            elif stored is not None and not with_pending:
+                record.pending = stored.pending
+                record.retired_blobs = stored.retired_blobs
+                record.retired_leases = stored.retired_leases
+                # captures are written by uploads (cache_node.captures) while jobs and
+                # manifests hold copies of the record: the stored ones are the current ones
+                record.captures = stored.captures
+            self.registry.put(record)
 
     def stored(self, record: PipelineRecord) -> PipelineRecord | None:
         """The registry's copy of ``record`` (its pipeline, or the staged re-registration

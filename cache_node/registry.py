@@ -27,7 +27,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schema import ErrorInfo, ManifestTensor, PipelineSpec, PipelineState, ShardState
+from api.schema import (
+    CaptureKey,
+    CaptureStage,
+    CaptureTensor,
+    ErrorInfo,
+    ManifestTensor,
+    PipelineSpec,
+    PipelineState,
+    ShardState,
+)
 from cache_node.errors import TooManyLeases
 from cache_node.metadata import KeyValue
 from cache_node.origins.base import OriginFile
@@ -100,6 +109,19 @@ class ShardSet(BaseModel):
         return sum(r.size for r in self.ranks)
 
 
+class CaptureRecord(BaseModel):
+    """An engine artifact a replica uploaded for this pipeline (``cache_node.captures``): one
+    rank's engine shard set, or an engine compile cache, stored as one blob."""
+
+    id: str  # api.schema.capture_id(key)
+    key: CaptureKey
+    blob: str
+    size: int
+    stage: CaptureStage | None = None  # weights only
+    tensors: list[CaptureTensor] = Field(default_factory=list)  # weights only
+    created_at: float = Field(default_factory=time.time)
+
+
 class PipelineRecord(BaseModel):
     """Everything a node knows about one pipeline."""
 
@@ -124,6 +146,9 @@ class PipelineRecord(BaseModel):
     # a replica may be reading the old manifest's bytes.
     retired_blobs: dict[str, int] = Field(default_factory=dict)
     retired_leases: list[str] = Field(default_factory=list)
+    # Engine shard sets and compile caches replicas uploaded, by capture id. Charged to the
+    # pipeline, evicted and deleted with it, and dropped when their model changes.
+    captures: dict[str, CaptureRecord] = Field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -135,10 +160,11 @@ class PipelineRecord(BaseModel):
         return staged_job_key(self.key) if self.staged else self.key
 
     def own_blobs(self) -> dict[str, int]:
-        """The blobs of this version (files and shards), with sizes."""
+        """The blobs of this version (files, shards and captures), with sizes."""
         referenced = {f.blob: f.size for m in self.models for f in m.files if f.blob}
         for shard_set in self.shards.values():
             referenced.update({r.blob: r.size for r in shard_set.ranks})
+        referenced.update({c.blob: c.size for c in self.captures.values()})
         return referenced
 
     def blobs(self) -> dict[str, int]:
@@ -177,6 +203,12 @@ class Registry:
     def __init__(self, meta: KeyValue) -> None:
         self.meta = meta
         self._lock = threading.RLock()  # one writer of the indexes at a time (thread-safe)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by :meth:`put` and :meth:`delete`; a read-modify-write of a record that must not
+        lose another writer's change holds it around its read and its write."""
+        return self._lock
 
     # pipelines
     def get(self, tenant: str, pipeline_id: str) -> PipelineRecord | None:
@@ -221,6 +253,10 @@ class Registry:
     def blob_tenants(self, sha256: str) -> set[str]:
         """The tenants with a pipeline that references blob ``sha256`` (one metadata read)."""
         return {tenant for tenant, _ in self._blob_refs(sha256)}
+
+    def blob_pipelines(self, sha256: str) -> set[tuple[str, str]]:
+        """The pipelines ``(tenant, id)`` that reference blob ``sha256`` (one metadata read)."""
+        return self._blob_refs(sha256)
 
     def _blob_refs(self, sha256: str) -> set[tuple[str, str]]:
         # (tenant, id) pairs, never "tenant/id" strings: a tenant's name may hold a slash.

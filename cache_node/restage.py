@@ -25,6 +25,7 @@ import time
 
 from api.schema import PipelineSpec
 from cache_node.registry import PipelineRecord, ShardSet
+from cache_node.snapshots import current_captures
 
 __all__ = ["expired_retirement", "fold_pending", "promote", "stage"]
 
@@ -76,6 +77,8 @@ def promote(
     record.registered_at = main.registered_at
     record.last_used_at = main.last_used_at
     record.loads = main.loads
+    # engine artifacts of a model that did not change stay; those of a changed one go with it
+    record.captures = current_captures(main.model_copy(update={"models": record.models}))
     new_blobs = record.own_blobs()
     retired = {
         sha: size

@@ -133,6 +133,21 @@ class LimitSettings(BaseSettings):
     retry_after_s: float = Field(default=1.0, gt=0)  # the Retry-After of a refused stream
 
 
+class CaptureSettings(BaseSettings):
+    """What replicas may upload as engine artifacts of a pipeline (``cache_node.captures``)."""
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_CAPTURES_", extra="forbid")
+
+    enabled: bool = True
+    #: An engine shard set holds one rank's parameters: at most this many times the model's
+    #: bytes (vocab padding, copied KV heads, a dtype or a layout post-processing changed) ...
+    weights_factor: float = Field(default=2.0, gt=0, le=16)
+    #: ... plus this much (the safetensors header, small models' padding).
+    weights_slack: ByteSize = 64 * 1024**2
+    #: An engine compile cache (a tarball of the engine's compiled code) at most this big.
+    compile_cache_max: ByteSize = 2 * 1024**3
+
+
 class DataPlaneSettings(BaseSettings):
     """How ``serve`` supervises its data-plane workers."""
 
@@ -171,6 +186,7 @@ class NodeSettings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     data_plane: DataPlaneSettings = Field(default_factory=DataPlaneSettings)
+    captures: CaptureSettings = Field(default_factory=CaptureSettings)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> NodeSettings:

@@ -20,7 +20,15 @@ from loader.errors import LoaderError
 from loader.ranges import ByteRange
 from loader.safetensors_format import DTYPE_BITS
 
-__all__ = ["ALIGNMENT", "MAX_GAP", "Placement", "plan_layout", "tensor_view", "torch_dtype"]
+__all__ = [
+    "ALIGNMENT",
+    "MAX_GAP",
+    "Placement",
+    "dtype_code",
+    "plan_layout",
+    "tensor_view",
+    "torch_dtype",
+]
 
 ALIGNMENT = 256
 MAX_GAP = 1 << 20
@@ -56,6 +64,14 @@ def torch_dtype(code: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise LoaderError(f"dtype {code} has no torch equivalent in torch {torch.__version__}")
     return dtype
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype; LoaderError when safetensors has none."""
+    for code, name in _TORCH_NAMES.items():
+        if getattr(torch, name, None) == dtype:
+            return code
+    raise LoaderError(f"torch dtype {dtype} has no safetensors dtype code")
 
 
 @dataclass(frozen=True, slots=True)

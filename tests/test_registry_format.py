@@ -60,3 +60,12 @@ def test_a_record_of_the_pinned_format_loads_and_writes_back_the_same() -> None:
     assert record.models[0].files[0].blob == "ab" * 32
     again = PipelineRecord.model_validate(json.loads(json.dumps(record.model_dump(mode="json"))))
     assert again == record
+
+
+def test_a_record_written_before_captures_loads_without_any() -> None:
+    # ``captures`` came later (engine shard sets, compile caches): an older record has none,
+    # and references exactly the blobs it did
+    assert "captures" not in _WRITTEN
+    record = PipelineRecord.model_validate(_WRITTEN)
+    assert record.captures == {}
+    assert record.blobs() == {"ab" * 32: 10}

@@ -1,0 +1,328 @@
+"""Engine artifacts replicas upload for a pipeline: engine shard sets and compile caches.
+
+A replica whose engine had to slice full tensors (or post-process them) uploads what it ended
+with, one rank at a time, so that later replicas stream exactly their rank's final tensors; its
+launcher uploads the engine's compile cache. Each upload is a **capture**, keyed by a
+:class:`~api.schema.CaptureKey` and stored as one blob under the pipeline:
+
+- **verified like any blob**: the node computes the sha256 and the chunk digests itself and
+  stores nothing unless they match the size and digest the sender declared
+  (:mod:`cache_node.uploads`); every read is checked against the chunk digests (I2), and a
+  capture whose blob fails is dropped (:meth:`Captures.forget_blob`), never served again;
+- **tenant-scoped**: only the pipeline's tenant (or admin) sees, uploads or reads it; another
+  tenant's capture is a 404, like a missing one (I7);
+- **charged to the pipeline**: its bytes are reserved before the first byte arrives (507
+  ``insufficient_storage`` when there is no room even after evicting by the policy, and nothing
+  is written), count in the pipeline's size, and go when it is evicted or deleted;
+- **only for the pipeline as it is**: a key must name the snapshot (weights) or the
+  ``config.json`` (compile cache) of the model as registered now; a re-registration that
+  changes a model drops that model's captures (``restage.promote``).
+
+Records live in ``PipelineRecord.captures``; writes hold the registry's lock around their read
+and write, so a capture is never lost to a concurrent save of the record (``PipelineBook``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from api.schema import (
+    CAPTURE_BUFFERS_METADATA,
+    CAPTURE_STAGE_METADATA,
+    CaptureKey,
+    CaptureStage,
+    CaptureTensor,
+    capture_id,
+)
+from cache_node.collector import Collector
+from cache_node.errors import (
+    CaptureKeyMismatch,
+    Conflict,
+    InvalidCapture,
+    NotFound,
+    NotWarm,
+    TooLarge,
+)
+from cache_node.events import emit
+from cache_node.evictor import Evictor
+from cache_node.pipelines import PipelineBook
+from cache_node.registry import CaptureRecord, PipelineRecord, Registry
+from cache_node.settings import CaptureSettings
+from cache_node.snapshots import config_blob, model_snapshot
+from cache_node.store import BlobRecord, BlobStore
+from cache_node.uploads import BlobUpload
+from loader.errors import HeaderError
+from loader.safetensors_format import read_header
+
+__all__ = ["Captures", "PendingCapture"]
+
+log = logging.getLogger("weightcache.node")
+
+
+
+class PendingCapture:
+    """An upload under way: its key, the pipeline it is for, and the bytes so far."""
+
+    def __init__(self, *, tenant: str, pipeline: str, key: CaptureKey, upload: BlobUpload):
+        self.tenant = tenant
+        self.pipeline = pipeline
+        self.key = key
+        self.id = capture_id(key)
+        self.upload = upload
+
+    def write(self, data: bytes) -> None:
+        self.upload.write(data)
+
+    def abort(self) -> None:
+        self.upload.abort()
+
+
+class Captures:
+    """The captures of a node's pipelines: list, read, take uploads, drop."""
+
+    def __init__(
+        self,
+        *,
+        book: PipelineBook,
+        registry: Registry,
+        store: BlobStore,
+        collector: Collector,
+        evictor: Evictor,
+        settings: CaptureSettings,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.book = book
+        self.registry = registry
+        self.store = store
+        self.collector = collector
+        self.evictor = evictor
+        self.settings = settings
+        self.on_change = on_change
+
+    # ------------------------------------------------------------------ reading
+    def list(self, tenant: str, pipeline_id: str) -> list[CaptureRecord]:
+        """The pipeline's captures, by model, kind, TP size and rank."""
+        record = self.book.find(tenant, pipeline_id)
+        return sorted(
+            record.captures.values(),
+            key=lambda c: (c.key.model, c.key.kind, c.key.tp_size, c.key.rank or 0, c.id),
+        )
+
+    def get(
+        self, tenant: str, pipeline_id: str, capture_id_: str
+    ) -> tuple[CaptureRecord, BlobRecord]:
+        """One capture and its blob; NotFound when the pipeline (of this tenant) has none."""
+        record = self.book.find(tenant, pipeline_id)
+        capture = record.captures.get(capture_id_)
+        blob = self.store.get(capture.blob) if capture is not None else None
+        if capture is None or blob is None:
+            raise NotFound(f"pipeline {pipeline_id!r} has no capture {capture_id_}")
+        return capture, blob
+
+    # ------------------------------------------------------------------ uploads
+    def begin(
+        self, tenant: str, pipeline_id: str, capture_id_: str, key: CaptureKey, *,
+        size: int, sha256: str,
+    ) -> PendingCapture:
+        """Check an upload before its first byte and reserve its ``size`` bytes.
+
+        NotFound (another tenant's pipeline), CaptureKeyMismatch (an id that is not the key's,
+        or a key of another version of the model), NotWarm, TooLarge, or
+        InsufficientStorage (no room even after evicting others by the policy).
+        """
+        if not self.settings.enabled:
+            raise Conflict("this node takes no captures (WEIGHTCACHE_CAPTURES_ENABLED=false)",
+                           reason="captures_disabled")
+        record = self.book.find(tenant, pipeline_id)
+        if capture_id(key) != capture_id_:
+            raise CaptureKeyMismatch(
+                f"capture id {capture_id_} is not the id of its key ({capture_id(key)})"
+            )
+        if record.state != "warm":
+            raise NotWarm(f"pipeline {pipeline_id!r} is {record.state}", state=record.state)
+        self._check_key(record, key)
+        limit = self._limit(record, key)
+        if size > limit:
+            raise TooLarge(
+                f"a {key.kind} capture of {size} bytes is over this pipeline's limit of {limit}",
+                limit=limit,
+                size=size,
+            )
+        if self.store.usage().free < size:
+            # Evict by the policy, but never this pipeline (its capture would go with it); and
+            # when that is not enough, a 507 now: the store's own make-room evicts by the
+            # policy alone, and might pick this very pipeline.
+            self.evictor.make_room(size, keep=frozenset(record.blobs()))
+            if self.store.usage().free < size:
+                raise self.store.not_enough_space(size)
+        reservation = self.store.reserve(size)
+        try:
+            upload = BlobUpload(self.store, size=size, sha256=sha256, reservation=reservation)
+        except BaseException:
+            reservation.release()
+            raise
+        return PendingCapture(tenant=record.tenant, pipeline=record.id, key=key, upload=upload)
+
+    def commit(self, pending: PendingCapture) -> tuple[CaptureRecord, BlobRecord]:
+        """Check the bytes (size, sha256, and for weights a safetensors file of its stage),
+        publish them and record the capture; it replaces one of the same id."""
+        try:
+            pending.upload.finish()
+            stage, tensors = (
+                _weights_contents(pending.upload) if pending.key.kind == "weights" else (None, [])
+            )
+            blob = pending.upload.publish()
+        except BaseException:
+            pending.abort()
+            raise
+        capture = CaptureRecord(
+            id=pending.id,
+            key=pending.key,
+            blob=blob.sha256,
+            size=blob.size,
+            stage=stage,
+            tensors=tensors,
+        )
+        replaced: CaptureRecord | None = None
+        refused: Exception | None = None
+        with self.registry.lock:
+            record = self.registry.get(pending.tenant, pending.pipeline)
+            try:
+                if record is None:
+                    raise NotFound(f"no pipeline {pending.pipeline!r}")
+                if record.state != "warm":  # evicted while the bytes came
+                    raise NotWarm(f"pipeline {record.id!r} is {record.state}", state=record.state)
+                self._check_key(record, pending.key)  # re-registered while the bytes came
+            except (NotFound, Conflict) as exc:
+                refused = exc
+            else:
+                replaced = record.captures.get(capture.id)
+                record.captures[capture.id] = capture
+                self.registry.put(record)
+        if refused is not None:
+            self.collector.free_unreferenced({blob.sha256: blob.size})
+            raise refused
+        if replaced is not None and replaced.blob != capture.blob:
+            self.collector.free_unreferenced({replaced.blob: replaced.size})
+        self.on_change()
+        emit("capture.stored", tenant=pending.tenant, pipeline=pending.pipeline,
+             capture=capture.id, kind=pending.key.kind, model=pending.key.model,
+             tp_size=pending.key.tp_size, rank=pending.key.rank, stage=stage, bytes=blob.size)
+        return capture, blob
+
+    def delete(self, tenant: str, pipeline_id: str, capture_id_: str) -> None:
+        """Drop one capture (NotFound when there is none) and free its blob."""
+        found = self.book.find(tenant, pipeline_id)
+        with self.registry.lock:
+            record = self.registry.get(found.tenant, found.id)
+            capture = record.captures.pop(capture_id_, None) if record is not None else None
+            if record is None or capture is None:
+                raise NotFound(f"pipeline {pipeline_id!r} has no capture {capture_id_}")
+            self.registry.put(record)
+        self.collector.free_unreferenced({capture.blob: capture.size})
+        self.on_change()
+
+    # ------------------------------------------------------------------ housekeeping
+    def forget_blob(self, sha256: str) -> int:
+        """Drop every capture whose blob is ``sha256`` (it was quarantined: it failed its
+        digests). The pipelines stay warm; their next replica loads the normal way."""
+        dropped = 0
+        for tenant, pipeline_id in self.registry.blob_pipelines(sha256):
+            with self.registry.lock:
+                record = self.registry.get(tenant, pipeline_id)
+                if record is None:
+                    continue
+                gone = [cid for cid, c in record.captures.items() if c.blob == sha256]
+                for cid in gone:
+                    del record.captures[cid]
+                if gone:
+                    self.registry.put(record)
+                    dropped += len(gone)
+            for cid in gone:
+                emit("capture.dropped", level=logging.ERROR, tenant=tenant, pipeline=pipeline_id,
+                     capture=cid, reason="its blob failed verification")
+        return dropped
+
+    def prune_missing(self) -> int:
+        """Drop the captures whose blob is not on disk (at start-up, after the reconcile)."""
+        dropped = 0
+        for found in list(self.registry.all()):
+            with self.registry.lock:
+                record = self.registry.get(found.tenant, found.id)
+                if record is None:
+                    continue
+                gone = [cid for cid, c in record.captures.items() if not self.store.has(c.blob)]
+                for cid in gone:
+                    del record.captures[cid]
+                if gone:
+                    self.registry.put(record)
+                    dropped += len(gone)
+        return dropped
+
+    # ------------------------------------------------------------------ rules
+    def _check_key(self, record: PipelineRecord, key: CaptureKey) -> None:
+        model = next((m for m in record.models if m.name == key.model), None)
+        if model is None:
+            raise CaptureKeyMismatch(f"pipeline {record.id!r} has no model {key.model!r}")
+        if key.tp_size not in record.spec.tp_sizes:
+            raise CaptureKeyMismatch(
+                f"tp_size {key.tp_size} is not registered (have {record.spec.tp_sizes})"
+            )
+        if key.kind == "weights" and key.snapshot != model_snapshot(model):
+            raise CaptureKeyMismatch(
+                f"snapshot {key.snapshot} is not model {key.model!r} as registered now "
+                f"({model_snapshot(model)})",
+                expected=model_snapshot(model),
+            )
+        if key.kind == "compile_cache" and key.config != config_blob(model):
+            raise CaptureKeyMismatch(
+                f"config {key.config} is not the config.json of model {key.model!r} now",
+                expected=config_blob(model),
+            )
+
+    def _limit(self, record: PipelineRecord, key: CaptureKey) -> int:
+        if key.kind == "compile_cache":
+            return int(self.settings.compile_cache_max)
+        model = next(m for m in record.models if m.name == key.model)
+        return int(model.bytes_total * self.settings.weights_factor) + self.settings.weights_slack
+
+
+def _weights_contents(upload: BlobUpload) -> tuple[CaptureStage, list[CaptureTensor]]:
+    """The stage and tensors of an uploaded engine shard set; InvalidCapture when it is not
+    a well-formed safetensors file that says its stage."""
+    try:
+        header = read_header(upload.path)
+    except (HeaderError, OSError) as exc:
+        raise InvalidCapture(f"the capture is not a well-formed safetensors file: {exc}") from None
+    stage: CaptureStage
+    match (header.metadata or {}).get(CAPTURE_STAGE_METADATA):
+        case "processed":
+            stage = "processed"
+        case "loaded":
+            stage = "loaded"
+        case _:
+            raise InvalidCapture(
+                f"the capture's metadata must say {CAPTURE_STAGE_METADATA}: processed or loaded"
+            )
+    if not header.tensors:
+        raise InvalidCapture("the capture holds no tensors")
+    try:
+        buffers = json.loads((header.metadata or {}).get(CAPTURE_BUFFERS_METADATA, "[]"))
+    except ValueError:
+        buffers = None
+    if not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers):
+        raise InvalidCapture(f"{CAPTURE_BUFFERS_METADATA} must be a JSON list of tensor names")
+    tensors = [
+        CaptureTensor(
+            name=t.name,
+            dtype=t.dtype,
+            shape=list(t.shape),
+            offset=t.absolute_offset(header.data_offset),
+            length=t.nbytes,
+            buffer=t.name in buffers,
+        )
+        for t in header.tensors
+    ]
+    return stage, tensors
