@@ -34,6 +34,8 @@ def report_to_node(
             "total": report["total_s"],
         },
     }
+    if report.get("capture") is not None:  # whether a capture was replayed, and if not, why
+        body["capture"] = report["capture"]
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     # The history is a convenience; a load that worked is not failed by it.
     with contextlib.suppress(httpx.HTTPError):

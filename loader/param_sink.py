@@ -7,7 +7,8 @@ of fused ``qkv_proj`` / ``gate_up_proj``, vocab rows), so the only extra memory 
 ring (``slots × slot_size``), whatever the model's size:
 
 - on the CPU, a request that covers one destination of the same dtype is read straight into the
-  parameter's bytes (no staging at all); the others go through the ring;
+  parameter's bytes (no staging at all), unless it is a chunk to verify first; the others go
+  through the ring;
 - on an accelerator, readers fill pinned (CUDA) staging buffers and the copy into the parameter
   runs on a side stream, as :class:`~loader.sinks.RingSink` does.
 
@@ -183,7 +184,9 @@ class ParamSink:
         return found
 
     def acquire(self, request: ReadRequest) -> SinkBuffer:
-        if request.direct and self._cpu:
+        # A request with a chunk digest is staged even on the CPU: its bytes reach the
+        # parameters only once they passed the check, so a chunk that fails changes nothing.
+        if request.direct and self._cpu and request.chunk_digest is None:
             piece = request.pieces[0]
             overlaps = self._overlaps(piece.dest, piece.dest + piece.length)
             if len(overlaps) == 1 and id(overlaps[0]) in self._direct:

@@ -2,9 +2,13 @@
 
 Registered through the ``vllm.general_plugins`` entry point, so it is active in every vLLM
 process (API server, engine core, workers). Options come from ``--model-loader-extra-config``:
-``{"pipeline": ID, "url": ..., "token": ..., "local_dir": ..., "verify": false, "model": NAME}``
-(``url``/``token`` default to ``WEIGHTCACHE_URL``/``WEIGHTCACHE_TOKEN``; ``model`` picks one model
-of a multi-model pipeline, and is required when it has several).
+``{"pipeline": ID, "url": ..., "token": ..., "local_dir": ..., "verify": false, "model": NAME,
+"capture": true, "ready_file": PATH, "engine_version": V}`` (``url``/``token`` default to
+``WEIGHTCACHE_URL``/``WEIGHTCACHE_TOKEN``; ``model`` picks one model of a multi-model pipeline,
+and is required when it has several; ``capture``: replay and upload engine shard sets (true),
+neither (false), or only replay ("replay-only"); ``ready_file``: the upload waits until it
+exists (the launcher creates it once the engine answers); ``engine_version`` replaces vLLM's
+version in capture keys, to test that another version never picks a capture up).
 
 Each worker loads exactly its rank's shard (``tp_size`` = vLLM's tensor-parallel world size) into
 the device its model's parameters are on (CUDA, CPU or another backend), straight into those
@@ -17,6 +21,7 @@ weightcache never needs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -27,7 +32,10 @@ from typing import Any, cast
 import torch
 
 LOAD_FORMAT = "weightcache"
-_KNOWN_KEYS = frozenset({"pipeline", "url", "token", "local_dir", "verify", "model"})
+_KNOWN_KEYS = frozenset({
+    "pipeline", "url", "token", "local_dir", "verify", "model",
+    "capture", "ready_file", "engine_version",
+})
 
 log = logging.getLogger("weightcache.loader")
 
@@ -42,6 +50,13 @@ def parse_extra_config(raw: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError('the weightcache loader needs {"pipeline": ID} in its extra config')
     if "model" in config and (not isinstance(config["model"], str) or not config["model"]):
         raise ValueError('"model" in the weightcache extra config must be a model name')
+    if config.get("capture", True) not in (True, False, "replay-only"):
+        raise ValueError(
+            '"capture" in the weightcache extra config must be true, false or "replay-only"'
+        )
+    for name in ("ready_file", "engine_version"):
+        if name in config and (not isinstance(config[name], str) or not config[name]):
+            raise ValueError(f'"{name}" in the weightcache extra config must be a string')
     return config
 
 
@@ -84,8 +99,19 @@ def load_rank_into(
     as vLLM lays out its models. The report goes to the node's cold-start history; a failure
     is said on stderr and in the log (with its code) before it propagates.
     """
+    with rank_failures(rank, tp_size):
+        started = time.perf_counter()
+        with open_rank_session(options, tp_size=tp_size, rank=rank,
+                               device=_device_of(model)) as session:
+            mode = fill_from_manifest(model, session, options, quantized=quantized)
+        return finish_report(session, options, mode=mode, started=started)
+
+
+@contextlib.contextmanager
+def rank_failures(rank: int, tp_size: int) -> Iterator[None]:
+    """Say a rank's failed load on stderr and in the log (with its code), then re-raise."""
     try:
-        return _load_rank_into(model, options, tp_size=tp_size, rank=rank, quantized=quantized)
+        yield
     except Exception as exc:
         code = getattr(exc, "code", None) or type(exc).__name__
         line = f"weightcache: rank {rank}/{tp_size} load failed: {code}: {exc}"
@@ -94,17 +120,37 @@ def load_rank_into(
         raise
 
 
-def _load_rank_into(
-    model: torch.nn.Module,
-    options: dict[str, Any],
-    *,
-    tp_size: int,
-    rank: int,
-    quantized: bool,
-) -> dict[str, Any]:
-    from clients.load_cli import report_to_node
-    from loader.devices import model_device, synchronize
-    from loader.load import RankSession, iter_tensors, stream_into, tensor_keys
+def _device_of(model: torch.nn.Module) -> torch.device:
+    from loader.devices import model_device
+
+    return model_device(model)
+
+
+def open_rank_session(
+    options: dict[str, Any], *, tp_size: int, rank: int, device: torch.device
+) -> Any:
+    """The rank's leased session (manifest and byte source) from the loader's options."""
+    from loader.load import RankSession
+
+    local_dir = options.get("local_dir")
+    return RankSession(
+        options["pipeline"],
+        tp_size=tp_size,
+        rank=rank,
+        device=device,
+        url=options.get("url"),
+        token=options.get("token"),
+        local_dir=Path(local_dir) if local_dir else None,
+    )
+
+
+def fill_from_manifest(
+    model: torch.nn.Module, session: Any, options: dict[str, Any], *, quantized: bool
+) -> str:
+    """Fill ``model`` from the session's manifest (the rank shard, or full tensors through
+    ``model.load_weights``); returns how, in words."""
+    from loader.devices import model_device
+    from loader.load import iter_tensors, stream_into, tensor_keys
     from loader.vllm_weights import (
         check_all_filled,
         check_layout,
@@ -113,67 +159,71 @@ def _load_rank_into(
     )
 
     device = model_device(model)
-    local_dir = options.get("local_dir")
     verify = bool(options.get("verify", False))
-    started = time.perf_counter()
-    with RankSession(
-        options["pipeline"],
-        tp_size=tp_size,
-        rank=rank,
+    manifest = session.manifest
+    chosen = select_model(manifest, options.get("model"))
+    keys = tensor_keys(manifest)
+    names = {keys[i]: manifest.tensors[i].name for i in chosen}
+    if manifest.mode == "full":
+
+        def named(stream: Iterator[tuple[str, torch.Tensor]]) -> Iterator[Any]:
+            for key, tensor in stream:
+                yield names[key], tensor
+
+        tensors = iter_tensors(
+            manifest,
+            source=session.source,
+            keys=list(names),
+            verify=verify,
+            report=session.report.stream,
+        )
+        loaded = cast(Any, model).load_weights(named(tensors))
+        if loaded is not None and not quantized:
+            # vLLM's DefaultModelLoader runs the same check on unquantized models.
+            check_all_filled(model, loaded, vllm_exemptions=True)
+        return "full tensors through model.load_weights"
+    check_layout(manifest.layout)
+    params, aliases = model_parameters(model)
+    index_of = {key: i for i, key in enumerate(keys)}
+    shapes = [(names[k], tuple(manifest.tensors[index_of[k]].shape)) for k in names]
+    destinations, filled, skipped = plan_destinations(params, shapes, aliases=aliases)
+    check_all_filled(model, filled)  # before a byte is read
+    by_name = {d.name: d.view for d in destinations}
+    session.report.stream = stream_into(
+        manifest,
+        {key: by_name[name] for key, name in names.items() if name in by_name},
+        source=session.source,
         device=device,
-        url=options.get("url"),
-        token=options.get("token"),
-        local_dir=Path(local_dir) if local_dir else None,
-    ) as session:
-        manifest = session.manifest
-        chosen = select_model(manifest, options.get("model"))
-        keys = tensor_keys(manifest)
-        names = {keys[i]: manifest.tensors[i].name for i in chosen}
-        if manifest.mode == "full":
-            mode = "full tensors through model.load_weights"
+        keys=keys,
+        verify=verify,
+    )
+    if skipped:
+        log.info("rank %d skipped %s (vLLM does not load them)", session.rank, skipped)
+    return "rank shard straight into the parameters"
 
-            def named(stream: Iterator[tuple[str, torch.Tensor]]) -> Iterator[Any]:
-                for key, tensor in stream:
-                    yield names[key], tensor
 
-            tensors = iter_tensors(
-                manifest,
-                source=session.source,
-                keys=list(names),
-                verify=verify,
-                report=session.report.stream,
-            )
-            loaded = cast(Any, model).load_weights(named(tensors))
-            if loaded is not None and not quantized:
-                # vLLM's DefaultModelLoader runs the same check on unquantized models.
-                check_all_filled(model, loaded, vllm_exemptions=True)
-        else:
-            mode = "rank shard straight into the parameters"
-            check_layout(manifest.layout)
-            params, aliases = model_parameters(model)
-            index_of = {key: i for i, key in enumerate(keys)}
-            shapes = [(names[k], tuple(manifest.tensors[index_of[k]].shape)) for k in names]
-            destinations, filled, skipped = plan_destinations(params, shapes, aliases=aliases)
-            check_all_filled(model, filled)  # before a byte is read
-            by_name = {d.name: d.view for d in destinations}
-            session.report.stream = stream_into(
-                manifest,
-                {key: by_name[name] for key, name in names.items() if name in by_name},
-                source=session.source,
-                device=device,
-                keys=keys,
-                verify=verify,
-            )
-            if skipped:
-                log.info("rank %d skipped %s (vLLM does not load them)", rank, skipped)
-        synchronize(device)
-    report = session.report.as_dict()
+def finish_report(
+    session: Any,
+    options: dict[str, Any],
+    *,
+    mode: str,
+    started: float,
+    capture: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The rank's report: sent to the node's cold-start history and said in one line."""
+    from clients.load_cli import report_to_node
+
+    report: dict[str, Any] = session.report.as_dict()
     report.update(mode=mode, seconds=time.perf_counter() - started)
-    report_to_node(session.url, session.token, options["pipeline"], report, local=bool(local_dir))
+    if capture is not None:
+        report["capture"] = capture
+    report_to_node(session.url, session.token, options["pipeline"], report,
+                   local=bool(options.get("local_dir")))
     delivered = int(report["bytes_delivered"])
     line = (
-        f"weightcache: rank {rank}/{tp_size} weights {delivered / 1e6:.1f} MB in "
-        f"{report['seconds']:.2f} s ({report['gb_per_s']:.2f} GB/s, {mode}, {device})"
+        f"weightcache: rank {session.rank}/{session.tp_size} weights {delivered / 1e6:.1f} MB "
+        f"in {report['seconds']:.2f} s ({report['gb_per_s']:.2f} GB/s, {mode}, "
+        f"{session.report.device})"
     )
     print(line, file=sys.stderr, flush=True)
     log.info(line)
@@ -181,14 +231,11 @@ def _load_rank_into(
 
 
 def _loader_class() -> type:
-    from vllm.distributed import (
-        get_tensor_model_parallel_rank,
-        get_tensor_model_parallel_world_size,
-    )
     from vllm.model_executor.model_loader import BaseModelLoader
 
     class WeightcacheModelLoader(BaseModelLoader):  # type: ignore[misc]
-        """Streams this rank's weights from the regional cache into its parameters."""
+        """Streams this rank's weights from the regional cache into its parameters, or replays
+        the engine shard set a previous start of the same key uploaded."""
 
         def __init__(self, load_config: Any) -> None:
             super().__init__(load_config)
@@ -198,6 +245,12 @@ def _loader_class() -> type:
             """Nothing to download: the cache node holds the weights."""
 
         def load_weights(self, model: Any, model_config: Any) -> None:
+            """Fill an already built model (vLLM's in-place reload path): no captures."""
+            from vllm.distributed import (
+                get_tensor_model_parallel_rank,
+                get_tensor_model_parallel_world_size,
+            )
+
             load_rank_into(
                 model,
                 self.options,
@@ -206,4 +259,91 @@ def _loader_class() -> type:
                 quantized=getattr(model_config, "quantization", None) is not None,
             )
 
+        def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
+            """vLLM's ``load_model`` (build, fill, post-process) with engine shard sets."""
+            from vllm.utils.torch_utils import set_default_torch_dtype
+
+            from loader.engine_load import load_engine_model
+
+            engine = _VllmEngine(self, vllm_config, model_config, prefix)
+            with set_default_torch_dtype(model_config.dtype):
+                model = load_engine_model(engine, self.options)
+            return model.eval()
+
     return WeightcacheModelLoader
+
+
+class _VllmEngine:
+    """vLLM as ``loader.engine_load.Engine`` sees it: the model's construction and
+    post-processing as vLLM's ``BaseModelLoader.load_model`` runs them, and the facts of a
+    capture key."""
+
+    def __init__(self, loader: Any, vllm_config: Any, model_config: Any, prefix: str) -> None:
+        import vllm
+        from vllm.distributed import (
+            get_pp_group,
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        from loader.engine_load import EngineFacts
+
+        self.loader = loader
+        self.vllm_config = vllm_config
+        self.model_config = model_config
+        self.prefix = prefix
+        load_device = vllm_config.load_config.device or vllm_config.device_config.device
+        self.target = torch.device(load_device)
+        pp = get_pp_group()
+        quantization = getattr(model_config, "quantization", None)
+        self.facts = EngineFacts(
+            engine="vllm",
+            engine_version=str(vllm.__version__),
+            tp_size=get_tensor_model_parallel_world_size(),
+            rank=get_tensor_model_parallel_rank(),
+            pp_size=pp.world_size,
+            pp_rank=pp.rank_in_group,
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            quantization=str(quantization) if quantization else None,
+        )
+
+    def create_model(self) -> torch.nn.Module:
+        with self.target:
+            model: torch.nn.Module = self.loader.create_model(
+                vllm_config=self.vllm_config, model_config=self.model_config, prefix=self.prefix
+            )
+        return model
+
+    def post_process(self, model: torch.nn.Module, *, already_processed: bool) -> None:
+        import gc
+
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_processing
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+        from vllm.model_executor.utils import weights_already_processed
+
+        gc.collect()
+        torch.accelerator.empty_cache()
+        if already_processed:
+            # vLLM's contract for weights in runtime format (its ipc_cache uses it too):
+            # quantisation methods skip their transforms and rebuild only what is not a tensor
+            with weights_already_processed():
+                process_weights_after_loading(model, self.model_config, self.target)
+        else:
+            if any(getattr(getattr(m, "quant_method", None), "uses_meta_device", False)
+                   for m in model.modules()):
+                finalize_layerwise_processing(model, self.model_config)
+            process_weights_after_loading(model, self.model_config, self.target)
+        gc.collect()
+        torch.accelerator.empty_cache()
+
+    def processed_blocker(self, model: torch.nn.Module) -> str | None:
+        from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+
+        quant_methods = [getattr(m, "quant_method", None) for m in model.modules()]
+        methods = {type(q).__name__ for q in quant_methods
+                   if isinstance(q, QuantizeMethodBase) and not q.supports_pre_processed_weights}
+        if any(getattr(q, "uses_meta_device", False) for q in quant_methods):
+            methods.add("online quantisation")
+        if methods:
+            return f"{', '.join(sorted(methods))} cannot take post-processed weights back"
+        return None

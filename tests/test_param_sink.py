@@ -145,3 +145,34 @@ def test_a_destination_that_does_not_fit_is_refused() -> None:
         with pytest.raises(WeightMismatch) as caught:
             plan_param_stream([tensor], {"w": bad}, keys=["w"])
         assert caught.value.code in {"shape_mismatch", "not_contiguous"}
+
+
+def test_a_chunk_that_fails_its_digest_never_reaches_the_parameters() -> None:
+    # Two tensors, each exactly one digest chunk: on the CPU each would be read straight into
+    # its parameter. The second chunk arrives corrupted: the load fails, and that parameter
+    # still holds what it held, not one unverified byte (a capture replay then falls back).
+    import xxhash
+
+    from loader.errors import IntegrityError
+    from loader.ranges import BlobDigests
+
+    good = [torch.arange(16, dtype=torch.float32) + 100 * i for i in range(2)]
+    data = b"".join(t.numpy().tobytes() for t in good)
+    chunk = len(data) // 2
+    digests = {BLOB: BlobDigests(len(data), chunk, tuple(
+        xxhash.xxh3_128_hexdigest(data[i : i + chunk]) for i in (0, chunk)))}
+    tensors = [ManifestTensor(model="m", name=f"t{i}", dtype="F32", shape=[16], blob=BLOB,
+                              offset=i * chunk, length=chunk) for i in range(2)]
+    destinations = {f"t{i}": torch.full((16,), -1.0) for i in range(2)}
+    segments, ranges = plan_param_stream(tensors, destinations, keys=["t0", "t1"], merge=False)
+    corrupted = bytearray(data)
+    corrupted[-1] ^= 0xFF
+    sink = ParamSink(segments, device="cpu", slots=2, slot_size=chunk)
+    try:
+        with pytest.raises(IntegrityError):
+            stream(ranges, source=BytesSource({BLOB: bytes(corrupted)}), sink=sink,
+                   digests=digests, workers=1)
+    finally:
+        sink.close()
+    assert torch.equal(destinations["t0"], good[0])  # its chunk verified: delivered
+    assert torch.equal(destinations["t1"], torch.full((16,), -1.0))
