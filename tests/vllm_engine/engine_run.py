@@ -50,6 +50,8 @@ def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         distributed_executor_backend="mp" if run.get("tp", 1) > 1 else None,
     )
     ready = time.monotonic()
+    if run.get("ready_file"):  # the engine is ready: captures may upload now
+        Path(run["ready_file"]).touch()
     try:
         params = SamplingParams(
             temperature=0.0,
@@ -61,8 +63,8 @@ def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         prompts: list[Any] = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
         results = llm.generate(prompts, params, use_tqdm=False)
         outputs = []
-        for result in results:
-            completion = result.outputs[0]
+        for generated in results:
+            completion = generated.outputs[0]
             outputs.append({
                 "tokens": list(completion.token_ids),
                 "logprobs": [
@@ -70,16 +72,42 @@ def run_one(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
                     for step in (completion.logprobs or [])
                 ],
             })
-        return {
+        result: dict[str, Any] = {
             "outputs": outputs,
             "loads": _probed_loads(probe),
             "start_s": round(ready - started, 2),
             "generate_s": round(time.monotonic() - ready, 2),
         }
+        if run.get("await_captures"):  # before the workers (and their uploads) go
+            result["captures"] = _await_captures(**run["await_captures"])
+        return result
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         _teardown()
+
+
+def _await_captures(url: str, pipeline: str, count: int, timeout_s: float = 120) -> Any:
+    """The pipeline's captures once ``count`` of them are there (the workers upload them in
+    the background); what there is at ``timeout_s``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = httpx.get(f"{url}/v1/pipelines/{pipeline}/captures", timeout=10).json()
+        captures = listed.get("captures", [])
+        if len(captures) >= count or time.monotonic() > deadline:
+            return captures
+        time.sleep(0.2)
+
+
+def load_reports(url: str, pipeline: str, since: float) -> list[dict[str, Any]]:
+    """The load reports the node recorded for ``pipeline`` since ``since`` (oldest first)."""
+    import httpx
+
+    loads = httpx.get(f"{url}/v1/pipelines/{pipeline}/loads", timeout=10).json()["loads"]
+    return sorted((r for r in loads if (r.get("at") or 0) >= since),
+                  key=lambda r: (r.get("at") or 0, r.get("rank", 0)))
 
 
 def _probed_loads(probe: Path | None) -> list[dict[str, Any]] | None:
@@ -110,22 +138,51 @@ def bytes_served(metrics_url: str | None) -> float | None:
     raise RuntimeError(f"{metrics_url} has no weightcache_bytes_served_total")
 
 
+def run_and_record(run: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """One run: its result, or its traceback; with the node's bytes and load reports."""
+    print(f"engine_run: {run['name']} starting", file=sys.stderr, flush=True)
+    before = bytes_served(spec.get("metrics_url"))
+    since = time.time()
+    try:
+        result = run_one(run, spec)
+        after = bytes_served(spec.get("metrics_url"))
+        if before is not None and after is not None:
+            result["bytes_served"] = after - before
+        if run.get("reports"):
+            result["reports"] = load_reports(run["reports"]["url"], run["reports"]["pipeline"],
+                                             since)
+    except Exception:
+        result = {"error": traceback.format_exc()}
+        _teardown()
+    print(f"engine_run: {run['name']} done", file=sys.stderr, flush=True)
+    return result
+
+
+def serve() -> int:
+    """``engine_run.py --serve``: one JSON request a line on stdin, ``{"run": RUN, "spec":
+    SPEC, "out": PATH}`` (or ``{"quit": true}``); each result is written to its ``out`` whole,
+    so a test can act between engines (corrupt a blob, register again) with vLLM imported once.
+    """
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("quit"):
+            break
+        result = run_and_record(request["run"], request["spec"])
+        out = Path(request["out"])
+        temp = out.with_name(f".{out.name}.tmp")
+        temp.write_text(json.dumps(result))
+        temp.replace(out)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[1:] == ["--serve"]:
+        return serve()
     spec = json.loads(Path(argv[1]).read_text())
     out = Path(argv[2])
     report: dict[str, Any] = {}
     for run in spec["runs"]:
-        print(f"engine_run: {run['name']} starting", file=sys.stderr, flush=True)
-        before = bytes_served(spec.get("metrics_url"))
-        try:
-            report[run["name"]] = run_one(run, spec)
-            after = bytes_served(spec.get("metrics_url"))
-            if before is not None and after is not None:
-                report[run["name"]]["bytes_served"] = after - before
-        except Exception:
-            report[run["name"]] = {"error": traceback.format_exc()}
-            _teardown()
-        print(f"engine_run: {run['name']} done", file=sys.stderr, flush=True)
+        report[run["name"]] = run_and_record(run, spec)
         out.write_text(json.dumps(report))  # written after every run: a crash keeps the rest
     return 0
 

