@@ -297,6 +297,13 @@ with these additions (a flag the command already has is left as it is):
 Each vLLM worker then streams only its own rank's shard (cut in vLLM's layout) into its
 parameters. The token goes to the engine as $WEIGHTCACHE_TOKEN, never on its command line.
 
+Engine shard sets: where a rank's load needed vLLM's weight loaders (architectures outside
+the Llama family at TP > 1, quantised checkpoints), each worker uploads its final tensors once
+the engine answers; later starts of the same key replay them. Compile cache: with compilation
+on (no --enforce-eager), the engine's compile cache for this pipeline is fetched into
+$VLLM_CACHE_ROOT before the engine starts (default: a directory beside the staged files) and
+uploaded after the first start that compiled something (at most --compile-cache-limit MiB).
+
 It prints the cold start: waiting for warm, staging files, each rank's weights (bytes,
 seconds, GB/s, printed by the plugin inside vLLM), and engine ready (when /health answers).
 
@@ -318,6 +325,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         token=args.token,
         model=args.model,
         exec_=args.exec_,
+        compile_cache_limit=args.compile_cache_limit << 20,
     )
     return code
 
@@ -431,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         "launch",
         help="start vLLM on a pipeline: launch ID -- vllm serve",
         description=LAUNCH_HELP,
-        usage="weightcache launch ID [--tp-size N] [--model NAME] [--exec] -- COMMAND ...",
+        usage="weightcache launch ID [--tp-size N] [--model NAME] [--compile-cache-limit MIB] "
+        "[--exec] -- COMMAND ...",
     )
     launch.add_argument("id", help="the pipeline")
     launch.add_argument(
@@ -448,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="exec_",
         action="store_true",
         help="replace this process with the engine (no 'engine ready' line)",
+    )
+    launch.add_argument(
+        "--compile-cache-limit",
+        type=int,
+        default=1024,
+        metavar="MIB",
+        help="the largest compile cache uploaded to the node, in MiB (default 1024; 0: no "
+        "compile cache, neither fetched nor uploaded)",
     )
     launch.add_argument("command", nargs="*", help="the engine command, after --")
     launch.set_defaults(func=cmd_launch)

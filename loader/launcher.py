@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -27,6 +27,7 @@ import httpx
 
 from clients.client import Client, default_token, default_url
 from clients.errors import UsageError, raise_for_status
+from loader.compile_cache import CompileCache
 
 _BLOCK = 1 << 20
 
@@ -42,6 +43,7 @@ def launch_command(
     tp_size: int,
     url: str,
     model: str | None = None,
+    ready_file: Path | None = None,
 ) -> list[str]:
     """The command vLLM runs: ``command`` with the model dir and loader flags added.
 
@@ -58,6 +60,8 @@ def launch_command(
     options: dict[str, object] = {"pipeline": pipeline, "url": url}
     if model is not None:
         options["model"] = model
+    if ready_file is not None:  # engine shard sets upload once the engine answers
+        options["ready_file"] = str(ready_file)
     flags = {
         "--load-format": "weightcache",
         "--model-loader-extra-config": json.dumps(options),
@@ -138,11 +142,15 @@ def launch(
     root: Path | None = None,
     model: str | None = None,
     exec_: bool = False,
+    compile_cache_limit: int = 1 << 30,
 ) -> int:
     """Prepare and run ``command``; returns its exit code.
 
     By default the engine runs as a child: signals are passed on to it and the launcher prints
-    when it is ready. ``exec_`` replaces this process with the engine instead (no ready line).
+    when it is ready; then the engine's workers upload their engine shard sets (when their
+    load needed one) and the launcher the engine's compile cache (at most
+    ``compile_cache_limit`` bytes; 0: no compile cache). ``exec_`` replaces this process with
+    the engine instead (no ready line, and nothing uploaded: no one is left to say when).
     """
     if not command:
         raise LaunchError("launch needs the engine command after --, e.g. -- vllm serve")
@@ -163,20 +171,42 @@ def launch(
             f"staged {staged / 1e6:.1f} MB of config and tokenizer files in "
             f"{time.monotonic() - mark:.2f} s into {model_dir}"
         )
+        manifest = client.manifest(pipeline, tp_size=tp_size, rank=0)
+    ready_file = None if exec_ else model_dir.parent / f".{model_dir.name}.ready-{os.getpid()}"
     argv = launch_command(
-        command, pipeline=pipeline, model_dir=model_dir, tp_size=tp_size, url=url, model=model
+        command, pipeline=pipeline, model_dir=model_dir, tp_size=tp_size, url=url, model=model,
+        ready_file=ready_file,
     )
-    _say(f"{'exec' if exec_ else 'run'} {' '.join(argv)}")
     env = dict(os.environ, WEIGHTCACHE_URL=url)
     if token:
         env["WEIGHTCACHE_TOKEN"] = token
+    compile_cache = CompileCache.prepare(
+        argv, manifest=manifest, model=model, tp_size=tp_size, model_dir=model_dir, url=url,
+        token=token, pipeline=pipeline, env=env, limit=compile_cache_limit, say=_say,
+    )
+    _say(f"{'exec' if exec_ else 'run'} {' '.join(argv)}")
     if exec_:
         os.execvpe(argv[0], argv, env)
-    return _supervise(argv, env, started=started)
+
+    def ready() -> None:
+        assert ready_file is not None
+        ready_file.touch()
+        if compile_cache is not None:
+            compile_cache.after_ready()
+
+    try:
+        return _supervise(argv, env, started=started, on_ready=ready)
+    finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
 
 
-def _supervise(argv: list[str], env: dict[str, str], *, started: float) -> int:
-    """Run the engine as a child, pass signals on, and say when it answers ``/health``."""
+def _supervise(
+    argv: list[str], env: dict[str, str], *, started: float,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Run the engine as a child, pass signals on, and say when it answers ``/health``
+    (then call ``on_ready``, in the watcher's thread)."""
     child = subprocess.Popen(argv, env=env)
     done = threading.Event()
 
@@ -191,7 +221,7 @@ def _supervise(argv: list[str], env: dict[str, str], *, started: float) -> int:
     target = health_url(argv)
     if target is not None:
         watcher = threading.Thread(
-            target=_watch_ready, args=(target, child, done, started), daemon=True
+            target=_watch_ready, args=(target, child, done, started, on_ready), daemon=True
         )
         watcher.start()
     try:
@@ -208,17 +238,21 @@ def _supervise(argv: list[str], env: dict[str, str], *, started: float) -> int:
 
 
 def _watch_ready(
-    target: str, child: subprocess.Popen[bytes], done: threading.Event, started: float
+    target: str, child: subprocess.Popen[bytes], done: threading.Event, started: float,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     with httpx.Client(timeout=2.0) as http:
         while not done.is_set() and child.poll() is None:
             try:
-                if http.get(target).status_code == 200:
-                    _say(
-                        f"engine ready ({target} answers) {time.monotonic() - started:.1f} s "
-                        "after launch"
-                    )
-                    return
+                answered = http.get(target).status_code == 200
             except httpx.HTTPError:
-                pass
+                answered = False
+            if answered:
+                _say(
+                    f"engine ready ({target} answers) {time.monotonic() - started:.1f} s "
+                    "after launch"
+                )
+                if on_ready is not None:
+                    on_ready()
+                return
             done.wait(0.5)

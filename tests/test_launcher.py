@@ -123,6 +123,11 @@ def test_launch_prints_the_cold_start_and_serves_one_model_of_two(
     seen = json.loads((tmp_path / "engine.py.json").read_text())
     argv = seen["argv"]
     options = json.loads(argv[argv.index("--model-loader-extra-config") + 1])
+    # the workers' engine shard sets wait for this file: created once the engine answered,
+    # gone when the launch ends
+    ready_file = Path(options.pop("ready_file"))
+    assert ready_file.name.startswith(".llm.ready-")
+    assert not ready_file.exists()
     assert options == {"pipeline": "two", "url": node.url, "model": "llm"}
     model_dir = Path(argv[1])
     assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 2003

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -53,6 +54,12 @@ def engine_env(**extra: str) -> dict[str, str]:
     """The environment of a vLLM process: :data:`ENGINE_ENV`, this checkout first on the path."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, **ENGINE_ENV, "PYTHONPATH": path, **extra}
+
+
+def machine() -> dict[str, Any]:
+    """Where figures were measured, for the JSON they are saved in."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
 
 
 def artifact(name: str) -> Path:

@@ -31,6 +31,7 @@ from tests.vllm_engine.harness import (
     EngineSession,
     artifact,
     assert_same_outputs,
+    machine,
     node_process,
     outputs_of,
     register,
@@ -208,8 +209,13 @@ def test_the_second_start_replays_one_nth_of_the_split_bytes_per_rank(
     by_rank = {c["key"]["rank"]: c for c in runs.captures}
     first = _reports(runs, "first")
     per_rank: dict[int, dict[str, float]] = {}
-    figures = {"checkpoint_bytes": runs.checkpoint_bytes, "split_bytes": split_total,
-               "replicated_bytes": replicated, "ranks": per_rank}
+    key = runs.captures[0]["key"]
+    figures = {"benchmark": "captures", **machine(),
+               "engine": f"vllm {key['engine_version']} ({key['device']})",
+               "model": f"{BASE.name} (GPT-2, float32), TP {TP}",
+               "checkpoint_bytes": runs.checkpoint_bytes, "split_bytes": split_total,
+               "replicated_bytes": replicated,
+               "capture_bytes": sum(c["bytes"] for c in runs.captures), "ranks": per_rank}
     for rank, report in _reports(runs, "replay").items():
         use = report["capture"]
         assert use["used"] is True, use
