@@ -17,8 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
+from api.schema import CaptureKey
+from loader.captures import CaptureClient, CapturePayload
 from loader.load import load
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
@@ -129,6 +132,21 @@ def _report_real_loads(node: RunningNode, pipeline_id: str) -> None:
             assert answer.status_code == 202, answer.text
 
 
+def _upload_captures(node: RunningNode, pipeline_id: str) -> None:
+    """Both ranks' engine shard sets at TP 2, as a replica's workers upload them."""
+    with node.client("tok-a") as client, \
+            CaptureClient(node.url, pipeline_id, token="tok-a") as captures:
+        manifest = client.get(f"/v1/pipelines/{pipeline_id}/manifest",
+                              params={"tp_size": 2, "rank": 0}).json()
+        for rank in range(2):
+            key = CaptureKey(kind="weights", model="llm", engine="vllm", engine_version="0.32.0",
+                             tp_size=2, rank=rank, pp_size=1, pp_rank=0, dtype="float32",
+                             quantization="none", device="cpu-x86_64-avx2",
+                             snapshot=manifest["snapshots"]["llm"])
+            tensors = {"w": torch.full((64, 64), float(rank))}
+            captures.upload_payload(key, CapturePayload.build(tensors, stage="loaded"))
+
+
 def _progress(page: Page, pipeline_id: str) -> float:
     fill = page.locator(f'.card[data-pipeline="{pipeline_id}"] .progress-fill')
     return float(fill.get_attribute("data-progress") or "nan")
@@ -167,6 +185,7 @@ def test_dashboard_shows_states_progress_and_failures_for_one_tenant(
             failed = wait_for_state(a, "summarizer-beta", {"warm", "failed"})
             assert failed["state"] == "failed", failed
             _report_real_loads(node, "chat-assistant")
+            _upload_captures(node, "chat-assistant")
 
             errors: list[str] = []
             page = browser.new_page(viewport={"width": 1440, "height": 900})
@@ -210,6 +229,12 @@ def test_dashboard_shows_states_progress_and_failures_for_one_tenant(
             assert chat.locator('.shard[data-ready="ready"]').count() == 2
             assert chat.locator(".badge.pinned").count() == 1
             assert chat.locator(".loads tbody tr").count() == 4
+            # both ranks' engine shard sets, as one line: what they are for, ranks and bytes
+            assert chat.locator(".capture").count() == 1
+            captured = chat.locator(".capture").inner_text()
+            assert "llm · TP 2 · float32" in captured
+            assert "vllm 0.32.0" in captured
+            assert "ranks 0, 1 · loaded tensors" in captured
             summarizer = page.locator('.card[data-pipeline="summarizer-beta"]')
             assert summarizer.locator(".chip").inner_text() == "cache: failed"
             error = failed["error"]

@@ -410,6 +410,7 @@
       const ready = (p.shards && p.shards[String(tp)]) || "pending";
       return `<span class="shard" data-ready="${esc(ready)}" data-tp="${tp}"><b>TP ${tp}</b>${esc(ready)}</span>`;
     }).join("");
+    const captures = capturesList(p);
     let error = "";
     if (p.error) {
       const retry = p.error.retry_at
@@ -451,7 +452,39 @@
       ${error}${note}${actions}
       <div class="section"><div class="section-title">Models</div><div class="models">${models}</div>${unverified}</div>
       <div class="section"><div class="section-title">Tensor-parallel shards</div><div class="shards">${shards}</div></div>
+      ${captures}
       <div class="section"><div class="section-title">Recent loads</div>${loadsTable(p)}</div>`;
+  }
+
+  // Engine shard sets (one per TP rank) and compile caches replicas uploaded: grouped by
+  // what they were made for, each group's ranks and bytes. Nothing when there is none.
+  function capturesList(p) {
+    const captures = p.captures || [];
+    if (!captures.length) return "";
+    const groups = new Map();
+    for (const c of captures) {
+      const k = c.key;
+      const what = k.kind === "weights"
+        ? `${k.model} · TP ${k.tp_size} · ${k.dtype}${k.quantization !== "none" ? ` ${k.quantization}` : ""}`
+        : `${k.model} · compile cache · TP ${k.tp_size}`;
+      const where = `${k.engine} ${k.engine_version} · ${k.device}`;
+      const key = `${k.kind}|${what}|${where}|${c.stage || ""}`;
+      const group = groups.get(key) || { kind: k.kind, what, where, stage: c.stage, ranks: [], bytes: 0, at: 0 };
+      if (k.rank !== null && k.rank !== undefined) group.ranks.push(k.rank);
+      group.bytes += c.bytes;
+      group.at = Math.max(group.at, c.created_at);
+      groups.set(key, group);
+    }
+    const rows = [...groups.values()].map((g) => {
+      const ranks = g.ranks.length ? `ranks ${g.ranks.sort((a, b) => a - b).join(", ")}` : "";
+      const stage = g.stage ? `${g.stage} tensors` : "";
+      return `<div class="capture" data-kind="${esc(g.kind)}">
+          <span class="capture-what">${esc(g.what)}</span>
+          <span class="capture-where">${esc(g.where)}</span>
+          <span class="capture-size">${esc([ranks, stage, fmtBytes(g.bytes), fmtRelative(g.at)].filter(Boolean).join(" · "))}</span>
+        </div>`;
+    }).join("");
+    return `<div class="section"><div class="section-title">Engine captures</div><div class="captures">${rows}</div></div>`;
   }
 
   function makeCard(key) {
