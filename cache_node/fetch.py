@@ -49,11 +49,13 @@ from cache_node.errors import (
 from cache_node.metrics import NodeMetrics
 from cache_node.origins.base import Origin, OriginFile
 from cache_node.settings import FetchSettings
-from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation, feed_region
+from cache_node.store import BlobRecord, BlobStore, Reservation
 from cache_node.tasks import run_all
 from cache_node.verified import VerifiedObjects, object_key
+from loader.digests import BlobHasher, feed_region
 
 ProgressCallback = Callable[[int], None]
+#: The verifier reads this much of the partial file at a time.
 _HASH_BLOCK = 8 * 1024 * 1024
 #: How often finished parts are made durable for resume (seconds).
 FLUSH_INTERVAL_S = 0.5
@@ -285,9 +287,9 @@ class Fetcher:
         record = await anyio.to_thread.run_sync(
             lambda: self.store.publish(
                 partial,
-                sha256=digests.sha256_hex,
+                sha256=digests.blob.sha256_hex,
                 size=file.size,
-                chunk_xxh3_128=digests.chunks,
+                chunk_xxh3_128=digests.blob.chunks(),
                 verified=file.has_digest,
                 reservation=reservation,
             )
@@ -379,8 +381,6 @@ class Fetcher:
         for index, (start, end) in enumerate(parts):
             await ready[index].wait()
             await anyio.to_thread.run_sync(digests.update_from, fd, start, end)
-        if not parts:
-            digests.update(b"")
 
 
 def _exhausted(error: OriginError, file: OriginFile, attempts: int) -> OriginError:
@@ -422,10 +422,11 @@ def _write_and_hash(fd: int, data: bytes, offset: int, part_hash: Any) -> None:
 
 
 class _Digests:
-    """Every digest of one file, fed in order: sha256, optional git sha1 and md5, chunk xxh3."""
+    """Every digest of one origin file, fed in order: the blob's sha256 and chunk digests, plus
+    the git sha1 or md5 when those are all the origin declared."""
 
     def __init__(self, file: OriginFile) -> None:
-        self.sha256 = hashlib.sha256()
+        self.blob = BlobHasher()
         # The blob is named by its sha256, so that one is always computed; a weaker digest is
         # computed only when the origin declared no sha256 to check against.
         self.git_sha1 = (
@@ -438,48 +439,24 @@ class _Digests:
             if file.md5 and not file.sha256 and not file.git_sha1
             else None
         )
-        self.chunks: list[str] = []
-        self._chunk = xxhash.xxh3_128()
-        self._chunk_fill = 0
-        self.size = 0
 
     def update(self, data: bytes) -> None:
-        self.sha256.update(data)
+        self.blob.update(data)
         if self.git_sha1 is not None:
             self.git_sha1.update(data)
         if self.md5 is not None:
             self.md5.update(data)
-        view = memoryview(data)
-        while view:
-            take = min(len(view), CHUNK_SIZE - self._chunk_fill)
-            self._chunk.update(view[:take])
-            self._chunk_fill += take
-            view = view[take:]
-            if self._chunk_fill == CHUNK_SIZE:
-                self.chunks.append(self._chunk.hexdigest())
-                self._chunk = xxhash.xxh3_128()
-                self._chunk_fill = 0
-        self.size += len(data)
 
     def update_from(self, fd: int, start: int, end: int) -> None:
-        position = start
-        while position < end:
-            data = os.pread(fd, min(_HASH_BLOCK, end - position), position)
-            if not data:
-                raise OSError(f"partial file shorter than expected at byte {position}")
-            self.update(data)
-            position += len(data)
-
-    @property
-    def sha256_hex(self) -> str:
-        return self.sha256.hexdigest()
+        """Feed ``[start, end)`` of the partial file; OSError if it is shorter."""
+        fed = feed_region(fd, start, end - start, self, block_size=_HASH_BLOCK)
+        if fed < end - start:
+            raise OSError(f"partial file shorter than expected at byte {start + fed}")
 
     def check(self, file: OriginFile) -> None:
-        if self._chunk_fill or not self.chunks:
-            self.chunks.append(self._chunk.hexdigest())
-            self._chunk_fill = 0
+        """Raise IntegrityError unless every digest the origin declared matches the bytes."""
         expected_actual = [
-            ("sha256", file.sha256, self.sha256.hexdigest()),
+            ("sha256", file.sha256, self.blob.sha256_hex),
             ("git-sha1", file.git_sha1 if self.git_sha1 else None,
              self.git_sha1.hexdigest() if self.git_sha1 else None),
             ("md5", file.md5 if self.md5 else None, self.md5.hexdigest() if self.md5 else None),

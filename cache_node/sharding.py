@@ -37,7 +37,6 @@ for that TP size and reports the message.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -48,9 +47,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
-import xxhash
 
 from cache_node.errors import IntegrityError, InvalidInput
+from loader.digests import CHUNK_SIZE, BlobHasher
+from loader.preads import read_into_at
 from loader.safetensors_format import DTYPE_SIZES, SafetensorsHeader, encode_header
 
 __all__ = [
@@ -73,8 +73,6 @@ __all__ = [
     "write_rank_shards",
 ]
 
-#: Blobs carry one xxh3-128 digest per chunk of this many bytes (the last chunk may be shorter).
-CHUNK_SIZE = 64 * 1024 * 1024
 #: How many source bytes are read at once while writing: memory stays bounded by about this
 #: (plus one row when a single row is larger), whatever the model's size.
 _BLOCK_SIZE = 16 * 1024 * 1024
@@ -566,15 +564,12 @@ def _read_blocks(
     while offset < end:
         want = min(max(block_size, 1), end - offset)
         view = memoryview(bytearray(want))
-        got = 0
-        while got < want:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:
-                # The plan came from this file's header: a shorter file is a damaged blob.
-                raise IntegrityError(
-                    f"source file ends at byte {offset + got}; a tensor needs bytes up to {end}"
-                )
-            got += n
+        got = read_into_at(fd, view, offset)
+        if got < want:
+            # The plan came from this file's header: a shorter file is a damaged blob.
+            raise IntegrityError(
+                f"source file ends at byte {offset + got}; a tensor needs bytes up to {end}"
+            )
         offset += want
         yield view
 
@@ -587,12 +582,7 @@ class _HashingWriter:
     def __init__(self, path: Path, handle: BinaryIO, chunk_size: int) -> None:
         self.path = path
         self._handle = handle
-        self._chunk_size = chunk_size
-        self._sha256 = hashlib.sha256()
-        self._chunk = xxhash.xxh3_128()
-        self._chunk_used = 0
-        self._chunks: list[str] = []
-        self.size = 0
+        self._hasher = BlobHasher(chunk_size=chunk_size)
 
     @classmethod
     def create(cls, out_dir: Path, tp_size: int, rank: int, chunk_size: int) -> _HashingWriter:
@@ -606,17 +596,7 @@ class _HashingWriter:
         # Flat bytes: a numpy buffer's memoryview is n-dimensional and len() counts its rows.
         view = memoryview(data).cast("B")
         self._handle.write(view)
-        self._sha256.update(view)
-        self.size += len(view)
-        while len(view):
-            take = min(len(view), self._chunk_size - self._chunk_used)
-            self._chunk.update(view[:take])
-            self._chunk_used += take
-            view = view[take:]
-            if self._chunk_used == self._chunk_size:
-                self._chunks.append(self._chunk.hexdigest())
-                self._chunk = xxhash.xxh3_128()
-                self._chunk_used = 0
+        self._hasher.update(view)
 
     def write_zeros(self, count: int) -> None:
         while count > 0:
@@ -626,9 +606,6 @@ class _HashingWriter:
 
     def finish(self) -> None:
         """Flush and fsync: the bytes are on disk before anyone hashes or publishes them."""
-        if self._chunk_used:
-            self._chunks.append(self._chunk.hexdigest())
-            self._chunk_used = 0
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
@@ -644,9 +621,9 @@ class _HashingWriter:
             rank=rank,
             tp_size=tp_size,
             path=self.path,
-            size=self.size,
-            sha256=self._sha256.hexdigest(),
-            chunk_size=self._chunk_size,
-            chunk_xxh3_128=tuple(self._chunks),
+            size=self._hasher.size,
+            sha256=self._hasher.sha256_hex,
+            chunk_size=self._hasher.chunk_size,
+            chunk_xxh3_128=tuple(self._hasher.chunks()),
             tensors=tensors,
         )

@@ -25,17 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from cache_node.disk import DiskGuard, allocated_bytes, is_no_space
 from cache_node.errors import InsufficientStorage, IntegrityError, InvalidInput, NotFound
 from cache_node.metadata import KeyValue
+from loader.digests import CHUNK_SIZE, hash_region
+from loader.preads import read_at
 
-CHUNK_SIZE = 64 * 1024 * 1024
 _HEX = frozenset("0123456789abcdef")
 _READ_BLOCK = 8 * 1024 * 1024
-#: Hashing reads this much at a time: a check holds 1 MiB, not the 64 MiB chunk it covers.
-_HASH_BLOCK = 1024 * 1024
 
 
 def check_sha256(sha256: str) -> str:
@@ -43,15 +40,6 @@ def check_sha256(sha256: str) -> str:
     if len(sha256) != 64 or not set(sha256) <= _HEX:
         raise InvalidInput(f"not a sha256 digest: {sha256[:80]!r}", field="sha256")
     return sha256
-
-
-def chunk_digests(data: bytes | memoryview, *, chunk_size: int = CHUNK_SIZE) -> list[str]:
-    """xxh3-128 hex digests of ``data`` in ``chunk_size`` pieces (for small in-memory blobs)."""
-    view = memoryview(data)
-    return [
-        xxhash.xxh3_128_hexdigest(view[i : i + chunk_size])
-        for i in range(0, max(len(view), 1), chunk_size)
-    ] if len(view) else [xxhash.xxh3_128_hexdigest(b"")]
 
 
 @dataclass(frozen=True)
@@ -488,7 +476,7 @@ class BlobStore:
         for index in range(start // record.chunk_size, _ceil_div(end, record.chunk_size)):
             offset = index * record.chunk_size
             length = min(record.chunk_size, record.size - offset)
-            digest = _hash_region(handle.fileno(), offset, length)
+            digest = hash_region(handle.fileno(), offset, length)
             if digest != record.chunk_xxh3_128[index]:
                 self.quarantine(record.sha256, f"chunk {index} mismatch")
                 raise IntegrityError(
@@ -514,7 +502,7 @@ class BlobStore:
             offset = index * record.chunk_size
             length = min(record.chunk_size, record.size - offset)
             if stat.st_size != record.size or (
-                _hash_region(handle.fileno(), offset, length) != record.chunk_xxh3_128[index]
+                hash_region(handle.fileno(), offset, length) != record.chunk_xxh3_128[index]
             ):
                 self.quarantine(record.sha256, f"chunk {index} mismatch")
                 raise IntegrityError(
@@ -556,7 +544,7 @@ class BlobStore:
                         raise IntegrityError(
                             f"blob {sha256} was written to while it was served", sha256=sha256
                         )
-                    piece = os.pread(fd, min(piece_size, stop - position), position)
+                    piece = read_at(fd, min(piece_size, stop - position), position)
                     if not piece:
                         raise IntegrityError(f"blob {sha256} is shorter than its record")
                     yield piece
@@ -636,26 +624,6 @@ def _identity(stat: os.stat_result) -> tuple[int, int, int]:
 
 def _settled(stat: os.stat_result) -> bool:
     return time.time_ns() - stat.st_mtime_ns > _MEMO_SETTLE_NS
-
-
-def feed_region(fd: int, offset: int, length: int, hasher: Any) -> int:
-    """Feed ``length`` bytes of ``fd`` from ``offset`` to ``hasher``; returns the bytes fed
-    (fewer when the file is shorter)."""
-    position = offset
-    stop = offset + length
-    while position < stop:
-        data = os.pread(fd, min(_HASH_BLOCK, stop - position), position)
-        if not data:
-            break
-        hasher.update(data)
-        position += len(data)
-    return position - offset
-
-
-def _hash_region(fd: int, offset: int, length: int) -> str:
-    hasher = xxhash.xxh3_128()
-    feed_region(fd, offset, length, hasher)
-    return str(hasher.hexdigest())
 
 
 def _ceil_div(a: int, b: int) -> int:

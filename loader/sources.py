@@ -17,7 +17,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from loader.content_range import parse_content_range
 from loader.errors import RangeResponseError, SourceError
+from loader.preads import read_into_at
 
 __all__ = ["HttpRangeSource", "LocalFileSource", "RoutingSource", "Source", "blob_path"]
 
@@ -73,19 +75,16 @@ class LocalFileSource:
 
     def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
         fd = self._fd(blob)
-        done = 0
         total = len(buffer)
-        while done < total:
-            try:
-                count = os.preadv(fd, [buffer[done:]], offset + done)
-            except OSError as error:
-                raise SourceError(f"reading blob {blob} at {offset + done}: {error}") from error
-            if count == 0:
-                raise SourceError(
-                    f"blob {blob} is short: no bytes at offset {offset + done} "
-                    f"({total - done} of {total} still wanted)"
-                )
-            done += count
+        try:
+            done = read_into_at(fd, buffer, offset)
+        except OSError as error:
+            raise SourceError(f"reading blob {blob} at {offset}: {error}") from error
+        if done < total:
+            raise SourceError(
+                f"blob {blob} is short: no bytes at offset {offset + done} "
+                f"({total - done} of {total} still wanted)"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -296,9 +295,9 @@ class HttpRangeSource:
                 f"expected 206 for bytes {offset}-{last}, got {response.status}",
                 status=response.status,
             )
-        expected = f"bytes {offset}-{last}/"
         content_range = response.getheader("Content-Range", "")
-        if not content_range.startswith(expected):
+        served = parse_content_range(content_range)
+        if served is None or (served.first, served.last) != (offset, last):
             raise RangeResponseError(
                 f"asked for bytes {offset}-{last}, got Content-Range {content_range!r}"
             )

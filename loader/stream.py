@@ -16,8 +16,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-import xxhash
-
+from loader.digests import chunk_digest
 from loader.errors import IntegrityError
 from loader.ranges import BlobDigests, ByteRange, ReadRequest, plan_requests
 from loader.sinks import Sink
@@ -139,7 +138,7 @@ def _run(
 
 def _check(request: ReadRequest, view: memoryview, report: StreamReport) -> None:
     started = time.perf_counter()
-    actual = xxhash.xxh3_128_hexdigest(view)
+    actual = chunk_digest(view)
     elapsed = time.perf_counter() - started
     with report._lock:
         report.verify_s += elapsed
