@@ -4,8 +4,10 @@ The tree::
 
     WeightCacheError                     code, http_status, message, details
     ├── InvalidInput(ValueError)         400 invalid_input
-    │   └── LocalSourceNotAllowed        400 invalid_input, reason no_local_root /
-    │                                        outside_local_roots / data_dir (file:// sources)
+    │   ├── LocalSourceNotAllowed        400 invalid_input, reason no_local_root /
+    │   │                                    outside_local_roots / data_dir (file:// sources)
+    │   └── ShardingUnsupported          400 unshardable (that TP size is served in full-tensor
+    │                                        mode instead)
     ├── Unauthorized                     401 unauthorized (missing or bad token)
     ├── SourceNotAllowed                 403 source_not_allowed (outside the tenant's sources)
     ├── NotFound(LookupError)            404 not_found (also: another tenant's pipeline or blob)
@@ -70,6 +72,12 @@ class LocalSourceNotAllowed(InvalidInput):
     The code stays ``invalid_input`` (what clients always got for it); ``reason`` tells apart a
     node without ``--local-root`` from a path outside it.
     """
+
+
+class ShardingUnsupported(InvalidInput):
+    """This model cannot be split for this TP size; serve it in full-tensor mode instead."""
+
+    code = "unshardable"
 
 
 class Unauthorized(WeightCacheError):
