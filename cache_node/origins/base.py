@@ -1,8 +1,9 @@
 """The origin protocol: resolve a source to an immutable snapshot, then read byte ranges.
 
 Every origin (Hugging Face, S3, a local directory) implements :class:`Origin`. The fetcher
-(``cache_node.fetch``) owns parallelism, retries, hashing and publishing; an origin only speaks
-its protocol and translates its errors into ``cache_node.errors.OriginError`` and kin.
+(``cache_node.fetch``, one transfer in ``cache_node.transfer``) owns parallelism, retries,
+hashing and publishing; an origin only speaks its protocol and translates its errors into
+``cache_node.errors.OriginError`` and kin.
 """
 
 from __future__ import annotations
