@@ -1,0 +1,25 @@
+"""A region of cache nodes on one Redis: the building blocks a node is wired to.
+
+- :mod:`~cache_node.region.keys`: the Redis key layout, :mod:`~cache_node.region.connection`:
+  the client and the translation of its errors, :mod:`~cache_node.region.errors`: the errors.
+
+Everything here is asyncio (``redis.asyncio``) and talks to Redis only: no disk, no HTTP.
+"""
+
+from __future__ import annotations
+
+from cache_node.region.connection import open_redis, redis_errors
+from cache_node.region.errors import FlightTimeout, LeaseLost, RegionError, RegionUnavailable
+from cache_node.region.keys import RegionKeys, check_blob, check_node_id
+
+__all__ = [
+    "FlightTimeout",
+    "LeaseLost",
+    "RegionError",
+    "RegionKeys",
+    "RegionUnavailable",
+    "check_blob",
+    "check_node_id",
+    "open_redis",
+    "redis_errors",
+]
