@@ -1,5 +1,7 @@
 """A region of cache nodes on one Redis: the building blocks a node is wired to.
 
+- :mod:`~cache_node.region.membership`: heartbeats with TTL expiry, the live nodes, the
+  "Redis unreachable since" state for ``/readyz``, and re-registration when Redis returns.
 - :mod:`~cache_node.region.keys`: the Redis key layout, :mod:`~cache_node.region.connection`:
   the client and the translation of its errors, :mod:`~cache_node.region.errors`: the errors.
 
@@ -11,15 +13,31 @@ from __future__ import annotations
 from cache_node.region.connection import open_redis, redis_errors
 from cache_node.region.errors import FlightTimeout, LeaseLost, RegionError, RegionUnavailable
 from cache_node.region.keys import RegionKeys, check_blob, check_node_id
+from cache_node.region.membership import (
+    REGION_UNREACHABLE,
+    Membership,
+    NodeRecord,
+    NodeReport,
+    NodeState,
+    RejoinReason,
+    live_nodes,
+)
 
 __all__ = [
+    "REGION_UNREACHABLE",
     "FlightTimeout",
     "LeaseLost",
+    "Membership",
+    "NodeRecord",
+    "NodeReport",
+    "NodeState",
     "RegionError",
     "RegionKeys",
     "RegionUnavailable",
+    "RejoinReason",
     "check_blob",
     "check_node_id",
+    "live_nodes",
     "open_redis",
     "redis_errors",
 ]
