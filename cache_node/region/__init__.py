@@ -2,6 +2,7 @@
 
 - :mod:`~cache_node.region.membership`: heartbeats with TTL expiry, the live nodes, the
   "Redis unreachable since" state for ``/readyz``, and re-registration when Redis returns.
+- :mod:`~cache_node.region.placement`: a blob's owner nodes by rendezvous hashing.
 - :mod:`~cache_node.region.keys`: the Redis key layout, :mod:`~cache_node.region.connection`:
   the client and the translation of its errors, :mod:`~cache_node.region.errors`: the errors.
 
@@ -22,8 +23,10 @@ from cache_node.region.membership import (
     RejoinReason,
     live_nodes,
 )
+from cache_node.region.placement import DEFAULT_REPLICAS, owners, rank, score
 
 __all__ = [
+    "DEFAULT_REPLICAS",
     "REGION_UNREACHABLE",
     "FlightTimeout",
     "LeaseLost",
@@ -39,5 +42,8 @@ __all__ = [
     "check_node_id",
     "live_nodes",
     "open_redis",
+    "owners",
+    "rank",
     "redis_errors",
+    "score",
 ]
