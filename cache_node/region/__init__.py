@@ -3,6 +3,7 @@
 - :mod:`~cache_node.region.membership`: heartbeats with TTL expiry, the live nodes, the
   "Redis unreachable since" state for ``/readyz``, and re-registration when Redis returns.
 - :mod:`~cache_node.region.placement`: a blob's owner nodes by rendezvous hashing.
+- :mod:`~cache_node.region.flight`: region-wide single flight, a lease with a fencing token.
 - :mod:`~cache_node.region.keys`: the Redis key layout, :mod:`~cache_node.region.connection`:
   the client and the translation of its errors, :mod:`~cache_node.region.errors`: the errors.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from cache_node.region.connection import open_redis, redis_errors
 from cache_node.region.errors import FlightTimeout, LeaseLost, RegionError, RegionUnavailable
+from cache_node.region.flight import FlightResult, Lease, RegionFlight, Work
 from cache_node.region.keys import RegionKeys, check_blob, check_node_id
 from cache_node.region.membership import (
     REGION_UNREACHABLE,
@@ -28,16 +30,20 @@ from cache_node.region.placement import DEFAULT_REPLICAS, owners, rank, score
 __all__ = [
     "DEFAULT_REPLICAS",
     "REGION_UNREACHABLE",
+    "FlightResult",
     "FlightTimeout",
+    "Lease",
     "LeaseLost",
     "Membership",
     "NodeRecord",
     "NodeReport",
     "NodeState",
     "RegionError",
+    "RegionFlight",
     "RegionKeys",
     "RegionUnavailable",
     "RejoinReason",
+    "Work",
     "check_blob",
     "check_node_id",
     "live_nodes",
