@@ -4,6 +4,7 @@
   "Redis unreachable since" state for ``/readyz``, and re-registration when Redis returns.
 - :mod:`~cache_node.region.placement`: a blob's owner nodes by rendezvous hashing.
 - :mod:`~cache_node.region.flight`: region-wide single flight, a lease with a fencing token.
+- :mod:`~cache_node.region.blob_locations`: which node holds which blob (peers to fill from).
 - :mod:`~cache_node.region.keys`: the Redis key layout, :mod:`~cache_node.region.connection`:
   the client and the translation of its errors, :mod:`~cache_node.region.errors`: the errors.
 
@@ -12,6 +13,7 @@ Everything here is asyncio (``redis.asyncio``) and talks to Redis only: no disk,
 
 from __future__ import annotations
 
+from cache_node.region.blob_locations import BlobLocations
 from cache_node.region.connection import open_redis, redis_errors
 from cache_node.region.errors import FlightTimeout, LeaseLost, RegionError, RegionUnavailable
 from cache_node.region.flight import FlightResult, Lease, RegionFlight, Work
@@ -30,6 +32,7 @@ from cache_node.region.placement import DEFAULT_REPLICAS, owners, rank, score
 __all__ = [
     "DEFAULT_REPLICAS",
     "REGION_UNREACHABLE",
+    "BlobLocations",
     "FlightResult",
     "FlightTimeout",
     "Lease",
