@@ -1,10 +1,11 @@
-"""The region's key layout, errors and settings: a contract the node is wired to."""
+"""The region package's public names, key layout and errors: a contract the node is wired to."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
+import cache_node.region as region
 from cache_node.errors import Conflict, InvalidInput, Overloaded, WeightCacheError
 from cache_node.region import (
     FlightTimeout,
@@ -14,6 +15,43 @@ from cache_node.region import (
     RegionUnavailable,
 )
 from cache_node.settings import NodeSettings, RegionSettings
+
+
+def test_exported_members() -> None:
+    assert sorted(region.__all__) == [
+        "BlobLocations",
+        "DEFAULT_REPLICAS",
+        "FlightResult",
+        "FlightTimeout",
+        "Lease",
+        "LeaseLost",
+        "MIN_SECRET_LENGTH",
+        "Membership",
+        "NodeRecord",
+        "NodeReport",
+        "NodeState",
+        "PEER_SCHEME",
+        "Peer",
+        "REGION_UNREACHABLE",
+        "RegionError",
+        "RegionFlight",
+        "RegionKeys",
+        "RegionSecret",
+        "RegionUnavailable",
+        "RejoinReason",
+        "Work",
+        "check_blob",
+        "check_node_id",
+        "is_peer_authorization",
+        "live_nodes",
+        "open_redis",
+        "owners",
+        "rank",
+        "redis_errors",
+        "score",
+    ]
+    for name in region.__all__:
+        assert hasattr(region, name)
 
 
 def test_keys_are_namespaced_by_region_under_one_hash_tag() -> None:

@@ -5,6 +5,8 @@
 - :mod:`~cache_node.region.placement`: a blob's owner nodes by rendezvous hashing.
 - :mod:`~cache_node.region.flight`: region-wide single flight, a lease with a fencing token.
 - :mod:`~cache_node.region.blob_locations`: which node holds which blob (peers to fill from).
+- :mod:`~cache_node.region.peer_auth`: peers authenticate with the region secret, not as a
+  tenant.
 - :mod:`~cache_node.region.keys`: the Redis key layout, :mod:`~cache_node.region.connection`:
   the client and the translation of its errors, :mod:`~cache_node.region.errors`: the errors.
 
@@ -27,10 +29,19 @@ from cache_node.region.membership import (
     RejoinReason,
     live_nodes,
 )
+from cache_node.region.peer_auth import (
+    MIN_SECRET_LENGTH,
+    PEER_SCHEME,
+    Peer,
+    RegionSecret,
+    is_peer_authorization,
+)
 from cache_node.region.placement import DEFAULT_REPLICAS, owners, rank, score
 
 __all__ = [
     "DEFAULT_REPLICAS",
+    "MIN_SECRET_LENGTH",
+    "PEER_SCHEME",
     "REGION_UNREACHABLE",
     "BlobLocations",
     "FlightResult",
@@ -41,14 +52,17 @@ __all__ = [
     "NodeRecord",
     "NodeReport",
     "NodeState",
+    "Peer",
     "RegionError",
     "RegionFlight",
     "RegionKeys",
+    "RegionSecret",
     "RegionUnavailable",
     "RejoinReason",
     "Work",
     "check_blob",
     "check_node_id",
+    "is_peer_authorization",
     "live_nodes",
     "open_redis",
     "owners",
