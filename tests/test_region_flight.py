@@ -135,6 +135,23 @@ async def test_a_crashed_leaders_lease_expires_and_another_takes_over(
     assert ttl_s / 3 < took < ttl_s + 1.0
 
 
+async def test_a_leader_dead_before_its_first_renewal_blocks_for_one_ttl(
+    redis_server: RedisServer,
+) -> None:
+    """The lease carries its TTL from the start: a holder that dies at once is no exception."""
+    async with nodes(redis_server, 2) as (a, b):
+        lease = await a.acquire("blob-t", ttl_s=0.4)  # then a dies: it never renews
+        assert lease is not None
+        current = await b.current("blob-t")
+        assert current is not None
+        assert 0 < current.ttl_s <= 0.4
+        assert await b.acquire("blob-t", ttl_s=5) is None
+        await asyncio.sleep(0.5)
+        taken = await b.acquire("blob-t", ttl_s=5)
+        assert taken is not None
+        assert taken.token > lease.token
+
+
 async def test_a_stale_leader_is_refused_at_commit(redis_server: RedisServer) -> None:
     async with nodes(redis_server, 3) as (a, b, c):
         stale = await a.acquire("k", ttl_s=0.3)
