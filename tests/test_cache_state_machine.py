@@ -218,7 +218,14 @@ class CacheMachine(RuleBasedStateMachine):
                 if state == "evicted" and before.get(p, ("",))[0] != "evicted"
             }
             assert not newly, f"a 507 evicted {newly}"
-            if before.get(pipeline, ("",))[0] == "warm":  # the new spec failed beside it
+            # A fill that was about to finish may finish on the loop's turn that runs the
+            # registration: then the pipeline was warm when the node looked, and the new spec
+            # failed beside it (same generation), as if it had been warm before.
+            was_warm = before.get(pipeline, ("",))[0] == "warm" or (
+                after[pipeline][0] == "warm"
+                and after[pipeline][2] == before.get(pipeline, ("", None, -1))[2]
+            )
+            if was_warm:  # the new spec failed beside it
                 assert after[pipeline][0] == "warm"
                 status = pipeline_status(self.node, self.node.record(DEFAULT_TENANT, pipeline))
                 assert status.last_attempt is not None
