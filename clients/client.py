@@ -42,6 +42,11 @@ def default_token(token: str | None = None) -> str | None:
     return token or os.environ.get("WEIGHTCACHE_TOKEN") or None
 
 
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The headers that present ``token`` to a node (none without a token)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class WarmFailed(ApiError):
     """A pipeline that was waited on ended ``failed``."""
 
@@ -57,7 +62,7 @@ class _BaseClient:
         self.tenant = tenant
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return auth_headers(self.token)
 
     def _params(self) -> dict[str, str]:
         # Sent with every request: for an admin token it selects whose pipelines it addresses
