@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from api.schema import ModelSpec, PipelineStatus
-from clients.client import Client, WarmFailed, default_url
+from clients.client import Client, default_url
 from clients.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -28,6 +28,7 @@ from clients.errors import (
     ClientError,
     UnreachableError,
     UsageError,
+    WarmFailed,
 )
 from clients.render import print_status_table, wait_with_progress, watch_status
 

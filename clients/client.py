@@ -26,7 +26,7 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
-from clients.errors import EXIT_FAILURE, ApiError, raise_for_status
+from clients.errors import WarmFailed, raise_for_status
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 _TERMINAL_FAILURE = {"failed"}
@@ -45,12 +45,6 @@ def default_token(token: str | None = None) -> str | None:
 def auth_headers(token: str | None) -> dict[str, str]:
     """The headers that present ``token`` to a node (none without a token)."""
     return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-class WarmFailed(ApiError):
-    """A pipeline that was waited on ended ``failed``."""
-
-    exit_code = EXIT_FAILURE
 
 
 class _BaseClient:

@@ -26,13 +26,10 @@ from types import FrameType
 import httpx
 
 from clients.client import Client, default_token, default_url
-from clients.errors import UsageError, raise_for_status
+from clients.errors import raise_for_status
+from loader.errors import LaunchError
 
 _BLOCK = 1 << 20
-
-class LaunchError(UsageError):
-    """The launch cannot start: no command, or a model name the pipeline does not have."""
-
 
 def launch_command(
     command: Sequence[str],

@@ -5,6 +5,7 @@ The CLI runs as users run it: the ``weightcache`` module in a subprocess, its st
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from clients.errors import (
     NotWarmError,
     RateLimitedError,
     ServerError,
+    UsageError,
+    WarmFailed,
     raise_for_status,
 )
 from loader import errors as loader_errors
@@ -143,6 +146,8 @@ def test_the_loader_raises_the_same_classes() -> None:
     # one tree: the loader's names are the client's classes, not look-alikes
     assert loader_errors.NotWarmError is NotWarmError
     assert loader_errors.ServerError is ServerError
+    assert issubclass(loader_errors.LaunchError, UsageError)
+    assert WarmFailed.exit_code == EXIT_FAILURE
     with pytest.raises(NotWarmError) as caught:
         raise_for_status(_answer(409, "not_warm", state="cold"))
     assert caught.value.state == "cold"
@@ -158,3 +163,20 @@ def test_a_data_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
         result = weightcache("serve", "--data-dir", str(tmp_path / "d"), "--port", "0",
                              "--data-port", str(port), "--data-workers", "1")
     assert_one_clear_line(result, EXIT_FAILURE, "data plane", str(port), "--data-port")
+
+
+def test_every_client_side_error_class_is_in_an_errors_module() -> None:
+    # One tree per package, drawn in its errors.py: an error class defined anywhere else in
+    # clients/ or loader/ would be a second world (a look-alike NotWarmError, say).
+    defined: dict[str, list[str]] = {}
+    for package in ("clients", "loader"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.name.endswith(
+                    ("Error", "Failed", "Mismatch")
+                ):
+                    defined.setdefault(node.name, []).append(f"{package}/{path.name}")
+    assert defined
+    for name, where in defined.items():
+        assert len(where) == 1, (name, where)
+        assert where[0].endswith("/errors.py"), (name, where)
