@@ -101,7 +101,6 @@ def run_load(args: argparse.Namespace) -> int:
         verify=args.verify,
     )
     report = result.report.as_dict()
-    report["gb_per_s"] = result.report.gb_per_s
     report["tensors"] = len(result.tensors)
     report_to_node(url, token, args.id, report, local=local_dir is not None)
     if args.json:

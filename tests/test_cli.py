@@ -86,6 +86,19 @@ def test_launch_arguments_after_the_separator_belong_to_the_engine() -> None:
     assert args.command == ["vllm", "serve"]
 
 
+def test_the_cli_imports_server_code_only_inside_serve_and_demo() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clients.cli\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', "
+        "'uvicorn', 'aiohttp', 'diskcache', 'boto3', 'botocore', 'aiobotocore', 'cache_node'})\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
 def test_unreachable_node_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--url", "http://127.0.0.1:9", "status"]) == EXIT_FAILURE
     assert "unreachable: cannot reach the node" in capsys.readouterr().err

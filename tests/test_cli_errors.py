@@ -6,6 +6,7 @@ The CLI runs as users run it: the ``weightcache`` module in a subprocess, its st
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -45,12 +46,14 @@ def weightcache(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    """The command ended with ``code`` and said why in exactly one line, ``error: CODE: ...``."""
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines, "no message at all"
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
     for word in words:
-        assert word in result.stderr, result.stderr
+        assert word in lines[0], result.stderr
 
 
 @pytest.mark.parametrize(
@@ -60,10 +63,13 @@ def assert_one_clear_line(result: subprocess.CompletedProcess[str], code: int, *
         (["load", "p", "--device", "cuda:0"], ["--device cuda:0", "no cuda device"]),
         (["load", "p", "--device", "nonsense:x"], ["--device"]),
         (["launch", "p"], ["launch needs the engine command", "vllm serve"]),
+        (["launch", "p", "--"], ["launch needs the engine command", "launch --help"]),
+        (["status", "--", "x"], ["unexpected arguments after --"]),
         (["serve", "--capacity", "10XB", "--data-dir", "/nonexistent/x"], ["--capacity"]),
         (["register", "p", "--model", "no-equals"], ["NAME=SOURCE"]),
         (["register", "p", "--model", "m=s3://b/k", "--tp", "x"], ["--tp"]),
         (["no-such-command"], ["invalid choice"]),
+        ([], ["required"]),
     ],
 )
 def test_usage_errors(argv: list[str], words: list[str]) -> None:
@@ -80,6 +86,8 @@ def test_version() -> None:
     result = weightcache("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("weightcache ")
+    assert len(result.stdout.splitlines()) == 1
+    assert not result.stderr
 
 
 def test_help_documents_the_exit_codes() -> None:
@@ -107,9 +115,35 @@ def test_url_and_token_before_or_after_the_subcommand(tmp_path: Path) -> None:
         assert_one_clear_line(missing, EXIT_REFUSED, "not_found")
 
 
-def test_unreachable_node_is_a_failure() -> None:
-    result = weightcache("status", "--url", "http://127.0.0.1:9")
+@pytest.mark.parametrize("command", [["status"], ["load", "p"], ["pull", "p", "--dest", "d"]])
+def test_unreachable_node_is_a_failure(command: list[str]) -> None:
+    result = weightcache(*command, "--url", "http://127.0.0.1:9")
     assert_one_clear_line(result, EXIT_FAILURE, "unreachable", "127.0.0.1:9")
+
+
+def test_a_refusing_node_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({
+        "tokens": {"tok-a": "team-a"},
+        "tenants": {"team-a": {"sources": [f"file://{models}/"]}},
+    }))
+    with running_node(data_dir=tmp_path / "data", tokens_file=tokens) as node:
+        connect = ["--url", node.url, "--token", "tok-a"]
+        # a permanent failure (the source is not there), so the pipeline stays not warm
+        gone = weightcache(*connect, "register", "gone", "--model",
+                           f"llm=file://{models / 'missing'}", "--wait")
+        assert gone.returncode == EXIT_FAILURE, gone.stderr
+        for argv, words in (
+            (["status", "--token", "wrong"], ["unauthorized"]),  # 401
+            (["register", "p", "--model", f"llm=file://{tmp_path / 'other'}"],  # 403
+             ["source_not_allowed"]),
+            (["load", "nope"], ["not_found", "nope"]),  # 404
+            (["load", "gone"], ["origin_not_found", "gone"]),  # 409 not_warm: why it is not
+        ):
+            result = weightcache(*connect, *argv)
+            assert_one_clear_line(result, EXIT_REFUSED, *words)
 
 
 def _answer(status: int, code: str = "", **extra: object) -> httpx.Response:
