@@ -318,13 +318,10 @@ def candidates(
         import instanttensor
 
         def instant() -> dict[str, torch.Tensor]:
-            out = {}
             with instanttensor.safe_open(
                 [str(p) for p in paths], framework="pt", device=str(device)
             ) as f:
-                for name, tensor in f.tensors():
-                    out[name] = tensor
-            return out
+                return dict(f.tensors())
 
         runs["instanttensor"] = instant
     except ImportError as error:

@@ -139,7 +139,8 @@ def test_json_file_parses(path: Path) -> None:
 def test_k8s_documents_are_complete() -> None:
     seen: set[tuple[str, str]] = set()
     for doc in k8s_docs():
-        assert doc.get("apiVersion") and doc.get("kind"), doc
+        assert doc.get("apiVersion"), doc
+        assert doc.get("kind"), doc
         name = doc.get("metadata", {}).get("name")
         assert name, doc
         assert (doc["kind"], name) not in seen, f"duplicate {doc['kind']} {name}"

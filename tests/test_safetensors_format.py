@@ -411,7 +411,7 @@ def test_truncated_prefix_without_file_size() -> None:
 
 
 def test_header_error_is_a_value_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="truncated"):
         parse_header(b"")
 
 

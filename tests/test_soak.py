@@ -321,9 +321,8 @@ class Soak:
         stat = os.statvfs(self.fill_dir)
         free = stat.f_bavail * stat.f_frsize
         try:
-            with open(filler, "wb") as handle:
-                with contextlib.suppress(OSError):  # ENOSPC: the point
-                    handle.write(b"\0" * max(0, free - 256 * 1024))
+            with open(filler, "wb") as handle, contextlib.suppress(OSError):  # ENOSPC: the point
+                handle.write(b"\0" * max(0, free - 256 * 1024))
             self.figures.disk_fills += 1
             self.drive_for(hold_s, allow_fill=False)
         finally:

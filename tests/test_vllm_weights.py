@@ -146,7 +146,7 @@ def test_every_parameter_must_be_filled_except_what_vllm_skips() -> None:
     untied = _TinyVllmLike(tie=False)
     params, aliases = model_parameters(untied)
     filled = copy_rank_weights(params, shard[:2], aliases=aliases)
-    with pytest.raises(WeightMismatch, match="lm_head.weight") as caught:
+    with pytest.raises(WeightMismatch, match=r"lm_head\.weight") as caught:
         check_all_filled(untied, filled)
     assert caught.value.code == "unfilled"
 
