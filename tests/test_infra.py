@@ -20,8 +20,9 @@ import yaml
 
 from cache_node.access import is_loopback_host
 from cache_node.settings import DEFAULT_PORT, NodeSettings
-from clients.cli import _serve_refusal, build_parser
+from clients.cli import build_parser
 from clients.client import default_token, default_url
+from clients.serve_cli import _serve_refusal
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 K8S = INFRA / "k8s"
