@@ -1090,6 +1090,7 @@ class CacheNode:
             high_watermark=self.settings.eviction.high_watermark,
             low_watermark=self.settings.eviction.low_watermark,
             temp=usage.temp,
+            in_flight=usage.in_flight,
             quarantined=usage.quarantined,
             data_url=self.settings.data_url,
         )
@@ -1114,6 +1115,7 @@ class CacheNode:
         self.metrics.capacity_bytes.set(usage.capacity)
         self.metrics.used_bytes.set(usage.committed)
         self.metrics.reserved_bytes.set(usage.reserved)
+        self.metrics.in_flight_bytes.set(usage.in_flight)
         self.metrics.free_bytes.set(usage.free)
         counts = dict.fromkeys(("cold", "warming", "warm", "failed", "evicted"), 0)
         for record in self.registry.all():
