@@ -61,7 +61,7 @@ from cache_node.registry import (
     ShardSet,
     staged_job_key,
 )
-from cache_node.retry import RetryScheduler, RetryTarget, failure_info
+from cache_node.retry import RetryScheduler, RetryTarget, failure_info, scheduled_error
 from cache_node.settings import NodeSettings
 from cache_node.shard_headers import ReadAheadSkipped, exact_shard_bytes_ahead
 from cache_node.shard_sets import is_current as shard_set_is_current
@@ -1017,9 +1017,12 @@ class CacheNode:
     # ------------------------------------------------------------------ status
     def status_of(self, record: PipelineRecord) -> PipelineStatus:
         status = self._status_of(record)
+        retries = self.settings.retry
+        status.error = scheduled_error(status.error, state=record.state, settings=retries)
         attempt = record.pending
         if attempt is not None:
             shown = restage.attempt_status(attempt, progress=self._progress_of(attempt))
+            shown.error = scheduled_error(shown.error, state=attempt.state, settings=retries)
             if attempt.state == "failed":
                 status.last_attempt = shown
             else:

@@ -1,5 +1,5 @@
-"""What the node tells an operator about its space: fills in flight apart from the partial
-files a crash or a failed transfer left behind.
+"""What the node tells an operator: a retry time only when a retry will happen, and fills in
+flight apart from the partial files a crash or a failed transfer left behind.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import running_node, wait_for_state
@@ -46,6 +47,43 @@ def _until(condition: Any, what: str, *, timeout_s: float = 30) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- retry time
+
+
+def test_a_retry_time_is_shown_only_when_a_retry_will_happen(tmp_path: Path) -> None:
+    with FixtureHub() as hub:
+        hub.add_repo("org/down", {"model-fault-500.safetensors": safetensors_bytes(4 * KiB),
+                                  "config.json": CONFIG})
+
+        def node(*, retries: bool) -> Any:
+            return running_node(
+                data_dir=tmp_path / "data", capacity="64MiB", hf={"endpoint": hub.endpoint},
+                fetch={"max_attempts": 1},
+                retry={"enabled": retries, "base_s": 600},
+            )
+
+        with node(retries=True) as first, first.client() as c:
+            body = {"models": [{"name": "m", "source": "hf://org/down"}]}
+            c.put("/v1/pipelines/p", json=body)
+            failed = wait_for_state(c, "p", {"failed", "warm"})
+            assert failed["state"] == "failed"
+            assert failed["error"]["retry_at"] is not None  # a transient failure: scheduled
+
+        # restarted with retries off: the record still holds its retry_at, nothing will act on
+        # it, so the status promises nothing and says how to try again
+        with node(retries=False) as second, second.client() as c:
+            error = c.get("/v1/pipelines/p").json()["error"]
+            assert error["code"] == failed["error"]["code"]
+            assert error["retry_at"] is None
+            assert "automatic retries are off" in error["action"]
+            listed = c.get("/v1/pipelines").json()["pipelines"][0]["error"]
+            assert listed == error
+
+        with node(retries=True) as third, third.client() as c:
+            retry_at = c.get("/v1/pipelines/p").json()["error"]["retry_at"]
+            assert retry_at == pytest.approx(failed["error"]["retry_at"])
 
 
 # ---------------------------------------------------------------------- fills in flight
