@@ -251,12 +251,14 @@ class CacheNode:
                 or stored.pending.generation != record.generation
             ):
                 return
+            record.spec.pinned = stored.pending.spec.pinned  # a pin since the job's copy
             stored.pending = record
             record = stored
         elif stored is not None and not with_pending:
             record.pending = stored.pending
             record.retired_blobs = stored.retired_blobs
             record.retired_leases = stored.retired_leases
+            record.spec.pinned = stored.spec.pinned  # set_pinned: a pin since the job's copy
         self.registry.put(record)
         self._blob_tenants = None
 
@@ -349,6 +351,16 @@ class CacheNode:
 
     def status(self, tenant: str, pipeline_id: str) -> PipelineStatus:
         return self.status_of(self._find(tenant, pipeline_id))
+
+    def set_pinned(self, tenant: str, pipeline_id: str, *, pinned: bool) -> PipelineStatus:
+        """Pin (never evicted) or unpin a pipeline, in place: not a re-registration, so
+        nothing is resolved or fetched and a warm job running goes on (restage.set_pinned)."""
+        record = self._find(tenant, pipeline_id)
+        if restage.set_pinned(record, pinned=pinned):
+            self._save(record, with_pending=True)
+            emit("pipeline.pinned" if pinned else "pipeline.unpinned",
+                 tenant=record.tenant, pipeline=record.id)
+        return self.status_of(record)
 
     def pipelines(self, tenant: str) -> list[PipelineStatus]:
         # Another tenant's pipelines are not even read: the cost is the caller's own (I7).

@@ -1,5 +1,6 @@
-"""What the node tells an operator: a retry time only when a retry will happen, and fills in
-flight apart from the partial files a crash or a failed transfer left behind.
+"""What an operator does to one pipeline, over HTTP: pin and unpin (in place), and what the
+node says back: a retry time only when a retry will happen, and fills in flight apart from
+leftover partial files.
 """
 
 from __future__ import annotations
@@ -47,6 +48,87 @@ def _until(condition: Any, what: str, *, timeout_s: float = 30) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- pin and unpin
+
+
+def test_pin_and_unpin_are_per_tenant_in_place_and_hold_off_eviction(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    with running_node(
+        data_dir=tmp_path / "data", capacity="3MiB", tokens_file=_tokens(tmp_path),
+        local_roots=[models],
+    ) as node, node.client("tok-a") as a, node.client("tok-b") as b:
+        assert a.put("/v1/pipelines/big", json=_local(models, "big", 2 * MiB)).status_code == 202
+        warm = wait_for_state(a, "big", {"warm", "failed"})
+        assert warm["state"] == "warm"
+        assert warm["pinned"] is False
+
+        # anyone else: 401 without a token, 404 (the same as a missing pipeline) for team-b
+        assert httpx.post(f"{node.url}/v1/pipelines/big/pin").status_code == 401
+        refused = b.post("/v1/pipelines/big/pin")
+        assert refused.status_code == 404
+        assert refused.json()["error"] == {
+            "code": "not_found", "message": "no pipeline 'big'", "pipeline": "big"
+        }
+        assert a.get("/v1/pipelines/big").json()["pinned"] is False
+
+        pinned = a.post("/v1/pipelines/big/pin")
+        assert pinned.status_code == 200, pinned.text
+        assert pinned.json()["pinned"] is True
+        assert pinned.json()["state"] == "warm"  # in place: not a re-registration
+        assert "pending" not in pinned.json() or pinned.json()["pending"] is None
+        assert a.post("/v1/pipelines/big/pin").json()["pinned"] is True  # idempotent
+
+        # pinned: another pipeline that needs its space is refused rather than evict it
+        refused = a.put("/v1/pipelines/next", json=_local(models, "next", 2 * MiB))
+        assert refused.status_code == 507, refused.text
+        assert a.get("/v1/pipelines/big").json()["state"] == "warm"
+
+        assert a.post("/v1/pipelines/big/unpin").json()["pinned"] is False
+        assert a.post("/v1/pipelines/next/warm").status_code == 202
+        assert wait_for_state(a, "next", {"warm", "failed"})["state"] == "warm"
+        assert a.get("/v1/pipelines/big").json()["state"] == "evicted"
+
+        # admin addresses the tenant's pipeline with ?tenant=
+        with node.client("tok-ops") as ops:
+            answer = ops.post("/v1/pipelines/next/pin", params={"tenant": "team-a"})
+            assert answer.status_code == 200, answer.text
+        assert a.get("/v1/pipelines/next").json()["pinned"] is True
+
+
+def test_a_pin_while_the_pipeline_fills_survives_the_warm_jobs_saves(tmp_path: Path) -> None:
+    with FixtureHub(stall_s=1.0) as hub:
+        hub.add_repo("org/slow", {
+            **{f"w-{i}-fault-stall.safetensors": safetensors_bytes(64 * KiB) for i in range(6)},
+            "config.json": CONFIG,
+        })
+        with running_node(
+            data_dir=tmp_path / "data", capacity="64MiB", hf={"endpoint": hub.endpoint},
+        ) as node, node.client() as c:
+            body = {"models": [{"name": "m", "source": "hf://org/slow"}]}
+            assert c.put("/v1/pipelines/p", json=body).status_code == 202
+            _until(lambda: c.get("/v1/pipelines/p").json()["progress"] > 0, "p never moved")
+            assert c.post("/v1/pipelines/p/pin").json()["pinned"] is True
+            warm = wait_for_state(c, "p", {"warm", "failed"})
+            assert warm["state"] == "warm", warm
+            assert warm["pinned"] is True  # the job's own copy said unpinned
+
+            # a re-registration filling beside the warm version takes the pin along
+            hub.add_repo("org/slow", {
+                "w-new-fault-stall.safetensors": safetensors_bytes(64 * KiB),
+                "config.json": CONFIG,
+            })
+            assert c.post("/v1/pipelines/p/unpin").json()["pinned"] is False
+            body["models"][0]["revision"] = "main"  # a new spec: it fills beside
+            assert c.put("/v1/pipelines/p", json=body).status_code == 202
+            assert c.get("/v1/pipelines/p").json()["pending"] is not None
+            assert c.post("/v1/pipelines/p/pin").json()["pinned"] is True
+            _until(lambda: c.get("/v1/pipelines/p").json().get("pending") is None,
+                   "the re-registration never took over")
+            swapped = c.get("/v1/pipelines/p").json()
+            assert swapped["models"][0]["files"] == 2  # the new commit's files
+            assert swapped["pinned"] is True
 
 
 # ---------------------------------------------------------------------- retry time

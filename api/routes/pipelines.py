@@ -1,4 +1,4 @@
-"""``/v1/pipelines``: register, list, show, warm, evict, delete."""
+"""``/v1/pipelines``: register, list, show, warm, evict, delete, pin and unpin."""
 
 from __future__ import annotations
 
@@ -42,6 +42,18 @@ async def evict(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> Pipeline
     """Free a pipeline's bytes; it stays registered as ``evicted``."""
     await node.evict(tenant, pipeline_id)
     return node.status(tenant, pipeline_id)
+
+
+@router.post("/{pipeline_id}/pin", response_model=PipelineStatus)
+async def pin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Never evict this pipeline (its spec's ``pinned``, set in place: nothing re-fetched)."""
+    return node.set_pinned(tenant, pipeline_id, pinned=True)
+
+
+@router.post("/{pipeline_id}/unpin", response_model=PipelineStatus)
+async def unpin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Let the eviction policy consider this pipeline again."""
+    return node.set_pinned(tenant, pipeline_id, pinned=False)
 
 
 @router.delete("/{pipeline_id}", status_code=204)
