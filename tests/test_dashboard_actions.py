@@ -262,6 +262,8 @@ def test_without_a_token_the_node_refuses_and_the_page_shows_why(
             banner.wait_for()
             assert page.locator(".card").count() == 0
             assert page.evaluate("sessionStorage.getItem('weightcache.token')") is None
+            for figure in ("#st-warm", "#st-leases", "#st-used", "#st-inflight"):
+                assert page.locator(figure).inner_text() == "–", figure  # nothing left over
 
         after = _status(a, "chat")
         assert (after["state"], after["pinned"]) == (before["state"], before["pinned"])

@@ -37,6 +37,7 @@
     busy: new Set(), // pipeline keys with an action in flight
     actionErrors: new Map(), // pipeline key -> {verb, status, code, message}
     timer: 0,
+    toastTimer: 0,
     cards: new Map(), // pipeline key -> {el, head, rest, fill, meta, html}
   };
 
@@ -248,12 +249,30 @@
     view.pipelines = [];
     view.loads = [];
     view.actionErrors.clear();
+    // the figures drawn from them go too: they were the last tenant's
+    for (const id of ["st-warm", "st-leases"]) $(id).textContent = "–";
+    renderFilters();
+    renderChart();
+  }
+
+  // The node would not say (a 401): its figures are not shown from an earlier answer either.
+  function forgetNodeData() {
+    view.node = null;
+    for (const id of ["node-id", "node-region", "node-version"]) $(id).textContent = "…";
+    for (const id of ["st-used", "st-reserved", "st-free", "st-capacity", "st-inflight", "st-partials", "st-quarantined"]) {
+      $(id).textContent = "–";
+      delete $(id).dataset.bytes;
+    }
+    for (const id of ["seg-used", "seg-reserved"]) $(id).style.width = "0";
+    for (const id of ["wm-low", "wm-high"]) $(id).hidden = true;
+    $("storage-note").textContent = "";
   }
 
   // The node refused the token (or the lack of one): show its answer, show nothing of a tenant.
   function showAuthError(error) {
     view.authError = { status: error.status, code: error.code, message: error.message };
     forgetTenantData();
+    forgetNodeData();
     $("banner-title").textContent = view.token
       ? "This node did not accept the token: nothing can be shown or done with it."
       : "This node needs a token: without one, nothing can be shown or done.";
@@ -261,7 +280,6 @@
     $("banner-message").textContent = error.message;
     $("banner").hidden = false;
     $("empty").hidden = true;
-    renderFilters();
   }
 
   function clearAuthError() {
