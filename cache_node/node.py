@@ -261,6 +261,16 @@ class CacheNode:
         self.book.save(existing, with_pending=True)
         return attempt, True
 
+    def set_pinned(self, tenant: str, pipeline_id: str, *, pinned: bool) -> PipelineRecord:
+        """Pin (never evicted) or unpin a pipeline, in place: not a re-registration, so
+        nothing is resolved or fetched and a warm job running goes on (restage.set_pinned)."""
+        record = self.book.find(tenant, pipeline_id)
+        if restage.set_pinned(record, pinned=pinned):
+            self.book.save(record, with_pending=True)
+            emit("pipeline.pinned" if pinned else "pipeline.unpinned",
+                 tenant=record.tenant, pipeline=record.id)
+        return record
+
     async def warm(self, tenant: str, pipeline_id: str) -> PipelineRecord:
         """Re-warm after eviction or failure (now, whatever ``retry_at`` says); a no-op for a
         warm or warming pipeline, except that a failed re-registration beside a warm one is
@@ -363,6 +373,7 @@ class CacheNode:
         self.metrics.capacity_bytes.set(usage.capacity)
         self.metrics.used_bytes.set(usage.committed)
         self.metrics.reserved_bytes.set(usage.reserved)
+        self.metrics.in_flight_bytes.set(usage.in_flight)
         self.metrics.free_bytes.set(usage.free)
         counts = dict.fromkeys(("cold", "warming", "warm", "failed", "evicted"), 0)
         for record in self.registry.all():

@@ -51,12 +51,14 @@ class PipelineBook:
                 or stored.pending.generation != record.generation
             ):
                 return
+            record.spec.pinned = stored.pending.spec.pinned  # a pin since the job's copy
             stored.pending = record
             record = stored
         elif stored is not None and not with_pending:
             record.pending = stored.pending
             record.retired_blobs = stored.retired_blobs
             record.retired_leases = stored.retired_leases
+            record.spec.pinned = stored.spec.pinned  # set_pinned: a pin since the job's copy
         self.registry.put(record)
 
     def stored(self, record: PipelineRecord) -> PipelineRecord | None:

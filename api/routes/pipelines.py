@@ -1,4 +1,4 @@
-"""``/v1/pipelines``: register, list, show, warm, evict, delete.
+"""``/v1/pipelines``: register, list, show, warm, evict, delete, pin and unpin.
 
 Reads are plain ``def`` handlers (worker threads: a status reads metadata and stats blobs);
 the async ones await the node and build their answer in a thread too."""
@@ -50,6 +50,18 @@ async def evict(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> Pipeline
     return await anyio.to_thread.run_sync(
         lambda: pipeline_status(node, node.record(tenant, pipeline_id))
     )
+
+
+@router.post("/{pipeline_id}/pin", response_model=PipelineStatus)
+def pin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Never evict this pipeline (its spec's ``pinned``, set in place: nothing re-fetched)."""
+    return pipeline_status(node, node.set_pinned(tenant, pipeline_id, pinned=True))
+
+
+@router.post("/{pipeline_id}/unpin", response_model=PipelineStatus)
+def unpin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Let the eviction policy consider this pipeline again."""
+    return pipeline_status(node, node.set_pinned(tenant, pipeline_id, pinned=False))
 
 
 @router.delete("/{pipeline_id}", status_code=204)
