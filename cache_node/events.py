@@ -17,6 +17,9 @@ Event names (the ``event`` field), so that operators can alert on them:
 - ``source.refused``, ``tenant.refused``, ``serve.refused`` (a tenant's source outside its
   allowance, a refused token, a node that must not start)
 - ``data_plane.worker_restarted``, ``data_plane.worker_died``, ``data_plane.worker_restart_failed``
+- ``tokens.reloaded`` (a new version of the tokens file in force: ``process``, counts of
+  ``entries``, ``added``, ``removed``, ``changed`` tokens, ``forced`` by SIGHUP),
+  ``tokens.reload_failed`` (with ``reason``; the process keeps the tokens it last read)
 """
 
 from __future__ import annotations
