@@ -20,6 +20,9 @@ Event names (the ``event`` field), so that operators can alert on them:
 - ``region.unreachable``, ``region.reachable`` (with ``down_s``), ``region.rejoined`` /
   ``region.rejoin_failed`` (with ``reason``), ``region.heartbeat_failed``, ``region.bad_record``,
   ``region.lease_lost`` (with ``stage``), ``peer.refused`` (with ``reason``): ``cache_node.region``
+- ``tokens.reloaded`` (a new version of the tokens file in force: ``process``, counts of
+  ``entries``, ``added``, ``removed``, ``changed`` tokens, ``forced`` by SIGHUP),
+  ``tokens.reload_failed`` (with ``reason``; the process keeps the tokens it last read)
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from cache_node.settings import NodeSettings
 from cache_node.shard_sets import is_current as shard_set_is_current
 from cache_node.store import BlobRecord, BlobStore
 from cache_node.tasks import TaskOwner
-from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
+from cache_node.tenants import ADMIN_TENANT
 from cache_node.warm_prepare import WarmPreparer
 from cache_node.warming import WarmJobs
 
@@ -53,7 +53,6 @@ class CacheNode:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.access = TenantAccess(settings)  # the tokens file: tenants, sources, credentials
-        self.tokens = self.access.tokens
         self.metrics = NodeMetrics()
         self.disk = DiskGuard(
             settings.data_dir,
@@ -109,6 +108,11 @@ class CacheNode:
             registration_lock=self._registration_lock,
             on_change=self.refresh_gauges,
         )
+
+    @property
+    def tokens(self) -> dict[str, str] | None:
+        """Token → tenant as the tokens file says now (it is re-read when it changes)."""
+        return self.access.tokens
 
     @property
     def auth_enabled(self) -> bool:
@@ -167,11 +171,7 @@ class CacheNode:
     # ------------------------------------------------------------------ auth
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant a bearer token belongs to; None when it is missing or unknown."""
-        if self.tokens is None:
-            return DEFAULT_TENANT
-        if token is None:
-            return None
-        return self.tokens.get(token)
+        return self.access.tenant_for(token)
 
     # ------------------------------------------------------------------ pipelines
     def record(self, tenant: str, pipeline_id: str) -> PipelineRecord:

@@ -186,6 +186,9 @@ class NodeSettings(BaseSettings):
     region: str = "local"
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     tokens_file: Path | None = None
+    #: How often every process of the node looks for a new version of the tokens file (a
+    #: ``stat``; the file is read only when it changed). SIGHUP makes them read it at once.
+    tokens_check_interval_s: float = Field(default=1.0, gt=0)
     local_roots: list[Path] = Field(default_factory=list)
     redis_url: str | None = None
     lease_ttl_s: float = Field(default=300.0, gt=0)

@@ -52,15 +52,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.data_url = f"http://{host}:{data_port}"
         # Supervised: a worker that dies is started again (and /readyz says when none runs).
         try:
-            data_plane = DataPlane(settings, port=data_port, workers=args.data_workers).start()
+            data_plane = DataPlane(
+                settings, port=data_port, workers=args.data_workers, log_format=args.log_format
+            ).start()
         except RuntimeError as exc:  # the port is taken, or no worker could start
             raise ClientError(f"{exc} (choose another with --data-port)") from None
         print(f"data plane: {args.data_workers} workers on {settings.data_url}", file=sys.stderr)
     print(f"weightcache node {settings.node_id} serving on http://{settings.host}:{settings.port}"
           f" (data dir {settings.data_dir})", file=sys.stderr)
+    app = create_app(settings, data_plane=data_plane)
+    _reload_tokens_on_sighup(app.state.tokens_watcher, data_plane)
     try:
         uvicorn.run(
-            create_app(settings, data_plane=data_plane),
+            app,
             host=settings.host,
             port=settings.port,
             log_level="warning",
@@ -69,6 +73,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if data_plane is not None:
             data_plane.stop()
     return 0
+
+
+def _reload_tokens_on_sighup(watcher: Any, data_plane: Any) -> None:
+    """SIGHUP: every process of the node re-reads the tokens file now (the API's watcher, and
+    each data-plane worker by a forwarded SIGHUP). Without a tokens file it does nothing,
+    rather than end the node as SIGHUP otherwise would."""
+    import signal
+
+    def reload(signum: int, frame: Any) -> None:
+        if watcher is not None:
+            watcher.poke()
+        if data_plane is not None:
+            data_plane.reload_tokens()
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 def _settings_problem(exc: Any) -> str:
