@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 
+from api.errors import bearer_token
 from api.schema import validate_identifier
 from cache_node.errors import InvalidInput, Unauthorized
 from cache_node.node import CacheNode
@@ -26,13 +27,7 @@ def get_tenant(
 ) -> str:
     """The tenant a request acts for: the caller's, from ``Authorization: Bearer`` (401 when
     missing or unknown), or for admin the one ``?tenant=`` names (404 for anyone else)."""
-    header = request.headers.get("authorization")
-    token = None
-    if header is not None:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            token = value.strip()
-    caller = node.tenant_for(token)
+    caller = node.tenant_for(bearer_token(request.headers.get("authorization")))
     if caller is None:
         raise Unauthorized("missing or invalid bearer token")
     return node.access.acting_tenant(caller, tenant)

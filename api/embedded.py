@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Self
 
 import uvicorn
 
@@ -41,7 +42,7 @@ class EmbeddedNode:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def start(self, *, timeout_s: float = 30.0) -> EmbeddedNode:
+    def start(self, *, timeout_s: float = 30.0) -> Self:
         """Serve, and return once the node has started (reconciled, jobs resumed)."""
         self._thread.start()
         deadline = time.monotonic() + timeout_s
@@ -55,7 +56,7 @@ class EmbeddedNode:
         self._server.should_exit = True
         self._thread.join(timeout=30)
 
-    def __enter__(self) -> EmbeddedNode:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

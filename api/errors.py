@@ -1,4 +1,5 @@
-"""The one place where errors become HTTP responses: ``{"error": {"code", "message", ...}}``."""
+"""The one place where errors become HTTP responses: ``{"error": {"code", "message", ...}}``,
+for the API and the data plane alike, and where a bearer token is read off a request."""
 
 from __future__ import annotations
 
@@ -20,14 +21,32 @@ def error_response(status: int, code: str, message: str, **details: object) -> J
     )
 
 
+def exception_response(exc: WeightCacheError) -> JSONResponse:
+    """A domain error as its HTTP answer: status, body and headers (``Retry-After``...)."""
+    response = error_response(exc.http_status, exc.code, exc.message, **exc.details)
+    response.headers.update(error_headers(exc))
+    return response
+
+
+def http_error_code(status: int) -> str:
+    """The code of a framework's own refusal (unknown path, wrong method)."""
+    return {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header; None when missing or malformed."""
+    scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to the contract's body; never a bare 500 page."""
 
     @app.exception_handler(WeightCacheError)
     async def _weightcache(_: Request, exc: WeightCacheError) -> JSONResponse:
-        response = error_response(exc.http_status, exc.code, exc.message, **exc.details)
-        response.headers.update(error_headers(exc))
-        return response
+        return exception_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -43,8 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        return error_response(exc.status_code, http_error_code(exc.status_code), str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

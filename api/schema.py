@@ -184,8 +184,9 @@ class NodeInfo(_Wire):
     version: str
     high_watermark: float
     low_watermark: float
-    temp: int = 0
+    temp: int = 0  # idle partial transfers, kept to resume (not fills in flight)
     quarantined: int = 0
+    in_flight: int = 0  # what fills in flight have written so far (part of ``reserved``)
     data_url: str | None = None  # where replicas read blobs fastest (the data plane), if any
 
 

@@ -12,7 +12,7 @@ connections, with the loader's ``HttpRangeSource`` into one reused, pre-touched 
 replica's CPU sink without its allocation), from:
 
 - ``fastapi``: the node's own ``GET /v1/blobs/{sha256}`` (Python bytes through uvicorn);
-- ``data_plane-wN``: ``cache_node.data_plane`` with N worker processes (sendfile, SO_REUSEPORT).
+- ``data_plane-wN``: ``api.data_plane`` with N worker processes (sendfile, SO_REUSEPORT).
 
 Page cache warm (the files were just written and are read once before timing). Each server's
 first pass is timed on its own (it hashes every 64 MiB chunk once per process to verify it),
@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_node.data_plane import run_data_plane, stop_data_plane
+from api.data_plane import run_data_plane, stop_data_plane
 from cache_node.settings import NodeSettings
 from loader.sources import HttpRangeSource
 

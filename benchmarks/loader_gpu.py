@@ -56,7 +56,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.schema import Manifest, ManifestTensor
-from loader.load import load, load_manifest
+from loader.load import load
+from loader.manifest_stream import load_manifest
 from loader.safetensors_format import encode_header, read_header
 from loader.sources import HttpRangeSource, LocalFileSource, blob_path
 
@@ -317,13 +318,10 @@ def candidates(
         import instanttensor
 
         def instant() -> dict[str, torch.Tensor]:
-            out = {}
             with instanttensor.safe_open(
                 [str(p) for p in paths], framework="pt", device=str(device)
             ) as f:
-                for name, tensor in f.tensors():
-                    out[name] = tensor
-            return out
+                return dict(f.tensors())
 
         runs["instanttensor"] = instant
     except ImportError as error:

@@ -35,8 +35,11 @@ class Usage:
     capacity: int
     committed: int
     reserved: int
-    temp: int
+    temp: int  # idle partials: transfers nobody fills now, kept to resume
     quarantined: int
+    #: What fills in flight have written so far (their partials and shard temps, as allocated
+    #: on disk): a part of ``reserved``, never added to it.
+    in_flight: int = 0
     #: What the filesystem can still take beyond the reservations not yet written (None: not
     #: checked). The node never promises more than this, whatever its capacity says (I5).
     filesystem_free: int | None = None
@@ -98,6 +101,7 @@ class BlobSpace:
             reserved = sum(self._reservations.values())
             committed = self._committed
             filesystem_free = self._filesystem_room()
+            in_flight = self._written_by_fills()
         return Usage(
             capacity=self.capacity,
             committed=committed,
@@ -105,6 +109,7 @@ class BlobSpace:
             temp=self._idle_partial_bytes(),
             quarantined=_dir_bytes(self.quarantine_dir),
             filesystem_free=filesystem_free,
+            in_flight=in_flight,
         )
 
     def is_reserved(self, key: str) -> bool:
@@ -256,6 +261,15 @@ class BlobSpace:
         """
         if self.disk is None:
             return None
+        to_come = max(0, sum(self._reservations.values()) - self._written_by_fills())
+        return self.disk.free() - to_come
+
+    def _written_by_fills(self) -> int:
+        """Bytes on disk of the fills in flight: active partials and shard temps.
+
+        Allocated, not apparent, sizes: a transfer's partial is created at its full size and
+        filled in place, so its ``st_size`` says nothing of what has arrived.
+        """
         written = 0
         for entry in os.scandir(self.tmp_dir):
             name = entry.name
@@ -263,8 +277,7 @@ class BlobSpace:
                 name.endswith(".partial") and name.removesuffix(".partial") in self._active_partials
             ):
                 written += allocated_bytes(Path(entry.path))
-        to_come = max(0, sum(self._reservations.values()) - written)
-        return self.disk.free() - to_come
+        return written
 
     def _idle_partial_bytes(self) -> int:
         total = 0

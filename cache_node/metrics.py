@@ -106,6 +106,11 @@ class NodeMetrics:
         self.reserved_bytes = Gauge(
             "weightcache_reserved_bytes", "Bytes reserved for fills in progress", registry=r
         )
+        self.in_flight_bytes = Gauge(
+            "weightcache_fill_bytes_in_flight",
+            "Bytes fills in flight have written so far (a part of the reserved bytes)",
+            registry=r,
+        )
         self.free_bytes = Gauge(
             "weightcache_free_bytes",
             "Bytes a new fill can still reserve (capacity and the filesystem's free space)",

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import time
 
-from api.schema import AttemptStatus, ModelStatus, PipelineSpec
+from api.schema import PipelineSpec
 from cache_node.registry import PipelineRecord, ShardSet
 
-__all__ = ["attempt_status", "expired_retirement", "fold_pending", "promote", "stage"]
+__all__ = ["expired_retirement", "fold_pending", "promote", "set_pinned", "stage"]
 
 
 def stage(existing: PipelineRecord, spec: PipelineSpec) -> PipelineRecord:
@@ -67,6 +67,8 @@ def promote(
     live now until they end.
     """
     record = attempt.model_copy(deep=True)
+    if main.pending is not None:  # a pin or unpin since the warm job copied its record
+        record.spec.pinned = main.pending.spec.pinned
     record.staged = False
     record.pending = None
     record.state = "warm"
@@ -101,6 +103,20 @@ def expired_retirement(record: PipelineRecord, *, live: list[str]) -> dict[str, 
     return freed
 
 
+def set_pinned(record: PipelineRecord, *, pinned: bool) -> bool:
+    """Pin or unpin a pipeline in place, and the re-registration staged beside it (it takes
+    the pipeline's place once warm, pin included). Returns whether anything changed.
+
+    Only the flag changes: no new generation, so a warm job running keeps filling (its saves
+    carry the stored flag over, ``CacheNode._save``), and nothing is fetched or resolved again.
+    """
+    specs = [record.spec] + ([record.pending.spec] if record.pending is not None else [])
+    changed = any(spec.pinned != pinned for spec in specs)
+    for spec in specs:
+        spec.pinned = pinned
+    return changed
+
+
 def fold_pending(record: PipelineRecord) -> None:
     """Before an eviction: make the newest registered spec the record's own (bytes go anyway)."""
     attempt = record.pending
@@ -112,34 +128,3 @@ def fold_pending(record: PipelineRecord) -> None:
     record.generation = max(record.generation, attempt.generation)
     record.failures = 0
     record.pending = None
-
-
-def model_statuses(record: PipelineRecord) -> list[ModelStatus]:
-    """The models of a pipeline (or of a staged attempt) as the status shows them: resolved
-    ones with their files and bytes, else the spec's, not yet resolved."""
-    return [
-        ModelStatus(
-            name=m.name,
-            source=m.source,
-            revision=m.revision,
-            files=len(m.files),
-            bytes_total=m.bytes_total,
-        )
-        for m in record.models
-    ] or [
-        ModelStatus(name=m.name, source=m.source, revision=m.revision, files=0, bytes_total=0)
-        for m in record.spec.models
-    ]
-
-
-def attempt_status(attempt: PipelineRecord, *, progress: float) -> AttemptStatus:
-    """A staged record as the status shows it."""
-    return AttemptStatus(
-        models=model_statuses(attempt),
-        tp_sizes=attempt.spec.tp_sizes,
-        pinned=attempt.spec.pinned,
-        state=attempt.state,
-        progress=progress,
-        registered_at=attempt.registered_at,
-        error=attempt.error,
-    )

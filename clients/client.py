@@ -26,7 +26,7 @@ from api.schema import (
     PipelineSpec,
     PipelineStatus,
 )
-from clients.errors import EXIT_FAILURE, ApiError, raise_for_status
+from clients.errors import WarmFailed, raise_for_status
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 _TERMINAL_FAILURE = {"failed"}
@@ -42,10 +42,9 @@ def default_token(token: str | None = None) -> str | None:
     return token or os.environ.get("WEIGHTCACHE_TOKEN") or None
 
 
-class WarmFailed(ApiError):
-    """A pipeline that was waited on ended ``failed``."""
-
-    exit_code = EXIT_FAILURE
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The headers that present ``token`` to a node (none without a token)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class _BaseClient:
@@ -57,7 +56,7 @@ class _BaseClient:
         self.tenant = tenant
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return auth_headers(self.token)
 
     def _params(self) -> dict[str, str]:
         # Sent with every request: for an admin token it selects whose pipelines it addresses

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from clients.client import default_token, default_url
+from clients.client import auth_headers, default_token, default_url
 from clients.errors import UsageError
 
 
@@ -33,11 +34,10 @@ def report_to_node(
             "total": report["total_s"],
         },
     }
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        httpx.post(f"{url}/v1/pipelines/{pipeline}/loads", json=body, headers=headers, timeout=5)
-    except httpx.HTTPError:
-        pass  # the history is a convenience; a load that worked is not failed by it
+    # The history is a convenience: a load that worked is not failed by it.
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"{url}/v1/pipelines/{pipeline}/loads", json=body, headers=auth_headers(token),
+                   timeout=5)
 
 
 def print_stage_table(report: dict[str, Any]) -> None:
@@ -101,7 +101,6 @@ def run_load(args: argparse.Namespace) -> int:
         verify=args.verify,
     )
     report = result.report.as_dict()
-    report["gb_per_s"] = result.report.gb_per_s
     report["tensors"] = len(result.tensors)
     report_to_node(url, token, args.id, report, local=local_dir is not None)
     if args.json:

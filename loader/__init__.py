@@ -30,7 +30,8 @@ try:
 except ImportError:  # pragma: no cover - exercised on torch-less cache nodes
     pass
 else:
-    from loader.load import LoadReport, LoadResult, MultiLoadResult, load, load_all_ranks
+    from loader.load import load, load_all_ranks
+    from loader.report import LoadReport, LoadResult, MultiLoadResult
     from loader.sinks import CpuSink, CudaSink, RingSink
     from loader.sources import HttpRangeSource, LocalFileSource, RoutingSource
     from loader.stream import StreamReport, stream

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from clients.client import auth_headers
 from loader.content_range import parse_content_range
 from loader.errors import RangeResponseError, SourceError
 from loader.preads import read_into_at
@@ -192,7 +193,7 @@ class HttpRangeSource:
             raise ValueError("at least one base URL is needed")
         self._endpoints = [_Endpoint(url, timeout=timeout) for url in [*base_urls, *fallback_urls]]
         self._primaries = len(base_urls)
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = auth_headers(token)
         self._connections = connections
         self._failed: set[int] = set()
         self._lock = threading.Lock()

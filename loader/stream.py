@@ -52,6 +52,17 @@ class StreamReport:
         """Delivered bytes per second of streaming, in GB/s (10^9)."""
         return self.bytes_delivered / self.stream_s / 1e9 if self.stream_s > 0 else 0.0
 
+    def add(self, part: StreamReport) -> None:
+        """Count another stream's bytes and time in this one (a load streamed in batches)."""
+        self.connect_s += part.connect_s
+        self.stream_s += part.stream_s
+        self.verify_s += part.verify_s
+        self.bytes_delivered += part.bytes_delivered
+        self.bytes_read += part.bytes_read
+        self.requests += part.requests
+        self.workers = part.workers
+        self.verified_chunks += part.verified_chunks
+
     def as_dict(self) -> dict[str, float | int]:
         """The report as plain JSON-able numbers."""
         return {

@@ -104,7 +104,8 @@ def _load_rank_into(
 ) -> dict[str, Any]:
     from clients.load_cli import report_to_node
     from loader.devices import model_device, synchronize
-    from loader.load import RankSession, iter_tensors, stream_into, tensor_keys
+    from loader.manifest_stream import iter_tensors, stream_into, tensor_keys
+    from loader.session import RankSession
     from loader.vllm_weights import (
         check_all_filled,
         check_layout,

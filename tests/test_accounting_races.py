@@ -62,7 +62,7 @@ def _wait_idle(node: RunningNode, admin: httpx.Client, *, timeout_s: float = 120
     deadline = time.monotonic() + timeout_s
     while True:
         states = {p["state"] for p in admin.get("/v1/pipelines").json()["pipelines"]}
-        busy = inner._jobs or inner.fetcher._transfers or inner._shard_locks
+        busy = inner.warming.busy() or inner.fetcher._transfers
         if "warming" not in states and not busy:
             return
         if time.monotonic() > deadline:

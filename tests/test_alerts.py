@@ -46,7 +46,8 @@ def test_every_metric_an_alert_uses_is_exported(tmp_path: Path) -> None:
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule
-        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule
+        assert rule["annotations"]["summary"], rule
+        assert rule["annotations"]["description"], rule
         for metric in _METRIC.findall(rule["expr"]):
             assert metric in exported, f"{rule['alert']}: {metric} is not exported"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import schemathesis
@@ -13,6 +14,10 @@ from hypothesis import HealthCheck, settings
 from api import create_app
 from cache_node.settings import NodeSettings
 from tests.fixtures.node_server import RunningNode, running_node
+
+if TYPE_CHECKING:
+    # schemathesis names the case type of an OpenAPI schema for type checkers only
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 _SCHEMA = create_app(NodeSettings(data_dir=Path(tempfile.mkdtemp()))).openapi()
 schema = schemathesis.openapi.from_dict(_SCHEMA)
@@ -32,6 +37,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-def test_no_server_errors(case: schemathesis.Case, node: RunningNode) -> None:
+def test_no_server_errors(case: OpenApiCase, node: RunningNode) -> None:
     response = case.call(base_url=node.url, timeout=30)
     assert response.status_code < 500, (case.method, case.formatted_path, response.text)

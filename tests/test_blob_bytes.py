@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from loader import digests, preads
+from loader import digests
 from loader.content_range import ContentRange, parse_content_range, parse_unsatisfied_range
 from loader.digests import BlobHasher, chunk_digests, feed_region, hash_region
 from loader.preads import read_at, read_into_at
@@ -32,8 +32,8 @@ def short_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def short_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
         return preadv(fd, [buffers[0][:3]], offset)
 
-    monkeypatch.setattr(preads.os, "pread", short_pread)
-    monkeypatch.setattr(preads.os, "preadv", short_preadv)
+    monkeypatch.setattr(os, "pread", short_pread)
+    monkeypatch.setattr(os, "preadv", short_preadv)
 
 
 @pytest.mark.usefixtures("short_reads")

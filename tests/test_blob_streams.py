@@ -78,48 +78,51 @@ def test_slow_readers_hold_little_memory_and_are_limited(tmp_path: Path) -> None
         "WEIGHTCACHE_LIMITS_BLOB_STREAMS": str(PER_NODE),
         "WEIGHTCACHE_LIMITS_BLOB_STREAMS_PER_TENANT": str(PER_TENANT),
     }
-    with serve_process(tmp_path, workers=1, tokens=TOKENS, env=env) as node:
-        with node.client("tok-a") as a, node.client("tok-b") as b:
-            register_local(a, "p", tmp_path / "a")
-            register_local(b, "p", tmp_path / "b")
-            sha_a, sha_b = hashlib.sha256(big).hexdigest(), hashlib.sha256(small).hexdigest()
-            assert a.get(f"/v1/blobs/{sha_a}").content == big  # chunks checked, code warm
-            rss_before = node.rss_bytes()
+    with (
+        serve_process(tmp_path, workers=1, tokens=TOKENS, env=env) as node,
+        node.client("tok-a") as a,
+        node.client("tok-b") as b,
+    ):
+        register_local(a, "p", tmp_path / "a")
+        register_local(b, "p", tmp_path / "b")
+        sha_a, sha_b = hashlib.sha256(big).hexdigest(), hashlib.sha256(small).hexdigest()
+        assert a.get(f"/v1/blobs/{sha_a}").content == big  # chunks checked, code warm
+        rss_before = node.rss_bytes()
 
-            alpha = list(_readers(node, sha_a, "tok-a", 100))
-            beta = list(_readers(node, sha_b, "tok-b", 30))
-            try:
-                statuses = [_status(head) for _, head in alpha]
-                assert statuses.count(200) == PER_TENANT
-                assert statuses.count(429) == 100 - PER_TENANT
-                sock, head = alpha[statuses.index(429)]
-                assert b"\r\nretry-after: 1\r\n" in head.lower()
-                assert b'"code":"too_many_streams"' in _whole(sock, head)
-                beta_statuses = [_status(head) for _, head in beta]
-                assert beta_statuses.count(200) == PER_NODE - PER_TENANT
-                assert beta_statuses.count(503) == 30 - (PER_NODE - PER_TENANT)
-                assert _streams(node) == PER_NODE
+        alpha = list(_readers(node, sha_a, "tok-a", 100))
+        beta = list(_readers(node, sha_b, "tok-b", 30))
+        try:
+            statuses = [_status(head) for _, head in alpha]
+            assert statuses.count(200) == PER_TENANT
+            assert statuses.count(429) == 100 - PER_TENANT
+            sock, head = alpha[statuses.index(429)]
+            assert b"\r\nretry-after: 1\r\n" in head.lower()
+            assert b'"code":"too_many_streams"' in _whole(sock, head)
+            beta_statuses = [_status(head) for _, head in beta]
+            assert beta_statuses.count(200) == PER_NODE - PER_TENANT
+            assert beta_statuses.count(503) == 30 - (PER_NODE - PER_TENANT)
+            assert _streams(node) == PER_NODE
 
-                # Everything else is still answered while every stream slot is taken.
-                assert a.get("/healthz", timeout=10).status_code == 200
-                assert a.get("/v1/node", timeout=10).status_code == 200
-                assert a.head(f"/v1/blobs/{sha_a}", timeout=10).status_code == 200
-                assert a.get("/v1/pipelines/p", timeout=10).json()["state"] == "warm"
+            # Everything else is still answered while every stream slot is taken.
+            assert a.get("/healthz", timeout=10).status_code == 200
+            assert a.get("/v1/node", timeout=10).status_code == 200
+            assert a.head(f"/v1/blobs/{sha_a}", timeout=10).status_code == 200
+            assert a.get("/v1/pipelines/p", timeout=10).json()["state"] == "warm"
 
-                time.sleep(1)  # let the buffers fill as far as they will
-                grown = node.rss_bytes() - rss_before
-                # 80 streams stalled: about two 256 KiB pieces each at most (unbounded, the
-                # same 80 held 8 MiB pieces and 64 MiB chunks: over 1 GiB).
-                assert grown < 96 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
-            finally:
-                for sock, _ in alpha + beta:
-                    sock.close()
+            time.sleep(1)  # let the buffers fill as far as they will
+            grown = node.rss_bytes() - rss_before
+            # 80 streams stalled: about two 256 KiB pieces each at most (unbounded, the
+            # same 80 held 8 MiB pieces and 64 MiB chunks: over 1 GiB).
+            assert grown < 96 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+        finally:
+            for sock, _ in alpha + beta:
+                sock.close()
 
-            deadline = time.monotonic() + 30
-            while _streams(node) != 0:  # the slots come back as the readers leave
-                assert time.monotonic() < deadline, "stream slots were not released"
-                time.sleep(0.1)
-            assert a.get(f"/v1/blobs/{sha_a}").content == big
-            assert b.get(f"/v1/blobs/{sha_b}", headers={"Range": "bytes=5-9"}).content == (
-                small[5:10]
-            )
+        deadline = time.monotonic() + 30
+        while _streams(node) != 0:  # the slots come back as the readers leave
+            assert time.monotonic() < deadline, "stream slots were not released"
+            time.sleep(0.1)
+        assert a.get(f"/v1/blobs/{sha_a}").content == big
+        assert b.get(f"/v1/blobs/{sha_b}", headers={"Range": "bytes=5-9"}).content == (
+            small[5:10]
+        )

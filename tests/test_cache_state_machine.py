@@ -52,9 +52,11 @@ from hypothesis.stateful import (
 from safetensors.numpy import save
 
 from api.schema import ModelSpec, PipelineSpec
+from api.views import pipeline_status
 from cache_node.errors import Conflict, InsufficientStorage, IntegrityError, NotFound, NotWarm
-from cache_node.node import DEFAULT_TENANT, CacheNode
+from cache_node.node import CacheNode
 from cache_node.settings import EvictionSettings, FetchSettings, NodeSettings
+from cache_node.tenants import DEFAULT_TENANT
 
 T = TypeVar("T")
 KiB = 1024
@@ -216,9 +218,16 @@ class CacheMachine(RuleBasedStateMachine):
                 if state == "evicted" and before.get(p, ("",))[0] != "evicted"
             }
             assert not newly, f"a 507 evicted {newly}"
-            if before.get(pipeline, ("",))[0] == "warm":  # the new spec failed beside it
+            # A fill that was about to finish may finish on the loop's turn that runs the
+            # registration: then the pipeline was warm when the node looked, and the new spec
+            # failed beside it (same generation), as if it had been warm before.
+            was_warm = before.get(pipeline, ("",))[0] == "warm" or (
+                after[pipeline][0] == "warm"
+                and after[pipeline][2] == before.get(pipeline, ("", None, -1))[2]
+            )
+            if was_warm:  # the new spec failed beside it
                 assert after[pipeline][0] == "warm"
-                status = self.node.status(DEFAULT_TENANT, pipeline)
+                status = pipeline_status(self.node, self.node.record(DEFAULT_TENANT, pipeline))
                 assert status.last_attempt is not None
                 assert status.last_attempt.error is not None
                 assert status.last_attempt.error.code == "insufficient_storage"
@@ -280,7 +289,7 @@ class CacheMachine(RuleBasedStateMachine):
         """A replica: manifest, then every blob read back; each byte must match its digest."""
         self.counter.count("load")
         pipeline = data.draw(st.sampled_from(sorted(self.registered)))
-        state = self.node.status(DEFAULT_TENANT, pipeline).state
+        state = self.node.record(DEFAULT_TENANT, pipeline).state
         try:
             manifest = self.node.manifest(DEFAULT_TENANT, pipeline, tp_size=1, rank=0)
         except NotWarm:
@@ -290,7 +299,7 @@ class CacheMachine(RuleBasedStateMachine):
             sha = exc.details["sha256"]
             assert not self.node.store.has(sha)
             assert (self.data_dir / "quarantine" / sha).exists()
-            assert self.node.status(DEFAULT_TENANT, pipeline).state != "warm"
+            assert self.node.record(DEFAULT_TENANT, pipeline).state != "warm"
             self.counter.quarantined += 1
             return
         assert state == "warm"
@@ -298,7 +307,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.node.authorize_blob(DEFAULT_TENANT, blob.sha256)
             path = self.node.store.blob_path(blob.sha256)
             if not path.exists():  # an earlier blob's quarantine made the pipeline cold
-                assert self.node.status(DEFAULT_TENANT, pipeline).state != "warm"
+                assert self.node.record(DEFAULT_TENANT, pipeline).state != "warm"
                 continue
             flipped = hashlib.sha256(path.read_bytes()).hexdigest() != blob.sha256
             try:
@@ -308,7 +317,7 @@ class CacheMachine(RuleBasedStateMachine):
                 assert not self.node.store.has(blob.sha256)
                 assert (self.data_dir / "quarantine" / blob.sha256).exists()
                 assert not path.exists()
-                assert self.node.status(DEFAULT_TENANT, pipeline).state != "warm"
+                assert self.node.record(DEFAULT_TENANT, pipeline).state != "warm"
                 self.counter.quarantined += 1
                 continue
             assert hashlib.sha256(body).hexdigest() == blob.sha256, "served a bad byte"
@@ -339,7 +348,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.leases[pipeline], f"{pipeline} refused eviction without a lease"
             return
         assert not self.leases[pipeline], f"{pipeline} evicted while leased"
-        status = self.node.status(DEFAULT_TENANT, pipeline)
+        status = pipeline_status(self.node, self.node.record(DEFAULT_TENANT, pipeline))
         assert (status.state, status.evicted_reason) == ("evicted", "manual")
         assert status.bytes_cached == 0
 
@@ -353,7 +362,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.pinned.discard(pipeline)
         self.evicted_seen.pop(pipeline, None)
         try:
-            self.node.status(DEFAULT_TENANT, pipeline)
+            self.node.record(DEFAULT_TENANT, pipeline)
         except NotFound:
             pass
         else:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cache_node.data_plane import run_data_plane, stop_data_plane
+from api.data_plane import run_data_plane, stop_data_plane
 from loader import load
 from tests.fixtures.node_server import RunningNode, free_port, running_node, wait_for_state
 

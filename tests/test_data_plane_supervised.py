@@ -185,7 +185,7 @@ def test_load_cli_says_it_fell_back(node: ServeProcess, tmp_path: Path,
 
 
 def test_restarts_back_off_and_cap() -> None:
-    from cache_node.data_plane_supervisor import restart_delay
+    from api.data_plane_supervisor import restart_delay
     from cache_node.settings import DataPlaneSettings
 
     config = DataPlaneSettings(restart_backoff_s=0.5, restart_backoff_cap_s=30)

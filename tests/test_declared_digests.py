@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from safetensors.numpy import save
 
-from cache_node.data_plane import run_data_plane, stop_data_plane
+from api.data_plane import run_data_plane, stop_data_plane
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.hf_hub import FixtureHub

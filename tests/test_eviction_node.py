@@ -19,9 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save_file
 
-from cache_node.node import DEFAULT_TENANT
+from cache_node.tenants import DEFAULT_TENANT
 from clients import cli
 from clients.client import Client
+from clients.errors import EXIT_REFUSED
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 
 MiB = 1024 * 1024
@@ -291,31 +292,30 @@ def test_a_read_in_flight_completes_with_correct_bytes_when_its_pipeline_is_evic
 def test_wait_until_warm_rewarms_an_evicted_pipeline(tmp_path: Path) -> None:
     src = tmp_path / "src"
     files = _make_model(src / "m", nbytes=MiB)
-    with running_node(**_settings(tmp_path, capacity=8 * MiB)) as node:
-        with Client(node.url) as client:
-            client.register("m", models=[{"name": "m", "source": f"file://{src / 'm'}"}])
-            assert client.wait_until_warm("m", poll_s=0.02, timeout_s=60).state == "warm"
-            evicted = client.evict("m")
-            assert evicted.state == "evicted"
-            assert evicted.evicted_reason == "manual"
-            assert _du(tmp_path / "data") == {}
-            assert client.node().used == 0
+    with running_node(**_settings(tmp_path, capacity=8 * MiB)) as node, Client(node.url) as client:
+        client.register("m", models=[{"name": "m", "source": f"file://{src / 'm'}"}])
+        assert client.wait_until_warm("m", poll_s=0.02, timeout_s=60).state == "warm"
+        evicted = client.evict("m")
+        assert evicted.state == "evicted"
+        assert evicted.evicted_reason == "manual"
+        assert _du(tmp_path / "data") == {}
+        assert client.node().used == 0
 
-            seen: list[str] = []
-            status = client.wait_until_warm(
-                "m", poll_s=0.02, timeout_s=60, on_status=lambda s: seen.append(s.state)
-            )
+        seen: list[str] = []
+        status = client.wait_until_warm(
+            "m", poll_s=0.02, timeout_s=60, on_status=lambda s: seen.append(s.state)
+        )
 
-            assert status.state == "warm"
-            assert status.evicted_reason is None
-            assert seen[0] in ("warming", "warm")
-            assert "evicted" not in seen
-            assert status.bytes_cached == status.bytes_total == _pipeline_bytes(files)
-            manifest = client.manifest("m")
-            for blob in manifest.blobs:
-                body = client.http.get(f"/v1/blobs/{blob.sha256}").content
-                assert hashlib.sha256(body).hexdigest() == blob.sha256
-            assert client.node().used == _pipeline_bytes(files)
+        assert status.state == "warm"
+        assert status.evicted_reason is None
+        assert seen[0] in ("warming", "warm")
+        assert "evicted" not in seen
+        assert status.bytes_cached == status.bytes_total == _pipeline_bytes(files)
+        manifest = client.manifest("m")
+        for blob in manifest.blobs:
+            body = client.http.get(f"/v1/blobs/{blob.sha256}").content
+            assert hashlib.sha256(body).hexdigest() == blob.sha256
+        assert client.node().used == _pipeline_bytes(files)
 
 
 def test_cli_evict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -336,7 +336,7 @@ def test_cli_evict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert _metric(c, "weightcache_evicted_bytes_total", reason="manual") == freed
 
         # a leased pipeline is being loaded by a replica: refused, and it stays warm
-        assert cli.main(["--url", node.url, "evict", "held"]) == cli.EXIT_REFUSED
+        assert cli.main(["--url", node.url, "evict", "held"]) == EXIT_REFUSED
         assert "conflict" in capsys.readouterr().err
         assert c.get("/v1/pipelines/held").json()["state"] == "warm"
         assert _metric(c, "weightcache_evictions_total", reason="manual") == 1

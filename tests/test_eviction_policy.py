@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -237,19 +239,22 @@ def test_ties_are_broken_by_pipeline_id_and_plans_are_deterministic() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "reason"),
     [
-        lambda: Limits(capacity=-1),
-        lambda: Limits(capacity=1, high_watermark=0.5, low_watermark=0.8),
-        lambda: Limits(capacity=1, hot_window_s=-1),
-        lambda: Limits(capacity=1, frequency_aging_s=0),
-        lambda: Usage(committed=-1),
-        lambda: Entry("x", {"b": -1}, None, 0.0),
+        (lambda: Limits(capacity=-1), "capacity must be >= 0"),
+        (
+            lambda: Limits(capacity=1, high_watermark=0.5, low_watermark=0.8),
+            "watermarks must satisfy 0 < low <= high <= 1",
+        ),
+        (lambda: Limits(capacity=1, hot_window_s=-1), "hot_window_s must be >= 0"),
+        (lambda: Limits(capacity=1, frequency_aging_s=0), "frequency_aging_s must be > 0"),
+        (lambda: Usage(committed=-1), "usage must be >= 0"),
+        (lambda: Entry("x", {"b": -1}, None, 0.0), "x: blob sizes must be >= 0"),
     ],
 )
-def test_invalid_inputs_are_rejected(bad: object) -> None:
-    with pytest.raises(ValueError):
-        bad()  # type: ignore[operator]
+def test_invalid_inputs_are_rejected(bad: Callable[[], object], reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        bad()
 
 
 def test_inconsistent_blob_sizes_and_duplicate_ids_are_rejected() -> None:

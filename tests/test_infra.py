@@ -8,6 +8,7 @@ through the node's settings or the client's defaults.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -15,13 +16,16 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 import yaml
 
 from cache_node.access import is_loopback_host
 from cache_node.settings import DEFAULT_PORT, NodeSettings
-from clients.cli import _serve_refusal, build_parser
+from clients.cli import build_parser
 from clients.client import default_token, default_url
+from clients.serve_cli import _serve_refusal
+from tests.fixtures.pod_security import CONTAINER_LISTS, pod_template, restricted_violations
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 K8S = INFRA / "k8s"
@@ -138,7 +142,8 @@ def test_json_file_parses(path: Path) -> None:
 def test_k8s_documents_are_complete() -> None:
     seen: set[tuple[str, str]] = set()
     for doc in k8s_docs():
-        assert doc.get("apiVersion") and doc.get("kind"), doc
+        assert doc.get("apiVersion"), doc
+        assert doc.get("kind"), doc
         name = doc.get("metadata", {}).get("name")
         assert name, doc
         assert (doc["kind"], name) not in seen, f"duplicate {doc['kind']} {name}"
@@ -384,3 +389,500 @@ def test_vllm_deployment_uses_the_launcher(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("WEIGHTCACHE_URL", url)
     monkeypatch.setenv("WEIGHTCACHE_TOKEN", "t")
     assert (default_url(), default_token()) == (url, "t")
+
+
+# --------------------------------------------------- Pod Security Standard "restricted"
+
+
+def pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    """``(KIND/NAME, pod)`` for every Pod template in ``infra/k8s``."""
+    found = []
+    for doc in k8s_docs():
+        pod = pod_template(doc)
+        if pod is not None:
+            found.append((f"{doc['kind']}/{doc['metadata']['name']}", pod))
+    return found
+
+
+def containers_of(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for key in CONTAINER_LISTS for c in pod["spec"].get(key) or []]
+
+
+def test_every_workload_is_checked() -> None:
+    assert {where for where, _ in pod_templates()} == {
+        "StatefulSet/weightcache-node", "Deployment/weightcache-redis",
+        "Deployment/vllm-llama-8b",
+    }
+
+
+def test_the_namespace_enforces_the_restricted_standard() -> None:
+    labels = find("Namespace", NAMESPACE)["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+
+
+@pytest.mark.parametrize(("where", "pod"), pod_templates(), ids=lambda v: str(v)[:40])
+def test_pod_template_meets_the_restricted_standard(where: str, pod: dict[str, Any]) -> None:
+    assert restricted_violations(pod) == [], where
+
+
+@pytest.mark.parametrize(("where", "pod"), pod_templates(), ids=lambda v: str(v)[:40])
+def test_pod_runs_as_a_numeric_user_on_a_read_only_image(
+    where: str, pod: dict[str, Any]
+) -> None:
+    """Beyond the standard: numeric non-root uid, gid and fsGroup, and a read-only image whose
+    writable places are emptyDirs (and the cache node's data volume)."""
+    pod_context = pod["spec"]["securityContext"]
+    assert isinstance(pod_context["fsGroup"], int)
+    assert pod_context["fsGroup"] > 0
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    kind, name = where.split("/")
+    claims = {c["metadata"]["name"] for c in find(kind, name)["spec"].get(
+        "volumeClaimTemplates", [])}
+    for container in containers_of(pod):
+        context = {**pod_context, **container.get("securityContext", {})}
+        for field in ("runAsUser", "runAsGroup"):
+            assert isinstance(context.get(field), int), (where, field)
+            assert context[field] > 0, (where, field)
+        assert context.get("readOnlyRootFilesystem") is True, where
+        for mount in container.get("volumeMounts", []):
+            if not mount.get("readOnly"):
+                volume = volumes.get(mount["name"], {})
+                assert "emptyDir" in volume or mount["name"] in claims, (where, mount)
+
+
+def _good_pod() -> dict[str, Any]:
+    (_, pod), = [(w, p) for w, p in pod_templates() if w == "StatefulSet/weightcache-node"]
+    return copy.deepcopy(pod)
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = pod["spec"]["containers"][0]
+    return container
+
+
+def _context(pod: dict[str, Any]) -> dict[str, Any]:
+    context: dict[str, Any] = _container(pod)["securityContext"]
+    return context
+
+
+def _init_container(pod: dict[str, Any]) -> dict[str, Any]:
+    init = copy.deepcopy(_container(pod))
+    init["name"] = "init"
+    pod["spec"]["initContainers"] = [init]
+    return init
+
+
+def _drop_pod_seccomp(pod: dict[str, Any]) -> None:
+    del pod["spec"]["securityContext"]["seccompProfile"]
+
+
+#: One deliberate violation per case: (what the message names, how to break a good pod).
+VIOLATIONS: dict[str, tuple[str, Any]] = {
+    "hostNetwork": ("spec.hostNetwork", lambda p: p["spec"].update(hostNetwork=True)),
+    "hostPID": ("spec.hostPID", lambda p: p["spec"].update(hostPID=True)),
+    "hostIPC": ("spec.hostIPC", lambda p: p["spec"].update(hostIPC=True)),
+    "privileged": ("privileged", lambda p: _context(p).update(privileged=True)),
+    "windows-host-process": ("hostProcess", lambda p: p["spec"]["securityContext"].update(
+        windowsOptions={"hostProcess": True})),
+    "capability-beyond-baseline": ("SYS_ADMIN", lambda p: _context(p)["capabilities"].update(
+        add=["SYS_ADMIN"])),
+    "baseline-capability-added": ("CHOWN", lambda p: _context(p)["capabilities"].update(
+        add=["CHOWN"])),
+    "capabilities-not-dropped": ("capabilities.drop", lambda p: _context(p).pop(
+        "capabilities")),
+    "init-container-keeps-capabilities": ("initContainers[0]", lambda p: _init_container(
+        p)["securityContext"].pop("capabilities")),
+    "init-container-escalates": ("initContainers[0] (init).securityContext.allowPrivilege",
+                                 lambda p: _init_container(p)["securityContext"].update(
+                                     allowPrivilegeEscalation=True)),
+    "ephemeral-container-as-root": ("ephemeralContainers[0]", lambda p: p["spec"].update(
+        ephemeralContainers=[{"name": "debug", "image": "busybox:1.36.1", "securityContext": {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "runAsUser": 0}}])),
+    "hostPath-volume": ("hostPath", lambda p: p["spec"]["volumes"].append(
+        {"name": "host", "hostPath": {"path": "/"}})),
+    "nfs-volume": ("volume type nfs", lambda p: p["spec"]["volumes"].append(
+        {"name": "n", "nfs": {"server": "x", "path": "/"}})),
+    "hostPort": ("hostPort", lambda p: _container(p)["ports"][0].update(hostPort=8470)),
+    "apparmor-unconfined": ("appArmorProfile", lambda p: _context(p).update(
+        appArmorProfile={"type": "Unconfined"})),
+    "apparmor-annotation": ("apparmor", lambda p: p["metadata"].update(annotations={
+        "container.apparmor.security.beta.kubernetes.io/cache-node": "unconfined"})),
+    "selinux-type": ("seLinuxOptions.type", lambda p: _context(p).update(
+        seLinuxOptions={"type": "spc_t"})),
+    "selinux-user": ("seLinuxOptions.user", lambda p: p["spec"]["securityContext"].update(
+        seLinuxOptions={"user": "system_u"})),
+    "proc-mount": ("procMount", lambda p: _context(p).update(procMount="Unmasked")),
+    "seccomp-unconfined": ("seccompProfile.type: Unconfined", lambda p: _context(p).update(
+        seccompProfile={"type": "Unconfined"})),
+    "seccomp-unset": ("seccompProfile", _drop_pod_seccomp),
+    "unsafe-sysctl": ("kernel.msgmax", lambda p: p["spec"]["securityContext"].update(
+        sysctls=[{"name": "kernel.msgmax", "value": "1"}])),
+    "runAsNonRoot-unset": ("runAsNonRoot", lambda p: (
+        p["spec"]["securityContext"].pop("runAsNonRoot"), _context(p).pop("runAsNonRoot"))),
+    "runAsNonRoot-false": ("runAsNonRoot", lambda p: _context(p).update(runAsNonRoot=False)),
+    "root-user": ("runAsUser: 0", lambda p: _context(p).update(runAsUser=0)),
+    "root-user-on-the-pod": ("spec.securityContext.runAsUser", lambda p: p["spec"][
+        "securityContext"].update(runAsUser=0)),
+    "privilege-escalation": ("allowPrivilegeEscalation", lambda p: _context(p).update(
+        allowPrivilegeEscalation=True)),
+    "privilege-escalation-unset": ("allowPrivilegeEscalation", lambda p: _context(p).pop(
+        "allowPrivilegeEscalation")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIOLATIONS))
+def test_the_checker_refuses_a_violating_pod(case: str) -> None:
+    """A deliberately bad copy of the cache node's pod fails, naming what is wrong."""
+    named, breaks = VIOLATIONS[case]
+    pod = _good_pod()
+    assert restricted_violations(pod) == []
+    breaks(pod)
+    problems = restricted_violations(pod)
+    assert problems, case
+    assert any(named in problem for problem in problems), problems
+
+
+def test_the_checker_allows_what_the_standard_allows() -> None:
+    pod = _good_pod()
+    _context(pod)["capabilities"]["add"] = ["NET_BIND_SERVICE"]
+    _context(pod)["seccompProfile"] = {"type": "Localhost", "localhostProfile": "p.json"}
+    pod["spec"]["securityContext"]["sysctls"] = [{"name": "net.ipv4.tcp_syncookies",
+                                                  "value": "1"}]
+    pod["spec"]["securityContext"]["seLinuxOptions"] = {"type": "container_t", "level": "s0"}
+    pod["metadata"]["annotations"] = {
+        "container.apparmor.security.beta.kubernetes.io/cache-node": "runtime/default"}
+    pod["spec"]["volumes"].append({"name": "c", "configMap": {"name": "x"}})
+    init = _init_container(pod)
+    assert restricted_violations(pod) == []
+    # container-level settings may stand in for the pod's
+    del pod["spec"]["securityContext"]["runAsNonRoot"]
+    _drop_pod_seccomp(pod)
+    init["securityContext"]["seccompProfile"] = {"type": "RuntimeDefault"}
+    _context(pod)["runAsNonRoot"] = True
+    assert restricted_violations(pod) == []
+
+
+# ------------------------------------------------------------ disruption budget and network
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector matches ``labels`` (an empty one matches all)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get(
+            "values", [])
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def pod_labels(kind: str, name: str) -> dict[str, str]:
+    labels: dict[str, str] = find(kind, name)["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_a_disruption_budget_covers_the_cache_nodes() -> None:
+    sts = find("StatefulSet", "weightcache-node")
+    labels = pod_labels("StatefulSet", "weightcache-node")
+    budgets = [d for d in k8s_docs() if d["kind"] == "PodDisruptionBudget"
+               and selects(d["spec"]["selector"], labels)]
+    assert len(budgets) == 1
+    (budget,) = budgets
+    assert budget["spec"]["selector"] == sts["spec"]["selector"]
+    # one node at a time, and a drain is always possible (minAvailable: replicas never is)
+    if "maxUnavailable" in budget["spec"]:
+        assert budget["spec"]["maxUnavailable"] == 1
+    else:
+        assert budget["spec"]["minAvailable"] < sts["spec"]["replicas"]
+    for other in ("vllm-llama-8b", "weightcache-redis"):
+        assert not selects(budget["spec"]["selector"], pod_labels("Deployment", other))
+
+
+def _policies_for(labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [d for d in k8s_docs() if d["kind"] == "NetworkPolicy"
+            and selects(d["spec"]["podSelector"], labels)]
+
+
+def _rule_ports(rule: dict[str, Any], container: dict[str, Any]) -> set[int]:
+    """A rule's ports as container port numbers (a name resolves through the container)."""
+    by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
+    numbers = {p["containerPort"] for p in container["ports"]}
+    ports = set()
+    for port in rule["ports"]:
+        assert port.get("protocol", "TCP") == "TCP"
+        value = port["port"]
+        number = by_name[value] if isinstance(value, str) else value
+        assert number in numbers, f"{value} is no port of {container['name']}"
+        ports.add(number)
+    return ports
+
+
+def test_network_policy_admits_only_replicas_peers_and_prometheus() -> None:
+    labels = pod_labels("StatefulSet", "weightcache-node")
+    container = only_container(find("StatefulSet", "weightcache-node"))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (policy,) = _policies_for(labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    admitted: dict[str, set[int]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without 'from' admits everyone"
+        assert rule.get("ports"), "a rule without 'ports' admits every port"
+        rule_ports = _rule_ports(rule, container)
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            assert peer.get("podSelector"), "a peer must name its pods"
+            if selects(peer["podSelector"], pod_labels("Deployment", "vllm-llama-8b")):
+                assert "namespaceSelector" not in peer
+                admitted["replicas"] = rule_ports
+            elif selects(peer["podSelector"], labels):
+                assert "namespaceSelector" not in peer  # this namespace's nodes, no others
+                admitted["peers"] = rule_ports
+            elif peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}:
+                assert peer["namespaceSelector"]["matchLabels"]
+                admitted["prometheus"] = rule_ports
+            else:
+                pytest.fail(f"unexpected peer {peer}")
+    # the allowed ports are exactly the container's; metrics are scraped on the API port
+    assert admitted == {
+        "replicas": set(ports.values()),
+        "peers": set(ports.values()),
+        "prometheus": {ports["api"]},
+    }
+    (monitor,) = load_docs(K8S / "servicemonitor.yaml")
+    assert {ports[e["port"]] for e in monitor["spec"]["endpoints"]} == admitted["prometheus"]
+    # the vLLM Deployment carries the label; Redis does not (it has no business there)
+    assert not selects(policy["spec"]["ingress"][0]["from"][0]["podSelector"],
+                       pod_labels("Deployment", "weightcache-redis"))
+
+
+def test_network_policy_admits_only_cache_nodes_to_redis() -> None:
+    labels = pod_labels("Deployment", "weightcache-redis")
+    redis = only_container(find("Deployment", "weightcache-redis"))
+    (policy,) = _policies_for(labels)
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert selects(peer["podSelector"], pod_labels("StatefulSet", "weightcache-node"))
+    assert not selects(peer["podSelector"], pod_labels("Deployment", "vllm-llama-8b"))
+    assert _rule_ports(rule, redis) == {p["containerPort"] for p in redis["ports"]}
+
+
+def test_tokens_secret_is_mounted_so_that_updates_reach_the_node() -> None:
+    """A Secret mounted with subPath never changes in the pod: rotating a token would then need
+    a restart. A directory mount is updated in place, and the node re-reads the file."""
+    container = only_container(find("StatefulSet", "weightcache-node"))
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tokens"]
+    assert "subPath" not in mount
+    assert mount.get("readOnly") is True
+
+
+# ----------------------------------------------------------------------- pinned images
+
+
+#: Projects whose releases are numbered MAJOR.MINOR: their exact version has two parts.
+TWO_PART_RELEASES = {"chrislusf/seaweedfs"}
+OUR_IMAGES = {"weightcache-node": "Dockerfile", "vllm-weightcache": "Dockerfile.replica"}
+
+
+def project_version() -> str:
+    text = (INFRA.parent / "pyproject.toml").read_text()
+    match = re.search(r'^version = "([^"]+)"', text, re.M)
+    assert match is not None
+    return match.group(1)
+
+
+def split_image(reference: str) -> tuple[str, str | None, str | None]:
+    """``(repository, tag, digest)`` of an image reference."""
+    name, _, digest = reference.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    tag = None
+    if ":" in last:
+        name, tag = name.rsplit(":", 1)
+    return name, tag, digest or None
+
+
+def is_pinned(reference: str) -> bool:
+    """A digest, or an exact release: never untagged, never ``latest`` or a moving ``7.4``."""
+    name, tag, digest = split_image(reference)
+    if digest is not None:
+        return re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None
+    if tag is None:
+        return False
+    if name in OUR_IMAGES:
+        return tag == project_version()
+    parts = 2 if name in TWO_PART_RELEASES else 3
+    return re.match(r"v?\d+" + r"\.\d+" * (parts - 1) + r"(?![.\d])", tag) is not None
+
+
+def every_image() -> list[tuple[str, str]]:
+    """``(where, reference)`` for every image the manifests, compose file and Dockerfiles use."""
+    images = []
+    for where, pod in pod_templates():
+        images += [(f"{where}/{c['name']}", c["image"]) for c in containers_of(pod)]
+    for name, service in compose()["services"].items():
+        images.append((f"compose/{name}", compose_value(service["image"])))
+    for dockerfile_name in ("Dockerfile", "Dockerfile.replica"):
+        pairs = dockerfile(dockerfile_name)
+        args = dict(rest.split("=", 1) for key, rest in pairs if key == "ARG" and "=" in rest)
+        for key, rest in pairs:
+            if key == "FROM":
+                base = rest.split()[0]
+                for arg, default in args.items():
+                    base = base.replace(f"${{{arg}}}", default)
+                images.append((f"{dockerfile_name}/FROM", base))
+    return images
+
+
+@pytest.mark.parametrize(("where", "image"), every_image(), ids=lambda v: str(v))
+def test_every_image_is_pinned(where: str, image: str) -> None:
+    assert is_pinned(image), f"{where}: {image} is not an exact version or a digest"
+
+
+@pytest.mark.parametrize(
+    ("reference", "pinned"),
+    [
+        ("redis", False),
+        ("redis:latest", False),
+        ("redis:7.4-alpine", False),
+        ("python:3.11-slim", False),
+        ("registry.local:5000/redis", False),
+        ("weightcache-node:latest", False),
+        ("weightcache-node:0.0.9", False),
+        ("chrislusf/seaweedfs:4", False),
+        ("redis@sha256:abc", False),
+        ("redis:7.4.2-alpine", True),
+        ("registry.local:5000/python:3.11.11-slim-bookworm", True),
+        ("vllm/vllm-openai:v0.32.0", True),
+        ("chrislusf/seaweedfs:4.48", True),
+        ("redis@sha256:" + "a" * 64, True),
+    ],
+)
+def test_what_counts_as_pinned(reference: str, pinned: bool) -> None:
+    assert is_pinned(reference) is pinned
+
+
+def _user_of(pairs: list[tuple[str, str]]) -> tuple[int, int]:
+    user, _, group = instruction(pairs, "USER").partition(":")
+    return int(user), int(group)
+
+
+@pytest.mark.parametrize("image", sorted(OUR_IMAGES))
+def test_images_create_the_user_the_manifests_run_as(image: str) -> None:
+    pairs = dockerfile(OUR_IMAGES[image])
+    uid, gid = _user_of(pairs)  # numeric: runAsNonRoot can only check a number
+    assert uid > 0
+    assert gid > 0
+    runs = " ".join(rest for key, rest in pairs if key == "RUN")
+    assert re.search(rf"useradd\b[^&]*--uid {uid} --gid {gid}\b", runs)
+    assert re.search(rf"groupadd\b[^&]*--gid {gid}\b", runs)
+    users = []
+    for where, pod in pod_templates():
+        pod_context = pod["spec"]["securityContext"]
+        for container in containers_of(pod):
+            if split_image(container["image"])[0] == image:
+                context = {**pod_context, **container.get("securityContext", {})}
+                users.append((where, context["runAsUser"], context["runAsGroup"],
+                              pod_context["fsGroup"]))
+    assert users, f"no manifest runs {image}"
+    assert all(u[1:] == (uid, gid, gid) for u in users), users
+    for name, service in compose()["services"].items():
+        if split_image(service["image"])[0] == image:
+            assert service["user"] == f"{uid}:{gid}", name
+
+
+# --------------------------------------------------------------------- compose schemas
+
+
+SCHEMAS = Path(__file__).resolve().parent / "fixtures" / "compose_schemas"
+#: ``docker-compose`` 1.x accepts these version strings (compose/config/config.py).
+COMPOSE_V1_VERSION = re.compile(r"^[1-3]+(\.\d+)?$")
+_PORT_SPEC = re.compile(
+    r"^(?:(?:(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]):)?(?:\d+(?:-\d+)?)?:)?"
+    r"\d+(?:-\d+)?(?:/(?:tcp|udp|sctp))?$"
+)
+
+
+def _compose_v1_formats() -> dict[str, Any]:
+    """The formats ``docker-compose`` 1.x checks itself (``compose/config/validation.py``)."""
+    return {
+        "ports": lambda value: _PORT_SPEC.match(value) is not None,
+        "expose": lambda value: re.match(r"^\d+(\-\d+)?(\/[a-zA-Z]+)?$", value) is not None,
+        "subnet_ip_address": lambda value: "/" in value,
+    }
+
+
+#: (schema file, validator): Compose v1 uses a Draft 4 validator whatever ``$schema`` says.
+COMPOSE_SCHEMAS = {
+    "v1-format-3.8": ("compose-v1.26.2-config_schema_v3.8.json", jsonschema_rs.Draft4Validator),
+    "v1.29": ("compose-v1.29.2-compose_spec.json", jsonschema_rs.Draft4Validator),
+    "v2-compose-spec": ("compose-spec.json", jsonschema_rs.Draft7Validator),
+}
+
+
+def compose_errors(document: dict[str, Any], which: str) -> list[str]:
+    """Why ``document`` fails the schema ``which`` (after interpolation, as Compose does)."""
+    name, validator_class = COMPOSE_SCHEMAS[which]
+    schema = json.loads((SCHEMAS / name).read_text())
+    formats = _compose_v1_formats() if which.startswith("v1") else {}
+    validator = validator_class(schema, formats=formats, validate_formats=bool(formats))
+    return [f"{list(error.instance_path)}: {error.message}"
+            for error in validator.iter_errors(_interpolated(document))]
+
+
+def _interpolated(value: Any) -> Any:
+    if isinstance(value, str):
+        return compose_value(value)
+    if isinstance(value, list):
+        return [_interpolated(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolated(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("which", sorted(COMPOSE_SCHEMAS))
+def test_compose_file_is_valid_for_compose_v1_and_v2(which: str) -> None:
+    assert compose_errors(compose(), which) == []
+
+
+def test_compose_file_version_suits_both() -> None:
+    version = compose()["version"]
+    assert isinstance(version, str)  # v1 refuses a number
+    assert COMPOSE_V1_VERSION.match(version)
+    assert version.startswith("3.")
+
+
+@pytest.mark.parametrize(
+    ("which", "breaks", "named"),
+    [
+        ("v1-format-3.8", lambda d: d.update(name="weightcache"), "name"),
+        ("v1.29", lambda d: d.update(name="weightcache"), "name"),
+        ("v1-format-3.8", lambda d: d.pop("version"), "version"),
+        ("v1-format-3.8", lambda d: d["services"]["cache-node"]["ports"].append("84x0:8470"),
+         "ports"),
+        ("v1.29", lambda d: d["services"]["redis"].update(readonly=True), "readonly"),
+        ("v2-compose-spec", lambda d: d["services"]["redis"].update(readonly=True), "readonly"),
+        ("v2-compose-spec", lambda d: d["services"]["redis"].update(cap_drop="ALL"), "cap_drop"),
+    ],
+)
+def test_compose_schemas_refuse_a_bad_copy(which: str, breaks: Any, named: str) -> None:
+    document = copy.deepcopy(compose())
+    breaks(document)
+    errors = compose_errors(document, which)
+    assert errors
+    assert any(named in error for error in errors), errors
+
+
+def test_compose_cache_node_is_hardened() -> None:
+    node = compose()["services"]["cache-node"]
+    assert node["read_only"] is True
+    assert node["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in node["security_opt"]
+    assert "/tmp" in node["tmpfs"]

@@ -26,13 +26,13 @@ BAD_IDS = ["..", "a..b", ".hidden", "a/b", "%2e%2e", "%252e%252e", "a%00b", "x" 
 def test_bad_pipeline_ids_are_4xx(node: RunningNode, pipeline_id: str) -> None:
     body = {"models": [{"name": "m", "source": "hf://org/model"}]}
     with node.client() as c:
-        for method, path, kwargs in (
-            ("PUT", f"/v1/pipelines/{pipeline_id}", {"json": body}),
-            ("GET", f"/v1/pipelines/{pipeline_id}", {}),
-            ("GET", f"/v1/pipelines/{pipeline_id}/manifest", {}),
-            ("DELETE", f"/v1/pipelines/{pipeline_id}", {}),
+        for method, path, payload in (
+            ("PUT", f"/v1/pipelines/{pipeline_id}", body),
+            ("GET", f"/v1/pipelines/{pipeline_id}", None),
+            ("GET", f"/v1/pipelines/{pipeline_id}/manifest", None),
+            ("DELETE", f"/v1/pipelines/{pipeline_id}", None),
         ):
-            answer = c.request(method, path, **kwargs)
+            answer = c.request(method, path, json=payload)  # None: no body
             assert 400 <= answer.status_code < 500, (method, path, answer.status_code)
             assert "error" in answer.json()
 

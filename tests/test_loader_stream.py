@@ -16,7 +16,7 @@ import xxhash
 from api.schema import Manifest, ManifestBlob, ManifestTensor
 from loader.errors import IntegrityError, SourceError
 from loader.layout import plan_layout, tensor_view
-from loader.load import load_manifest, tensor_keys
+from loader.manifest_stream import load_manifest, tensor_keys
 from loader.ranges import BlobDigests, ByteRange, plan_requests
 from loader.safetensors_format import read_header
 from loader.sinks import RingSink, staging_pool

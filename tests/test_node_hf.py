@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.fixtures.hf_hub import FixtureHub
-from tests.fixtures.node_server import running_node, wait_for_state
+from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 from tests.fixtures.weights import safetensors_bytes
 
 MiB = 1024 * 1024
@@ -25,7 +26,9 @@ def _model_files(*, weights: str = "model.safetensors", size: int = 3 * MiB) -> 
     }
 
 
-def _node(tmp_path: Path, hub: FixtureHub, **overrides: object) -> object:
+def _node(
+    tmp_path: Path, hub: FixtureHub, **overrides: object
+) -> AbstractContextManager[RunningNode]:
     settings: dict[str, object] = {
         "data_dir": tmp_path / "data",
         "capacity": "1GiB",
@@ -45,7 +48,7 @@ def test_64_concurrent_registrations_pull_each_file_once(
 ) -> None:
     files = _model_files(size=8 * MiB)
     hf_hub.add_repo("org/model", files)
-    with _node(tmp_path, hf_hub) as node, node.client() as c:  # type: ignore[attr-defined]
+    with _node(tmp_path, hf_hub) as node, node.client() as c:
         body = {"models": [{"name": "llm", "source": "hf://org/model"}]}
 
         def register(i: int) -> int:
@@ -72,7 +75,7 @@ def test_corrupt_origin_bytes_fail_with_integrity_error_and_commit_nothing(
 ) -> None:
     files = _model_files(weights=f"model-{fault}.safetensors")
     hf_hub.add_repo("org/bad", files)
-    with _node(tmp_path, hf_hub) as node, node.client() as c:  # type: ignore[attr-defined]
+    with _node(tmp_path, hf_hub) as node, node.client() as c:
         c.put("/v1/pipelines/bad", json={"models": [{"name": "m", "source": "hf://org/bad"}]})
         status = wait_for_state(c, "bad", {"warm", "failed"})
         assert status["state"] == "failed"
@@ -80,7 +83,7 @@ def test_corrupt_origin_bytes_fail_with_integrity_error_and_commit_nothing(
         if fault in ("fault-flip", "fault-html"):  # full-length wrong bytes: the digest says so
             assert status["error"]["code"] == "integrity_error"
             assert "expected" in status["error"]["message"]
-        store = node.node.store  # type: ignore[attr-defined]
+        store = node.node.store
         committed = {r.sha256 for r in store.records()}
         corrupt = hashlib.sha256(files[f"model-{fault}.safetensors"]).hexdigest()
         assert corrupt not in committed
@@ -93,7 +96,7 @@ def test_model_larger_than_capacity_is_507_before_any_origin_byte(
 ) -> None:
     hf_hub.add_repo("org/big", _model_files(size=4 * MiB))
     small = _node(tmp_path, hf_hub, capacity="2MiB")
-    with small as node, node.client() as c:  # type: ignore[attr-defined]
+    with small as node, node.client() as c:
         body = {"models": [{"name": "m", "source": "hf://org/big"}]}
         answer = c.put("/v1/pipelines/big", json=body)
         assert answer.status_code == 507
@@ -107,7 +110,7 @@ def test_model_larger_than_capacity_is_507_before_any_origin_byte(
 
 def test_gated_model_without_token_fails_unauthorized(tmp_path: Path, hf_hub: FixtureHub) -> None:
     hf_hub.add_repo("org/gated", _model_files(), gated=True, token="hf_secret")
-    with _node(tmp_path, hf_hub) as node, node.client() as c:  # type: ignore[attr-defined]
+    with _node(tmp_path, hf_hub) as node, node.client() as c:
         c.put("/v1/pipelines/g", json={"models": [{"name": "m", "source": "hf://org/gated"}]})
         status = wait_for_state(c, "g", {"warm", "failed"})
         assert status["state"] == "failed"
@@ -119,7 +122,7 @@ def test_transient_503s_are_retried(tmp_path: Path, hf_hub: FixtureHub) -> None:
     # one part (under part_size) so that the GETs counted are the attempts of one request
     files = _model_files(weights="model-fault-503x2.safetensors", size=MiB // 2)
     hf_hub.add_repo("org/flaky", files)
-    with _node(tmp_path, hf_hub) as node, node.client() as c:  # type: ignore[attr-defined]
+    with _node(tmp_path, hf_hub) as node, node.client() as c:
         c.put("/v1/pipelines/f", json={"models": [{"name": "m", "source": "hf://org/flaky"}]})
         assert wait_for_state(c, "f", {"warm", "failed"})["state"] == "warm"
         assert hf_hub.requests("model-fault-503x2.safetensors") == 3
@@ -129,7 +132,7 @@ def test_tenant_matrix(tmp_path: Path, hf_hub: FixtureHub) -> None:
     hf_hub.add_repo("org/a", _model_files(size=MiB))
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"tok-a": "team-a", "tok-b": "team-b", "tok-ops": "admin"}))
-    with _node(tmp_path, hf_hub, tokens_file=tokens) as node:  # type: ignore[attr-defined]
+    with _node(tmp_path, hf_hub, tokens_file=tokens) as node:
         with node.client("tok-a") as a:
             assert a.put(
                 "/v1/pipelines/pa", json={"models": [{"name": "m", "source": "hf://org/a"}]}

@@ -61,6 +61,14 @@ async def read(origin: HFOrigin, file: OriginFile, start: int, end: int) -> byte
     return b"".join([chunk async for chunk in origin.read_range(file, start, end)])
 
 
+async def read_into(
+    origin: HFOrigin, file: OriginFile, start: int, end: int, received: bytearray
+) -> None:
+    """Append each chunk to ``received`` as it comes, so a read that fails keeps its prefix."""
+    async for chunk in origin.read_range(file, start, end):
+        received += chunk
+
+
 def by_path(snapshot: Snapshot) -> dict[str, OriginFile]:
     return {f.path: f for f in snapshot.files}
 
@@ -471,8 +479,7 @@ async def test_connection_reset_midway(hf_hub: FixtureHub, origin_of: list[HFOri
     origin, files = await resolved(hf_hub, origin_of, {name: BIG})
     received = bytearray()
     with pytest.raises(OriginError) as failure:
-        async for chunk in origin.read_range(files[name], 0, len(BIG)):
-            received += chunk
+        await read_into(origin, files[name], 0, len(BIG), received)
     assert failure.value.retryable
     assert len(received) < len(BIG)
     assert bytes(received) == BIG[: len(received)]  # what came before the reset is good
@@ -491,8 +498,7 @@ async def test_stalled_stream_times_out_as_retryable(
     origin, files = await resolved(hf_hub, origin_of, {name: BIG}, http=http)
     received = bytearray()
     with pytest.raises(OriginError) as failure:
-        async for chunk in origin.read_range(files[name], 0, len(BIG)):
-            received += chunk
+        await read_into(origin, files[name], 0, len(BIG), received)
     assert failure.value.retryable
     assert bytes(received) == BIG[: len(received)]
     await http.aclose()
@@ -627,9 +633,11 @@ def test_fixture_range_and_counters(hf_hub: FixtureHub) -> None:
 
 def test_fixture_gzip_fault_compresses(hf_hub: FixtureHub) -> None:
     hf_hub.add_repo("org/z", {"fault-gzip.bin": b"abc" * 1000})
-    with httpx.Client(base_url=hf_hub.endpoint) as client:
-        with client.stream("GET", "/org/z/resolve/main/fault-gzip.bin") as response:
-            raw = b"".join(response.iter_raw())
+    with (
+        httpx.Client(base_url=hf_hub.endpoint) as client,
+        client.stream("GET", "/org/z/resolve/main/fault-gzip.bin") as response,
+    ):
+        raw = b"".join(response.iter_raw())
     assert response.headers["content-encoding"] == "gzip"
     assert gzip.decompress(raw) == b"abc" * 1000
 

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from api.data_plane import run_data_plane, stop_data_plane
 from api.schema import ModelSpec, PipelineSpec
-from cache_node.data_plane import run_data_plane, stop_data_plane
 from cache_node.registry import FileEntry, ModelEntry, PipelineRecord
 from tests.fixtures.node_server import RunningNode, free_port, running_node, wait_for_state
 from tests.fixtures.weights import write_weights

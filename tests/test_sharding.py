@@ -70,7 +70,8 @@ MODELS: dict[str, dict[str, Any]] = {
     },
     # C: Qwen2 (q/k/v biases, no o bias) with a single KV head, fp16.
     "C-qwen2-mqa-fp16": {
-        "num_kv_heads": 1, "vocab_size": 999, "tie": False, "model_type": "qwen2", "dtype": torch.float16
+        "num_kv_heads": 1, "vocab_size": 999, "tie": False, "model_type": "qwen2",
+        "dtype": torch.float16,
     },
     # D: Qwen3 (per-head q_norm/k_norm), full multi-head attention, tied, with biases.
     "D-qwen3-mha-tied": {
@@ -236,7 +237,7 @@ def references(models: dict[str, TinyModel]) -> dict[str, PreTrainedModel]:
     return {
         name: AutoModelForCausalLM.from_pretrained(
             model.directory, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        ).eval()  # type: ignore[no-untyped-call]  # transformers leaves eval() unannotated
         for name, model in models.items()
     }
 
@@ -250,6 +251,16 @@ def _linear(x: torch.Tensor, shard: dict[str, torch.Tensor], prefix: str) -> tor
     return torch.nn.functional.linear(x, shard[f"{prefix}.weight"].float(), bias=None) + (
         bias.float() if bias is not None else 0
     )
+
+
+class _KvGroups(torch.nn.Module):
+    """What ``eager_attention_forward`` reads of its attention module: the KV grouping (and
+    ``training``, off: no dropout)."""
+
+    def __init__(self, num_key_value_groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = num_key_value_groups
+        self.train(False)
 
 
 def _attention_partial(
@@ -274,7 +285,7 @@ def _attention_partial(
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     local_heads, local_kv_heads = q.shape[1], k.shape[1]
-    module = SimpleNamespace(num_key_value_groups=local_heads // local_kv_heads, training=False)
+    module = _KvGroups(local_heads // local_kv_heads)
     out, _ = eager_attention_forward(module, q, k, v, mask, scaling=head_dim**-0.5, dropout=0.0)
     out = out.reshape(batch, seq, local_heads * head_dim)
     # Row-parallel o_proj: the rank's columns, no bias (added once after the sum).
@@ -581,7 +592,7 @@ def test_vocab_rows_follow_vllms_padding_and_split(vocab: int, tp: int) -> None:
         return
     assert plan.vocab_size == vocab
     assert plan.vocab_padded == per_rank * tp
-    covered = []
+    covered: list[int] = []
     for rank_plan, (start, stop) in zip(plan.ranks, expected, strict=True):
         assert rank_plan.metadata["weightcache.layout"] == "vllm-vocab-pad64"
         assert rank_plan.metadata["weightcache.vocab_padded"] == str(per_rank * tp)

@@ -49,7 +49,8 @@ from api.embedded import free_port
 from clients.errors import ClientError
 from clients.seaweed import SeaweedServer
 from loader.errors import IntegrityError as LoaderIntegrityError
-from loader.load import load, tensor_keys
+from loader.load import load
+from loader.manifest_stream import tensor_keys
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.tiny_llama import make_tiny_llama
 
@@ -320,9 +321,8 @@ class Soak:
         stat = os.statvfs(self.fill_dir)
         free = stat.f_bavail * stat.f_frsize
         try:
-            with open(filler, "wb") as handle:
-                with contextlib.suppress(OSError):  # ENOSPC: the point
-                    handle.write(b"\0" * max(0, free - 256 * 1024))
+            with open(filler, "wb") as handle, contextlib.suppress(OSError):  # ENOSPC: the point
+                handle.write(b"\0" * max(0, free - 256 * 1024))
             self.figures.disk_fills += 1
             self.drive_for(hold_s, allow_fill=False)
         finally:

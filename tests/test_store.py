@@ -52,9 +52,9 @@ def test_layout_and_atomic_publish(tmp_path: Path) -> None:
     again = _put(store, data)  # the same content twice is stored once
     assert again == sha
     assert store.usage().committed == len(data)
+    temp = store.new_temp_path()
+    temp.write_bytes(b"short")
     with pytest.raises(IntegrityError):
-        temp = store.new_temp_path()
-        temp.write_bytes(b"short")
         store.publish(temp, sha256="0" * 64, size=6, chunk_xxh3_128=[], verified=False)
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from api.data_plane import run_data_plane, stop_data_plane
 from cache_node.access import load_access
-from cache_node.data_plane import run_data_plane, stop_data_plane
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.hf_hub import FixtureHub
@@ -43,7 +44,7 @@ def s3_creds(endpoint: str, seaweed: SeaweedServer, *, secret: str | None = None
     }
 
 
-def write_tokens(tmp_path: Path, config: dict[str, Any]) -> Path:
+def write_tokens(tmp_path: Path, config: object) -> Path:
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps(config))
     return path
@@ -214,17 +215,33 @@ def test_tokens_file_shapes(tmp_path: Path) -> None:
     config = load_access(inline)
     assert config.tokens == {"tok-a": "team-a", "tok-a2": "team-a", "tok-b": "team-b"}
     assert set(config.tenants) == {"team-a"}
-    for bad in (
-        {"tokens": {"t": "a"}, "tenants": {"a": {"sources": ["ftp://x/"]}}},
-        {"tokens": {"t": "a"}, "tenants": {"a": {"sources": ["hf://org-a@main/"]}}},
-        {"tokens": {"t": "a"}, "tenants": {"a": {"unknown": 1}}},
-        {"tokens": {"t": "a"}, "tenants": {"a": {"s3": {"secret_access_key": 5}}}},
-        {"t": {"tenant": "a", "sources": ["hf://x/"]}, "u": {"tenant": "a", "sources": []}},
-        {"tokens": {"t": ""}},
-        ["t", "a"],
-    ):
-        path = write_tokens(tmp_path, bad)  # type: ignore[arg-type]
-        with pytest.raises(ValueError) as caught:
+    bad_files: list[tuple[object, str]] = [
+        (
+            {"tokens": {"t": "a"}, "tenants": {"a": {"sources": ["ftp://x/"]}}},
+            "tenant 'a': source prefix 'ftp://x/' must be",
+        ),
+        (
+            {"tokens": {"t": "a"}, "tenants": {"a": {"sources": ["hf://org-a@main/"]}}},
+            "tenant 'a': source prefix 'hf://org-a@main/' must be",
+        ),
+        (
+            {"tokens": {"t": "a"}, "tenants": {"a": {"unknown": 1}}},
+            "tenant 'a': unknown keys ['unknown']",
+        ),
+        (
+            {"tokens": {"t": "a"}, "tenants": {"a": {"s3": {"secret_access_key": 5}}}},
+            "tenant 'a': 's3' takes string fields",
+        ),
+        (
+            {"t": {"tenant": "a", "sources": ["hf://x/"]}, "u": {"tenant": "a", "sources": []}},
+            "token #2: tenant 'a' has two different policies",
+        ),
+        ({"tokens": {"t": ""}}, "token #1: the tenant must be a non-empty string"),
+        (["t", "a"], "tokens file must be a JSON object"),
+    ]
+    for bad, reason in bad_files:
+        path = write_tokens(tmp_path, bad)
+        with pytest.raises(ValueError, match=re.escape(reason)) as caught:
             load_access(path)
         assert "hf_x" not in str(caught.value)
 
@@ -276,7 +293,7 @@ def test_prefix_matching_is_by_whole_segments(
     tokens = write_tokens(tmp_path, {"tokens": {"t": "team"},
                                      "tenants": {"team": {"sources": [prefix]}}})
     access = TenantAccess(NodeSettings(data_dir=tmp_path / "d", tokens_file=tokens,
-                                       local_roots=["/srv"]))
+                                       local_roots=[Path("/srv")]))
     model = ModelSpec(name="m", source=source)
     if allowed:
         access.check_source("team", model, pipeline="p")

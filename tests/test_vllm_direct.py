@@ -104,7 +104,7 @@ def test_a_shard_that_does_not_fit_is_refused_before_a_byte_is_read(
         assert "weightcache: rank 1/2 load failed: shape_mismatch" in capsys.readouterr().err
         del shapes["model.norm.weight"]
         shapes["lm_head.weight"] = torch.Size([512, 64])
-        with pytest.raises(WeightMismatch, match="no parameter model.norm.weight"):
+        with pytest.raises(WeightMismatch, match=r"no parameter model\.norm\.weight"):
             load_rank_into(
                 VllmShaped(shapes, torch.float32),
                 {"pipeline": "tiny", "url": node.url},

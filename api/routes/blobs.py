@@ -32,7 +32,8 @@ async def head_blob(sha256: str, request: Request, node: Node, tenant: Tenant) -
 
 
 async def _answer(sha256: str, request: Request, node: Node, tenant: str) -> Response:
-    record = node.authorize_blob(tenant, check_sha256(sha256))
+    # the registry's blob index and the store's record: metadata reads, in a worker thread
+    record = await run_in_threadpool(node.authorize_blob, tenant, check_sha256(sha256))
     answer = plan_blob_response(
         method=request.method,
         range_fields=request.headers.getlist("range"),

@@ -1,4 +1,6 @@
-"""Cold-start history: replicas report their loads; the dashboard reads them back."""
+"""Cold-start history: replicas report their loads; the dashboard reads them back.
+
+Plain ``def`` handlers: the history is metadata reads and writes, run in worker threads."""
 
 from __future__ import annotations
 
@@ -23,16 +25,16 @@ Limit = Annotated[int, Query(ge=1, le=DEFAULT_LIMIT)]
 
 
 @router.post("/v1/pipelines/{pipeline_id}/loads", response_model=LoadReport, status_code=202)
-async def report_load(
+def report_load(
     pipeline_id: PipelineId, report: LoadReport, node: Node, tenant: Tenant, history: History
 ) -> LoadReport:
     """Record one replica load's stage timings (404 for a pipeline the caller cannot see)."""
-    owner = node.status(tenant, pipeline_id).tenant
+    owner = node.record(tenant, pipeline_id).tenant
     return history.record(owner, pipeline_id, report)
 
 
 @router.get("/v1/pipelines/{pipeline_id}/loads", response_model=LoadList)
-async def pipeline_loads(
+def pipeline_loads(
     pipeline_id: PipelineId,
     node: Node,
     tenant: Tenant,
@@ -40,14 +42,14 @@ async def pipeline_loads(
     limit: Limit = DEFAULT_LIMIT,
 ) -> LoadList:
     """The pipeline's recent loads, newest first."""
-    owner = node.status(tenant, pipeline_id).tenant
+    owner = node.record(tenant, pipeline_id).tenant
     return LoadList(loads=history.recent(owner, pipeline_id, limit=limit))
 
 
 @router.get("/v1/loads", response_model=LoadList)
-async def all_loads(
+def all_loads(
     node: Node, tenant: Tenant, history: History, limit: Limit = DEFAULT_LIMIT
 ) -> LoadList:
     """The newest loads over every pipeline the caller can see."""
-    visible = [(status.tenant, status.id) for status in node.pipelines(tenant)]
+    visible = [(record.tenant, record.id) for record in node.records(tenant)]
     return LoadList(loads=history.recent_of(visible, limit=limit))

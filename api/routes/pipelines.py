@@ -1,11 +1,16 @@
-"""``/v1/pipelines``: register, list, show, warm, evict, delete."""
+"""``/v1/pipelines``: register, list, show, warm, evict, delete, pin and unpin.
+
+Reads are plain ``def`` handlers (worker threads: a status reads metadata and stats blobs);
+the async ones await the node and build their answer in a thread too."""
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Response
 
 from api.deps import Node, PipelineId, Tenant
 from api.schema import PipelineList, PipelineSpec, PipelineStatus
+from api.views import pipeline_status
 
 router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"])
 
@@ -15,33 +20,48 @@ async def register(
     pipeline_id: PipelineId, spec: PipelineSpec, node: Node, tenant: Tenant, response: Response
 ) -> PipelineStatus:
     """Register (upsert) a pipeline and start its pre-warm; 200 when nothing changed."""
-    status, changed = await node.register(tenant, pipeline_id, spec)
+    record, changed = await node.register(tenant, pipeline_id, spec)
     if not changed:
         response.status_code = 200
-    return status
+    return await anyio.to_thread.run_sync(pipeline_status, node, record)
 
 
 @router.get("", response_model=PipelineList)
-async def list_pipelines(node: Node, tenant: Tenant) -> PipelineList:
-    return PipelineList(pipelines=node.pipelines(tenant))
+def list_pipelines(node: Node, tenant: Tenant) -> PipelineList:
+    return PipelineList(pipelines=[pipeline_status(node, r) for r in node.records(tenant)])
 
 
 @router.get("/{pipeline_id}", response_model=PipelineStatus)
-async def show(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
-    return node.status(tenant, pipeline_id)
+def show(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    return pipeline_status(node, node.record(tenant, pipeline_id))
 
 
 @router.post("/{pipeline_id}/warm", response_model=PipelineStatus, status_code=202)
 async def warm(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
     """Re-warm after eviction or failure."""
-    return await node.warm(tenant, pipeline_id)
+    record = await node.warm(tenant, pipeline_id)
+    return await anyio.to_thread.run_sync(pipeline_status, node, record)
 
 
 @router.post("/{pipeline_id}/evict", response_model=PipelineStatus, status_code=202)
 async def evict(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
     """Free a pipeline's bytes; it stays registered as ``evicted``."""
     await node.evict(tenant, pipeline_id)
-    return node.status(tenant, pipeline_id)
+    return await anyio.to_thread.run_sync(
+        lambda: pipeline_status(node, node.record(tenant, pipeline_id))
+    )
+
+
+@router.post("/{pipeline_id}/pin", response_model=PipelineStatus)
+def pin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Never evict this pipeline (its spec's ``pinned``, set in place: nothing re-fetched)."""
+    return pipeline_status(node, node.set_pinned(tenant, pipeline_id, pinned=True))
+
+
+@router.post("/{pipeline_id}/unpin", response_model=PipelineStatus)
+def unpin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Let the eviction policy consider this pipeline again."""
+    return pipeline_status(node, node.set_pinned(tenant, pipeline_id, pinned=False))
 
 
 @router.delete("/{pipeline_id}", status_code=204)

@@ -1,4 +1,8 @@
-"""What a replica uses: manifests and leases."""
+"""What a replica uses: manifests and leases.
+
+Every handler is a plain ``def``: FastAPI runs it in a worker thread, since a manifest may
+hash a blob's header chunk and every lease is a metadata write with an fsync; none of that may
+stall the event loop that streams blobs and answers other replicas."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ router = APIRouter(tags=["replicas"])
 
 
 @router.get("/v1/pipelines/{pipeline_id}/manifest", response_model=Manifest)
-async def manifest(
+def manifest(
     pipeline_id: PipelineId,
     node: Node,
     tenant: Tenant,
@@ -25,23 +29,23 @@ async def manifest(
 
 
 @router.get("/v1/pipelines/{pipeline_id}/files", response_model=PipelineFiles)
-async def files(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineFiles:
+def files(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineFiles:
     """Every origin file and its blob, for ``weightcache pull``; 409 while not warm."""
     return PipelineFiles(files=node.files(tenant, pipeline_id))
 
 
 @router.post("/v1/pipelines/{pipeline_id}/leases", response_model=Lease, status_code=201)
-async def create_lease(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> Lease:
+def create_lease(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> Lease:
     """Hold the pipeline against eviction while a replica loads it (expires unless renewed)."""
     return node.create_lease(tenant, pipeline_id)
 
 
 @router.post("/v1/leases/{lease_id}", response_model=Lease)
-async def renew_lease(lease_id: str, node: Node, tenant: Tenant) -> Lease:
+def renew_lease(lease_id: str, node: Node, tenant: Tenant) -> Lease:
     return node.renew_lease(tenant, lease_id)
 
 
 @router.delete("/v1/leases/{lease_id}", status_code=204)
-async def release_lease(lease_id: str, node: Node, tenant: Tenant) -> Response:
+def release_lease(lease_id: str, node: Node, tenant: Tenant) -> Response:
     node.release_lease(tenant, lease_id)
     return Response(status_code=204)

