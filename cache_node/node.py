@@ -21,7 +21,7 @@ from cache_node import restage
 from cache_node.access import TenantAccess
 from cache_node.collector import Collector
 from cache_node.disk import DiskGuard
-from cache_node.errors import Conflict, InvalidInput, NotFound, NotWarm, WeightCacheError
+from cache_node.errors import Conflict, NotFound, WeightCacheError
 from cache_node.events import emit
 from cache_node.evictor import Evictor
 from cache_node.fetch import Fetcher
@@ -29,7 +29,7 @@ from cache_node.load_history import LoadHistory
 from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import KeyValue, open_metadata
 from cache_node.metrics import NodeMetrics
-from cache_node.pipelines import PipelineBook
+from cache_node.pipelines import PipelineBook, validate_spec
 from cache_node.registry import PipelineRecord, Registry, staged_job_key
 from cache_node.settings import NodeSettings
 from cache_node.shard_sets import is_current as shard_set_is_current
@@ -191,7 +191,7 @@ class CacheNode:
         self, tenant: str, pipeline_id: str, spec: PipelineSpec
     ) -> tuple[PipelineRecord, bool]:
         """Upsert a pipeline and start its pre-warm. Returns (its record, changed)."""
-        _validate_spec(spec)
+        validate_spec(spec)
         for model in spec.models:  # a bad source is a 400, a forbidden one a 403, up front
             self.access.check_source(tenant, model, pipeline=pipeline_id)
         async with self._registration_lock:
@@ -384,9 +384,7 @@ class CacheNode:
     # ------------------------------------------------------------------ replica side
     def manifest(self, tenant: str, pipeline_id: str, *, tp_size: int, rank: int) -> Manifest:
         """What rank ``rank`` of a TP-``tp_size`` replica reads; counts as a use."""
-        record = self.book.find(tenant, pipeline_id)
-        if record.state != "warm":
-            raise _not_warm(record)
+        record = self.book.find_warm(tenant, pipeline_id)
         manifest = self.manifests.build(record, tp_size=tp_size, rank=rank)
         record.last_used_at = time.time()
         record.loads += 1
@@ -395,9 +393,7 @@ class CacheNode:
 
     def files(self, tenant: str, pipeline_id: str) -> list[PipelineFile]:
         """Every origin file of a warm pipeline with its blob (to materialise it on disk)."""
-        record = self.book.find(tenant, pipeline_id)
-        if record.state != "warm":
-            raise _not_warm(record)
+        record = self.book.find_warm(tenant, pipeline_id)
         return self.manifests.files(record)
 
     def create_lease(self, tenant: str, pipeline_id: str) -> Lease:
@@ -444,25 +440,3 @@ class CacheNode:
         for data in self.store.iter_verified(sha256, start, end, piece_size=piece_size):
             self.metrics.bytes_served.inc(len(data))
             yield data
-
-
-def _not_warm(record: PipelineRecord) -> NotWarm:
-    """409 not_warm; for a failed pipeline it carries the failure's code as ``reason``, so a
-    replica's load can say why (``invalid_checkpoint``, ``no_weights``, ...)."""
-    if record.state == "failed" and record.error is not None:
-        return NotWarm(
-            f"pipeline {record.id!r} is failed: {record.error.code}: {record.error.message}",
-            state=record.state,
-            reason=record.error.code,
-        )
-    return NotWarm(f"pipeline {record.id!r} is {record.state}", state=record.state)
-
-
-def _validate_spec(spec: PipelineSpec) -> None:
-    names = [m.name for m in spec.models]
-    if len(set(names)) != len(names):
-        raise InvalidInput("model names must be unique within a pipeline", field="models")
-    if any(tp < 1 or tp > 64 or tp & (tp - 1) for tp in spec.tp_sizes):
-        raise InvalidInput("tp_sizes must be powers of two from 1 to 64", field="tp_sizes")
-    if len(set(spec.tp_sizes)) != len(spec.tp_sizes):
-        raise InvalidInput("tp_sizes must be unique", field="tp_sizes")

@@ -9,7 +9,8 @@ write it back (I7: another tenant's pipeline is indistinguishable from a missing
 
 from __future__ import annotations
 
-from cache_node.errors import AmbiguousPipeline, NotFound
+from api.schema import PipelineSpec
+from cache_node.errors import AmbiguousPipeline, InvalidInput, NotFound, NotWarm
 from cache_node.registry import PipelineRecord, Registry
 from cache_node.tenants import ADMIN_TENANT
 
@@ -37,6 +38,13 @@ class PipelineBook:
                 )
         if record is None:
             raise NotFound(f"no pipeline {pipeline_id!r}", pipeline=pipeline_id)
+        return record
+
+    def find_warm(self, tenant: str, pipeline_id: str) -> PipelineRecord:
+        """``find``, and 409 ``not_warm`` unless the pipeline is warm."""
+        record = self.find(tenant, pipeline_id)
+        if record.state != "warm":
+            raise not_warm(record)
         return record
 
     def save(self, record: PipelineRecord, *, with_pending: bool = False) -> None:
@@ -78,3 +86,26 @@ class PipelineBook:
         meanwhile (saving it then would bring back what the user removed)."""
         if self.is_current(record):
             self.save(record)
+
+
+def not_warm(record: PipelineRecord) -> NotWarm:
+    """409 not_warm; for a failed pipeline it carries the failure's code as ``reason``, so a
+    replica's load can say why (``invalid_checkpoint``, ``no_weights``, ...)."""
+    if record.state == "failed" and record.error is not None:
+        return NotWarm(
+            f"pipeline {record.id!r} is failed: {record.error.code}: {record.error.message}",
+            state=record.state,
+            reason=record.error.code,
+        )
+    return NotWarm(f"pipeline {record.id!r} is {record.state}", state=record.state)
+
+
+def validate_spec(spec: PipelineSpec) -> None:
+    """What the wire model cannot say alone: unique model names, TP sizes powers of two."""
+    names = [m.name for m in spec.models]
+    if len(set(names)) != len(names):
+        raise InvalidInput("model names must be unique within a pipeline", field="models")
+    if any(tp < 1 or tp > 64 or tp & (tp - 1) for tp in spec.tp_sizes):
+        raise InvalidInput("tp_sizes must be powers of two from 1 to 64", field="tp_sizes")
+    if len(set(spec.tp_sizes)) != len(spec.tp_sizes):
+        raise InvalidInput("tp_sizes must be unique", field="tp_sizes")
