@@ -84,7 +84,7 @@ def parse_device(text: str) -> Any:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from loader.load import load
+    from loader.loading import load
 
     device = parse_device(args.device)
     url = default_url(args.url).rstrip("/")

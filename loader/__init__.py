@@ -25,20 +25,23 @@ from loader.safetensors_format import (
     parse_header,
     read_header,
 )
+from loader.stream import (  # no torch: eager, and ``loader.stream`` is the function
+    StreamReport,
+    stream,
+)
 
 # What streams into tensors needs torch, which takes seconds to import: a cache node and its
 # data-plane workers use this package's byte helpers (digests, reads, headers) and must not pay
 # for it. Those names are imported on first use (PEP 562).
 if TYPE_CHECKING:  # what the names below are, for the type checker
-    from loader.load import load, load_all_ranks
+    from loader.loading import load, load_all_ranks
     from loader.report import LoadReport, LoadResult, MultiLoadResult
     from loader.sinks import CpuSink, CudaSink, RingSink
     from loader.sources import HttpRangeSource, LocalFileSource, RoutingSource
-    from loader.stream import StreamReport, stream
 
 _LAZY = {
-    "load": "loader.load",
-    "load_all_ranks": "loader.load",
+    "load": "loader.loading",
+    "load_all_ranks": "loader.loading",
     "LoadReport": "loader.report",
     "LoadResult": "loader.report",
     "MultiLoadResult": "loader.report",
@@ -48,8 +51,6 @@ _LAZY = {
     "HttpRangeSource": "loader.sources",
     "LocalFileSource": "loader.sources",
     "RoutingSource": "loader.sources",
-    "StreamReport": "loader.stream",
-    "stream": "loader.stream",
 }
 
 
@@ -58,9 +59,7 @@ def __getattr__(name: str) -> object:
     if module is None:
         raise AttributeError(f"module 'loader' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    # bound here, so that ``loader.load`` is the function, not the submodule of that name
-    # that importing it has just set on this package
-    globals()[name] = value
+    globals()[name] = value  # looked up once
     return value
 
 
