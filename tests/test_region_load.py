@@ -38,6 +38,7 @@ from loader.sinks import staging_pool
 from loader.sources import HttpRangeSource, blob_path
 from tests.fixtures.blob_server import BlobServer
 from tests.fixtures.node_server import free_port
+from tests.fixtures.region_manifests import RegionManifests
 from tests.fixtures.serve_process import ServeProcess, register_local, serve_process
 
 ROOT = Path(__file__).parents[1]
@@ -206,26 +207,6 @@ def test_every_node_gets_the_same_token(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # a real node and its region: a few hundred MB, a node killed mid-load, eight replicas at once
-
-
-class RegionManifests(httpx.BaseTransport):
-    """A client transport that fills each manifest blob's ``nodes``, as a region node does."""
-
-    def __init__(self, nodes: Sequence[str]) -> None:
-        self._nodes = list(nodes)
-        self._inner = httpx.HTTPTransport()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self._inner.handle_request(request)
-        if request.url.path.endswith("/manifest") and response.status_code == 200:
-            body = json.loads(response.read())
-            for blob in body["blobs"]:
-                blob["nodes"] = self._nodes
-            return httpx.Response(200, json=body)
-        return response
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def _write_model(directory: Path, *, tensors: int, tensor_bytes: int, seed: int) -> Path:
