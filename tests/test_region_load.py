@@ -43,6 +43,8 @@ from tests.fixtures.serve_process import ServeProcess, register_local, serve_pro
 
 ROOT = Path(__file__).parents[1]
 MiB = 1 << 20
+#: What the dying range server sends before it kills itself: more than one 4 MiB request.
+DIES_AFTER = 6 * MiB
 
 
 @pytest.fixture(autouse=True)
@@ -226,9 +228,10 @@ def _write_model(directory: Path, *, tensors: int, tensor_bytes: int, seed: int)
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """A real node holding ``big`` (about 256 MB, five 64 MiB digest chunks) and ``small``."""
+    """A real node holding ``big`` (about 300 MB: four 64 MiB digest chunks and a 32 MiB one,
+    so that any verified read is longer than what the dying server sends) and ``small``."""
     tmp = tmp_path_factory.mktemp("region-load")
-    _write_model(tmp / "big", tensors=16, tensor_bytes=16 * MiB, seed=1)
+    _write_model(tmp / "big", tensors=18, tensor_bytes=16 * MiB, seed=1)
     _write_model(tmp / "small", tensors=8, tensor_bytes=4 * MiB, seed=2)
     with serve_process(tmp, workers=2) as running:
         with running.client() as client:
@@ -244,12 +247,12 @@ def _expected(node: ServeProcess, model: str) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def dying_server(node: ServeProcess) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A range server over the node's blobs, as a separate process that SIGKILLs itself once
-    it has sent 24 MiB: a holder dying while a load streams from it."""
+    it has sent DIES_AFTER bytes: a holder dying while a load streams from it."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "fixtures" / "blob_server.py"),
          str(node.data_dir), "--port", str(port), "--processes", "1",
-         "--die-after", str(24 * MiB)],
+         "--die-after", str(DIES_AFTER)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -292,7 +295,7 @@ def test_a_node_killed_mid_load_leaves_the_load_whole(
     assert report.failovers >= 1
     served = report.bytes_by_node
     assert sum(served.values()) == report.stream.bytes_read
-    assert served.get(dying, 0) <= 24 * MiB  # whole ranges only, never the one cut short
+    assert served.get(dying, 0) <= DIES_AFTER  # whole ranges only, never the one cut short
     assert served[other.url] > 0
     assert served[node.data_url] > 0
     assert report.as_dict()["failed_nodes"] == report.failed_nodes
