@@ -77,7 +77,7 @@ def replica_main() -> int:
     """
     import torch  # noqa: F401  (imported before the first command: not part of any timing)
 
-    from loader.load import load
+    from loader.loading import load
     from tests.fixtures.region_manifests import RegionManifests
 
     print(json.dumps({"ready": True}), flush=True)
