@@ -176,7 +176,7 @@ def test_fills_in_flight_are_not_leftover_partials(tmp_path: Path) -> None:
     (data / "tmp").mkdir(parents=True)
     leftover = data / "tmp" / f"{'ab' * 32}.partial"  # a transfer a crash left, resumable
     leftover.write_bytes(b"\1" * 96 * KiB)
-    with FixtureHub(stall_s=2.0) as hub:
+    with FixtureHub(stall_s=4.0) as hub:
         hub.add_repo("org/slow", {"model-fault-stall.safetensors": safetensors_bytes(6 * MiB),
                                   "config.json": CONFIG})
         with running_node(
@@ -188,12 +188,19 @@ def test_fills_in_flight_are_not_leftover_partials(tmp_path: Path) -> None:
             assert _metric(c, "weightcache_fill_bytes_in_flight") == 0
 
             c.put("/v1/pipelines/p", json={"models": [{"name": "m", "source": "hf://org/slow"}]})
-            # the fill stalls halfway for 2 s: what it wrote so far is in flight
-            _until(lambda: c.get("/v1/node").json()["in_flight"] > 0, "no fill in flight")
-            during = c.get("/v1/node").json()
+            # the fill stalls halfway for 4 s: what it wrote so far is in flight
+            seen: list[dict[str, Any]] = []
+
+            def in_flight() -> bool:
+                seen.append(c.get("/v1/node").json())
+                return bool(seen[-1]["in_flight"] > 0)
+
+            _until(in_flight, "no fill in flight")
+            during = seen[-1]  # the answer that saw it: a second one may come after the stall
             assert 0 < during["in_flight"] <= during["reserved"]
             assert during["temp"] == 96 * KiB
-            assert _metric(c, "weightcache_fill_bytes_in_flight") > 0
+            _until(lambda: _metric(c, "weightcache_fill_bytes_in_flight") > 0,
+                   "the gauge never showed the fill in flight")
 
             assert wait_for_state(c, "p", {"warm", "failed"})["state"] == "warm"
             after = c.get("/v1/node").json()
