@@ -111,6 +111,7 @@ class RegionFills:
 
             async def lead(_: Lease) -> dict[str, Any]:
                 record = await download(origin, file)
+                region.node.metrics.region_fills.labels("origin").inc()
                 led.append(record)
                 await region.published_fill(key, record)
                 return {"sha256": record.sha256}
