@@ -65,7 +65,7 @@ def test_serve_joins_under_its_advertised_url_and_its_data_plane_serves_peers(
         client = redis_server.client()
         prefix = f"weightcache:{{{REGION}}}:"
         until(lambda: client.smembers(f"{prefix}nodes") != set(), timeout_s=30, what="joined")
-        (node_id,) = client.smembers(f"{prefix}nodes")
+        node_id = str(next(iter(client.smembers(f"{prefix}nodes"))))
         record = json.loads(client.get(f"{prefix}node:{node_id}") or "{}")
         assert record["url"] == advertised
         assert record["data_url"] == f"http://127.0.0.1:{data_port}"
