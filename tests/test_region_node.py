@@ -8,7 +8,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cache_node.region.placement import rank
+from clients.cli import main
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.redis_server import RedisServer
@@ -44,6 +47,7 @@ def test_registering_on_one_node_warms_the_region_with_one_origin_pull_and_a_lat
     seaweed: SeaweedServer,
     bucket: str,
     proxy: CountingProxy,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     files = _upload(seaweed, bucket)
     proxy.reset_counts()
@@ -84,6 +88,12 @@ def test_registering_on_one_node_warms_the_region_with_one_origin_pull_and_a_lat
         assert sorted(n["node_id"] for n in region["nodes"]) == ["n0", "n1", "n2"]
         assert all(n["capacity"] > 0 and n["used"] > 0 for n in region["nodes"])
         assert region["pipelines"] == [{"tenant": "default", "id": "p", "copies": 3}]
+        capsys.readouterr()
+        assert main(["--url", nodes[1].url, "status"]) == 0
+        shown = capsys.readouterr().out
+        assert "region r1: 3 node(s)" in shown
+        assert "p ×3" in shown
+        assert all(f"n{i}" in shown for i in range(3))
 
         # a deletion on one node is a deletion in the region
         with nodes[2].client() as c:
