@@ -95,10 +95,17 @@ def test_registering_on_one_node_warms_the_region_with_one_origin_pull_and_a_lat
         assert "p ×3" in shown
         assert all(f"n{i}" in shown for i in range(3))
 
+        # a node that leaves is no holder any more: manifests and the region drop it at once
+        late.stop()
+        with nodes[0].client() as c:
+            blobs = c.get("/v1/pipelines/p/manifest").json()["blobs"]
+            assert all(late.url not in b["nodes"] and len(b["nodes"]) == 2 for b in blobs)
+            assert c.get("/v1/region").json()["pipelines"][0]["copies"] == 2
+
         # a deletion on one node is a deletion in the region
-        with nodes[2].client() as c:
+        with nodes[1].client() as c:
             assert c.delete("/v1/pipelines/p").status_code == 204
-        for node in nodes:
+        for node in nodes[:2]:
             wait_state(node, "p", None)
 
 

@@ -113,11 +113,14 @@ class RegionFills:
                 record = await download(origin, file)
                 region.node.metrics.region_fills.labels("origin").inc()
                 led.append(record)
-                await region.published_fill(key, record)
+                # before the commit: a waiter that hears "done" finds where to fill from
+                await self._publish_quietly(key, record)
                 return {"sha256": record.sha256}
 
             result = await region.flight.run(key, lead, timeout_s=region.settings.flight_wait_s)
         except RegionError as exc:
+            if led:  # committed here; only the flight's end did not reach Redis
+                return led[0]
             return await self._without_region(key, origin, file, download, exc.message)
         if led:
             return led[0]
@@ -174,7 +177,7 @@ class RegionFills:
              error=why)
         self.region.node.metrics.region_fills.labels("origin_without_region").inc()
         record = await download(origin, file)
-        self.region.remember_object(key, record)  # published when Redis is back
+        await self.region.remember_object(key, record)  # published when Redis is back
         return record
 
     async def _publish_quietly(self, key: str, record: BlobRecord) -> None:

@@ -167,13 +167,15 @@ class NodeRegion:
 
     async def published_fill(self, key: str, record: BlobRecord) -> None:
         """A fill committed ``record`` for transfer ``key``: the region may fill from here."""
-        self.remember_object(key, record)
+        await self.remember_object(key, record)
         with redis_errors("publishing an origin object"):
             await self.redis.hset(self.locations.keys.objects, key, record.sha256)
         await self.locations.add(self.node_id, [record.sha256])
 
-    def remember_object(self, key: str, record: BlobRecord) -> None:
-        self.node.meta.set(_OBJECT_PREFIX + key, {"sha256": record.sha256})
+    async def remember_object(self, key: str, record: BlobRecord) -> None:
+        """Note here that transfer ``key`` is blob ``record`` (published again on a rejoin)."""
+        await anyio.to_thread.run_sync(
+            self.node.meta.set, _OBJECT_PREFIX + key, {"sha256": record.sha256})
 
     def _remembered_objects(self, held: set[str]) -> dict[str, str]:
         return {
