@@ -35,6 +35,11 @@ class NodeMetrics:
             ["source"],
             registry=r,
         )
+        self.region_reachable = Gauge(
+            "weightcache_region_reachable",
+            "1 while the region's Redis answers this node (0: unreachable, or not in a region)",
+            registry=r,
+        )
         self.origin_retries = Counter(
             "weightcache_origin_retries", "Retried origin requests", registry=r
         )

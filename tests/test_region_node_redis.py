@@ -38,6 +38,8 @@ def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
                 return answer.status_code == 503 and "region_unreachable" in codes
 
             until(unreachable, timeout_s=10, what="readyz region_unreachable")
+            until(lambda node=node: "weightcache_region_reachable 0.0" in  # type: ignore[misc]
+                  get(f"{node.url}/metrics").text, timeout_s=5, what="the gauge says so")
             # still serving what it holds
             assert get(f"{node.url}/v1/blobs/{sha}").content == weights
             with node.client() as c:
@@ -62,4 +64,6 @@ def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
             with node.client() as c:
                 blobs = c.get("/v1/pipelines/p/manifest").json()["blobs"]
             assert len(blobs[0]["nodes"]) == 2
+            until(lambda node=node: "weightcache_region_reachable 1.0" in  # type: ignore[misc]
+                  get(f"{node.url}/metrics").text, timeout_s=5, what="reachable again")
         client.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,6 +43,7 @@ from cache_node.region.placement import rank
 
 if TYPE_CHECKING:
     from cache_node.node import CacheNode
+    from cache_node.settings import NodeSettings
 
 __all__ = ["NodeRegion"]
 
@@ -65,8 +67,7 @@ class NodeRegion:
         self.region = settings.region
         self.secret = RegionSecret(settings.regional.secret)
         self.peer_headers = self.secret.headers(self.node_id)
-        self.api_url = (settings.regional.advertise_url
-                        or f"http://{settings.host}:{settings.port}").rstrip("/")
+        self.api_url = (settings.regional.advertise_url or _serving_url(settings)).rstrip("/")
         self.redis = open_redis(settings.redis_url, timeout_s=self.settings.redis_timeout_s)
         self.membership = Membership(
             self.redis, region=self.region, node_id=self.node_id, url=self.api_url,
@@ -156,6 +157,7 @@ class NodeRegion:
                 async with asyncio.timeout(self.settings.heartbeat_interval_s):
                     await self._held_changed.wait()
             self._held_changed.clear()
+            self.node.metrics.region_reachable.set(int(self.membership.reachable))
             if not self.membership.reachable:
                 continue  # the rejoin publishes everything when Redis is back
             try:
@@ -348,7 +350,7 @@ async def single_node_info(
                 bool(r.own_blobs()) and all(node.store.has(b) for b in r.own_blobs())))
             for r in node.records(tenant)
         ]
-        url = settings.regional.advertise_url or f"http://{settings.host}:{settings.port}"
+        url = settings.regional.advertise_url or _serving_url(settings)
         me = RegionNode(node_id=settings.node_id, url=url, data_url=settings.data_url,
                         state="ready", capacity=usage.capacity, used=usage.committed,
                         free=usage.free)
@@ -356,6 +358,13 @@ async def single_node_info(
                           pipelines=pipelines)
 
     return await anyio.to_thread.run_sync(build)
+
+
+def _serving_url(settings: NodeSettings) -> str:
+    """The address the node serves on, as peers can reach it (a wildcard bind: the host's
+    name, as ``serve`` does for the data plane's URL)."""
+    wildcard = settings.host in ("0.0.0.0", "::", "")
+    return f"http://{socket.getfqdn() if wildcard else settings.host}:{settings.port}"
 
 
 def _blob_url(record: NodeRecord) -> str:
