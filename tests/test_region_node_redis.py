@@ -5,11 +5,12 @@ again: themselves, their blobs, the origin objects they committed, and their pip
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from tests.fixtures.node_server import RunningNode
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.region_nodes import REGION, get, region_nodes, until, wait_state
+from tests.fixtures.region_nodes import REGION, get, region_nodes, state, until, wait_state
 from tests.fixtures.weights import safetensors_bytes
 
 
@@ -45,6 +46,16 @@ def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
             with node.client() as c:
                 assert c.get("/v1/pipelines/p/manifest").status_code == 200
 
+        # registered while Redis is away: at once, on this node; the region's when it is back
+        with nodes[0].client() as c:
+            started = time.monotonic()
+            assert c.put("/v1/pipelines/q", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]}
+            ).status_code == 202
+            assert time.monotonic() - started < 1
+        wait_state(nodes[0], "q", "warm")
+        assert state(nodes[1], "q") is None
+
         redis_server.start()
         client = redis_server.client()
 
@@ -57,6 +68,7 @@ def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
             )
 
         until(registered_again, timeout_s=10, what="nodes, blobs, objects and pipelines again")
+        wait_state(nodes[1], "q", "warm")
         for node in nodes:
             ready = f"{node.url}/readyz"
             until(lambda ready=ready: get(ready).status_code == 200,  # type: ignore[misc]

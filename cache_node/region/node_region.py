@@ -135,7 +135,9 @@ class NodeRegion:
         if objects:
             with redis_errors("publishing origin objects"):
                 await self.redis.hset(self.locations.keys.objects, mapping=cast(Any, objects))
-        await self.reconcile()
+        # the pipelines apart, not in this beat: registering many must not delay the next one
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.create_task(self._reconcile_quietly(), name="region rejoin"))
         dropped = await self.locations.drop_dead()
         emit("region.republished", reason=reason, blobs=len(blobs), objects=len(objects),
              dropped_dead=dropped)
@@ -213,8 +215,9 @@ class NodeRegion:
         if field in self._applying:
             return
         self._unpublished[field] = (tenant, pipeline_id, spec)
-        with contextlib.suppress(RegionError):
-            await self._flush_unpublished()
+        if self.membership.reachable:  # else at once, not after a Redis timeout: on rejoin
+            with contextlib.suppress(RegionError):
+                await self._flush_unpublished()
 
     async def _flush_unpublished(self) -> None:
         for field, (tenant, pipeline_id, spec) in list(self._unpublished.items()):
@@ -237,6 +240,12 @@ class NodeRegion:
             except Exception:  # the loop must outlive one bad pass
                 logging.getLogger("weightcache.region").exception("catalogue pass failed")
                 await asyncio.sleep(self.settings.reconcile_interval_s)
+
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self.reconcile()
+        except RegionError as exc:  # the catalogue loop tries again
+            emit("region.reconcile_failed", level=logging.WARNING, error=exc.message)
 
     async def reconcile(self) -> None:
         """Bring this node's pipelines in step with the catalogue: register what it lacks
