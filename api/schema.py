@@ -265,6 +265,8 @@ class RegionPipeline(_Wire):
     id: str
     #: Live nodes holding every blob of the pipeline (1 or 0 on a node outside a region).
     copies: int
+    #: Their node ids.
+    nodes: list[str] = Field(default_factory=list)
 
 
 class RegionInfo(_Wire):

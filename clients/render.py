@@ -164,7 +164,10 @@ def print_region(region: RegionInfo) -> None:
     for row in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     if region.pipelines:
-        copies = ", ".join(f"{p.id} ×{p.copies}" for p in region.pipelines)
+        copies = ", ".join(
+            f"{p.id} ×{p.copies}" + (f" ({' '.join(p.nodes)})" if p.nodes else "")
+            for p in region.pipelines
+        )
         print(f"  copies: {copies}")
 
 

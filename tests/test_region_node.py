@@ -87,12 +87,13 @@ def test_registering_on_one_node_warms_the_region_with_one_origin_pull_and_a_lat
         assert region["region"] == "r1"
         assert sorted(n["node_id"] for n in region["nodes"]) == ["n0", "n1", "n2"]
         assert all(n["capacity"] > 0 and n["used"] > 0 for n in region["nodes"])
-        assert region["pipelines"] == [{"tenant": "default", "id": "p", "copies": 3}]
+        assert region["pipelines"] == [
+            {"tenant": "default", "id": "p", "copies": 3, "nodes": ["n0", "n1", "n2"]}]
         capsys.readouterr()
         assert main(["--url", nodes[1].url, "status"]) == 0
         shown = capsys.readouterr().out
         assert "region r1: 3 node(s)" in shown
-        assert "p ×3" in shown
+        assert "p ×3 (n0 n1 n2)" in shown
         assert all(f"n{i}" in shown for i in range(3))
 
         # a node that leaves is no holder any more: manifests and the region drop it at once

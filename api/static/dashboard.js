@@ -735,7 +735,7 @@
       body.append(row);
     }
     $("region-copies").textContent = region.pipelines.length
-      ? "copies: " + region.pipelines.map((p) => `${p.id} ×${p.copies}`).join(", ") : "";
+      ? "copies: " + region.pipelines.map((p) => `${p.id} ×${p.copies}` + (p.nodes && p.nodes.length ? ` (${p.nodes.join(" ")})` : "")).join(", ") : "";
   }
 
   // ------------------------------------------------------------------ token and JSON dialogs

@@ -285,9 +285,11 @@ class NodeRegion:
             self._applying.discard(field)
 
     # ------------------------------------------------------------------ views
-    async def holders(self, blobs: list[str]) -> dict[str, list[str]]:
-        """Blob URLs of the live nodes holding each blob (this node's when it holds it),
-        rendezvous order."""
+    async def holder_ids(
+        self, blobs: list[str]
+    ) -> tuple[dict[str, list[str]], dict[str, NodeRecord]]:
+        """The live nodes holding each blob (this one when it holds it), rendezvous order,
+        and the live nodes' records."""
         live = {n.node_id: n for n in await self.membership.live_nodes()}
         with redis_errors("reading blob locations"):
             pipe = self.redis.pipeline(transaction=False)
@@ -301,9 +303,16 @@ class NodeRegion:
             ids = set(texts(members)) & set(live)
             if blob in held_here:
                 ids.add(self.node_id)
-            answer[blob] = [self.blob_url if node_id == self.node_id else _blob_url(live[node_id])
-                            for node_id in rank(blob, ids)]
-        return answer
+            answer[blob] = rank(blob, ids)
+        return answer, live
+
+    async def holders(self, blobs: list[str]) -> dict[str, list[str]]:
+        """Blob URLs of the live nodes holding each blob, rendezvous order."""
+        ids, live = await self.holder_ids(blobs)
+        return {
+            blob: [self.blob_url if n == self.node_id else _blob_url(live[n]) for n in nodes]
+            for blob, nodes in ids.items()
+        }
 
     def with_holders(self, manifest: Manifest) -> Manifest:
         """``manifest`` with each blob's holders; called from a worker thread (it waits on
@@ -325,25 +334,21 @@ class NodeRegion:
         return manifest
 
     async def info(self, tenant: str) -> RegionInfo:
-        """``GET /v1/region`` for ``tenant``: live nodes, and copies of its pipelines."""
+        """``GET /v1/region`` for ``tenant``: live nodes, and where its pipelines are whole."""
         records = await anyio.to_thread.run_sync(lambda: self.node.records(tenant))
         try:
-            live = await self.membership.live_nodes()
             blobs = sorted({b for r in records for b in r.own_blobs()})
-            holders = await self.holders(blobs)
+            holders, live = await self.holder_ids(blobs)
         except RegionError:
             return await single_node_info(self.node, tenant, connected=None)
-        urls = {n.node_id: _blob_url(n) for n in live}
         pipelines = []
         for record in records:
             own = list(record.own_blobs())
-            copies = 0
-            if own:
-                whole = set.intersection(*(set(holders.get(b, [])) for b in own))
-                copies = len(whole & {*urls.values(), self.blob_url})
-            pipelines.append(RegionPipeline(tenant=record.tenant, id=record.id, copies=copies))
+            whole = set.intersection(*(set(holders[b]) for b in own)) if own else set()
+            pipelines.append(RegionPipeline(tenant=record.tenant, id=record.id,
+                                            copies=len(whole), nodes=sorted(whole)))
         return RegionInfo(region=self.region, connected=True,
-                          nodes=[_region_node(n) for n in live], pipelines=pipelines)
+                          nodes=[_region_node(n) for n in live.values()], pipelines=pipelines)
 
 
 async def single_node_info(
@@ -354,10 +359,14 @@ async def single_node_info(
     def build() -> RegionInfo:
         usage = node.store.usage()
         settings = node.settings
-        pipelines = [
-            RegionPipeline(tenant=r.tenant, id=r.id, copies=int(
-                bool(r.own_blobs()) and all(node.store.has(b) for b in r.own_blobs())))
+        whole = [
+            (r, bool(r.own_blobs()) and all(node.store.has(b) for b in r.own_blobs()))
             for r in node.records(tenant)
+        ]
+        pipelines = [
+            RegionPipeline(tenant=r.tenant, id=r.id, copies=int(here),
+                           nodes=[settings.node_id] if here else [])
+            for r, here in whole
         ]
         url = settings.regional.advertise_url or _serving_url(settings)
         me = RegionNode(node_id=settings.node_id, url=url, data_url=settings.data_url,
