@@ -126,6 +126,13 @@ class Fetcher:
             if transfer.task is not None:
                 transfer.task.cancel()
 
+    async def wait_ended(self, timeout_s: float = 10.0) -> None:
+        """Wait, at most ``timeout_s``, for the transfers running now to end (after
+        :meth:`cancel_all`: their cancellation to finish)."""
+        tasks = [t.task for t in self._transfers.values() if t.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
     async def fetch(
         self,
         origin: Origin,

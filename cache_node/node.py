@@ -175,11 +175,12 @@ class CacheNode:
     async def stop(self) -> None:
         """Stop every task the node started (jobs, loops, re-warms), let origins close, and
         close the metadata."""
-        if self.region is not None:
-            await self.region.stop()
         self.tasks.cancel_all()
         self.fetcher.cancel_all()
         await self.tasks.stop()
+        if self.region is not None:  # after the fills: a leader's cancelled one frees its lease
+            await self.fetcher.wait_ended()
+            await self.region.stop()
         self.meta.close()
 
     # ------------------------------------------------------------------ auth

@@ -13,7 +13,7 @@ import pytest
 from cache_node.region.placement import rank
 from clients.cli import main
 from clients.seaweed import SeaweedServer
-from tests.fixtures.counting_proxy import CountingProxy
+from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.region_nodes import add_node, get, peer_headers, region_nodes, until, wait_state
 from tests.fixtures.weights import safetensors_bytes
@@ -132,3 +132,39 @@ def test_peer_requests_need_the_region_secret_and_read_blobs_by_digest_only(
         assert refused.json()["error"]["reason"] == "bad_secret"
         assert get(url, headers={"Authorization": "WeightcacheNode n9"}).status_code == 401
         assert get(f"{node.url}/v1/blobs/{'0' * 64}", headers=peer_headers()).status_code == 404
+
+
+def test_a_leader_that_stops_mid_fill_hands_the_flight_to_another_node(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    seaweed: SeaweedServer,
+    bucket: str,
+    proxy: CountingProxy,
+) -> None:
+    files = _upload(seaweed, bucket)
+    proxy.add_fault(Fault(match="model.safetensors", times=None, delay_s=1.5))
+    client = redis_server.client()
+    with region_nodes(redis_server.url, tmp_path, 2, s3=_s3(proxy, seaweed)) as (_, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"s3://{bucket}/m"}]})
+
+        def leader() -> str | None:
+            for key in client.scan_iter(match="weightcache:{r1}:lease:*"):
+                value = client.get(key)
+                if value:
+                    return str(value).split(":", 2)[2]
+            return None
+
+        until(lambda: leader() is not None, what="a flight's leader")
+        holder = leader()
+        stopped, survivor = (nodes[0], nodes[1]) if holder == "n0" else (nodes[1], nodes[0])
+        stopped.stop()  # its lease is released, not left to expire: the other leads at once
+        wait_state(survivor, "p", "warm", timeout_s=20)
+        with survivor.client() as c:
+            blob = c.get("/v1/pipelines/p/manifest").json()["blobs"][0]
+        assert blob["nodes"] == [survivor.url]
+        # what only the stopped node held comes from the origin again: once more, no more
+        for name, data in files.items():
+            assert proxy.bytes_sent(f"/{bucket}/m/{name}") <= 2 * len(data), name
+    client.close()
