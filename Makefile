@@ -84,6 +84,7 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/eviction_sim.py
 	$(BIN)/python benchmarks/s3_pull.py
+	$(BIN)/python benchmarks/region.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) test-artifacts

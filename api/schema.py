@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 # Identifiers become keys and never paths, but we still allow-list them (I8): lowercase or
 # uppercase letters, digits, and ``._-`` inside, no leading dot, at most 128 characters.
@@ -147,15 +147,25 @@ class ManifestTensor(_Wire):
     length: int
 
 
+#: A cache node's base URL as the manifest names it: ``http(s)://host[:port][/prefix]``.
+NodeUrl = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+                                           max_length=2048)]
+
+
 class ManifestBlob(_Wire):
-    """Integrity data for a blob the manifest references (an extension of the contract)."""
+    """Integrity data for a blob the manifest references (an extension of the contract).
+
+    ``nodes``: the base URLs (a node's data plane where it has one, else its API) of the live
+    nodes of the region that hold the blob, in the region's preferred (rendezvous) order. A
+    replica spreads its range requests for the blob over them. Empty: the node that answered
+    the manifest serves it (a single-node region).
+    """
 
     sha256: str
     size: int
     chunk_size: int
     chunk_xxh3_128: list[str]
-    #: Base URLs of the region's live nodes holding this blob, preferred first (empty: this node).
-    nodes: list[str] = Field(default_factory=list)
+    nodes: list[NodeUrl] = Field(default_factory=list, max_length=256)
 
 
 class Manifest(_Wire):

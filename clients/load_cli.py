@@ -55,6 +55,15 @@ def print_stage_table(report: dict[str, Any]) -> None:
         print(f"  {stage:<9} {seconds * 1000:9.1f} ms")
     gigabytes = report["bytes_delivered"] / 1e9
     print(f"  {gigabytes:.3f} GB at {report['gb_per_s']:.2f} GB/s")
+    served: dict[str, int] = report.get("bytes_by_node") or {}
+    failed: dict[str, str] = report.get("failed_nodes") or {}
+    if len(served) > 1 or failed:
+        for node, count in served.items():
+            print(f"  from {node}  {count / 1e9:.3f} GB")
+    for node, reason in failed.items():
+        print(f"  failed: {node} ({reason})")
+    if report.get("failovers"):
+        print(f"  note: {report['failovers']} reads were re-read from another node")
     if report.get("fallback_reads"):
         print(f"  note: {report['fallback_reads']} reads came from the node's API instead of "
               f"its data plane ({report['fallback_reason']})")
@@ -84,7 +93,7 @@ def parse_device(text: str) -> Any:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from loader.load import load
+    from loader.loading import load
 
     device = parse_device(args.device)
     url = default_url(args.url).rstrip("/")

@@ -28,6 +28,12 @@ class LoadReport:
     #: Ranges read from the node's API URL because its data plane failed, and why.
     fallback_reads: int = 0
     fallback_reason: str | None = None
+    #: Bytes each cache node (by base URL) sent over HTTP, whole digest chunks when verifying.
+    bytes_by_node: dict[str, int] = field(default_factory=dict)
+    #: Nodes that failed a read during the load, with their first failure.
+    failed_nodes: dict[str, str] = field(default_factory=dict)
+    #: Ranges re-read from another node after one failed.
+    failovers: int = 0
 
     @property
     def bytes(self) -> int:
@@ -51,6 +57,9 @@ class LoadReport:
             "total_s": self.total_s,
             "fallback_reads": self.fallback_reads,
             "fallback_reason": self.fallback_reason,
+            "bytes_by_node": dict(self.bytes_by_node),
+            "failed_nodes": dict(self.failed_nodes),
+            "failovers": self.failovers,
             **self.stream.as_dict(),
         }
 

@@ -122,21 +122,34 @@ class RankSession:
         data_urls = self._data_urls or _advertised_data_urls(client, url, headers)
         # The API serves the same verified bytes: the fallback when the data plane fails.
         fallback = [url] if url not in data_urls else []
-        remote = HttpRangeSource(list(data_urls), token=self.token, fallback_urls=fallback)
+        # In a region, each blob's ranges spread over the nodes holding it; this node's own
+        # URLs come after them.
+        holders = {blob.sha256: blob.nodes for blob in self._manifest.blobs if blob.nodes}
+        remote = HttpRangeSource(
+            list(data_urls), token=self.token, fallback_urls=fallback, holders=holders
+        )
         self.remote = remote
         self._source = (
             RoutingSource(LocalFileSource(self._local_dir), remote) if self._local_dir else remote
         )
 
-    def note_fallback(self) -> None:
-        """Copy into the report how many ranges fell back from the data plane to the API."""
-        if self.remote is not None and self.remote.fallback_reads:
-            self.report.fallback_reads = self.remote.fallback_reads
-            self.report.fallback_reason = self.remote.fallback_reason
+    def note_remote(self) -> None:
+        """Copy into the report which nodes served the bytes, which failed, and the fallbacks
+        (done by :meth:`close` too)."""
+        remote = self.remote
+        if remote is None:
+            return
+        self.report.bytes_by_node = remote.bytes_by_node()
+        self.report.failed_nodes = remote.failed_nodes()
+        self.report.failovers = remote.failovers
+        if remote.fallback_reads:
+            self.report.fallback_reads = remote.fallback_reads
+            self.report.fallback_reason = remote.fallback_reason
 
     def close(self) -> None:
         """Close the source, release the lease (idempotent)."""
         try:
+            self.note_remote()
             if self._source is not None:
                 self._source.close()
             if self._lease_url is not None:

@@ -15,12 +15,15 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loader.digests import chunk_digest
 from loader.errors import IntegrityError
 from loader.ranges import BlobDigests, ByteRange, ReadRequest, plan_requests
-from loader.sinks import Sink
 from loader.sources import Source
+
+if TYPE_CHECKING:  # only annotations: the sinks need torch, the engine itself does not
+    from loader.sinks import Sink
 
 __all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "StreamReport", "stream"]
 

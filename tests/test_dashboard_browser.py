@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from playwright.sync_api import Browser, ConsoleMessage, Page
 
-from loader.load import load
+from loader.loading import load
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 from tests.fixtures.tiny_llama import make_tiny_llama

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from cache_node.access import is_loopback_host
+from cache_node.region import RegionSecret
 from cache_node.settings import DEFAULT_PORT, NodeSettings
 from clients.cli import build_parser
 from clients.client import default_token, default_url
@@ -119,6 +120,13 @@ def compose() -> dict[str, Any]:
     return doc
 
 
+def compose_nodes() -> dict[str, dict[str, Any]]:
+    """The compose file's cache node services, by service name."""
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    return {name: service for name, service in services.items()
+            if service.get("image", "").startswith("weightcache-node:")}
+
+
 def compose_value(text: str) -> str:
     """A compose value with ``${VAR:-default}`` replaced by its default."""
     return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
@@ -206,24 +214,36 @@ def test_dockerfile_runs_serve_on_the_default_ports() -> None:
     assert instruction(pairs, "USER").split(":")[0] not in ("root", "0")
 
 
-def test_compose_cache_node(monkeypatch: pytest.MonkeyPatch) -> None:
+def compose_node_settings(
+    node: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> tuple[argparse.Namespace, NodeSettings]:
+    """A compose cache node's ``serve`` line, parsed, and the settings its environment gives."""
+    args, _ = parse_cli([str(a) for a in node["command"]])  # after the image's ENTRYPOINT
+    env = {k: compose_value(str(v)) for k, v in node["environment"].items()}
+    return args, node_settings_from(env, monkeypatch)
+
+
+@pytest.mark.parametrize("name", sorted(compose_nodes()))
+def test_compose_cache_node(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     services = compose()["services"]
-    node = services["cache-node"]
+    node = services[name]
     assert node["build"]["dockerfile"] == "infra/Dockerfile"
     api, data = serve_ports()
-    args, _ = parse_cli([str(a) for a in node["command"]])  # after the image's ENTRYPOINT
+    args, settings = compose_node_settings(node, monkeypatch)
     assert args.command_name == "serve"
     assert args.host == "0.0.0.0"
     assert any(v.split(":")[1] == args.data_dir for v in node["volumes"])
     check_serve_is_guarded(args, published=[str(p) for p in node["ports"]])
-    published = {int(p.rsplit(":", 1)[1]) for p in node["ports"]}
+    inside = {int(p.rsplit(":", 1)[1]): int(p.split(":")[1]) for p in node["ports"]}
     port = args.port if args.port is not None else api
-    assert published == {port, args.data_port or port + 1} == {api, data}
+    assert set(inside) == {port, args.data_port or port + 1} == {api, data}
     assert url_host_port(args.redis_url)[0] in services
 
-    env = {k: compose_value(str(v)) for k, v in node["environment"].items()}
-    settings = node_settings_from(env, monkeypatch)
-    assert settings.data_url == f"http://127.0.0.1:{data}"
+    # Replicas on this machine reach the data plane where it is published; peers reach the
+    # API by the service's name on the compose network.
+    assert settings.data_url == f"http://127.0.0.1:{inside[data]}"
+    assert settings.node_id == name
+    assert settings.regional.advertise_url == f"http://{name}:{api}"
     s3_host, s3_port = url_host_port(settings.s3.endpoint_url or "")
     assert s3_host in services
     assert f"-s3.port={s3_port}" in services["seaweedfs"]["command"]
@@ -233,6 +253,28 @@ def test_compose_cache_node(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.s3.secret_access_key is not None
     assert settings.s3.secret_access_key.get_secret_value() == credential["secretKey"]
     assert settings.hf.token is None  # an empty HF_TOKEN means none
+
+
+def test_compose_runs_one_region_of_three_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = compose_nodes()
+    assert len(nodes) == 3
+    seen = [compose_node_settings(node, monkeypatch) for node in nodes.values()]
+    # one region: the same name, Redis and secret everywhere
+    assert len({args.region for args, _ in seen}) == 1
+    assert len({args.redis_url for args, _ in seen}) == 1
+    secrets = {s.regional.secret.get_secret_value() for _, s in seen if s.regional.secret}
+    assert len(secrets) == 1
+    RegionSecret(secrets.pop())  # long enough, as a node insists at start
+    # each node its own identity, data volume and host ports
+    assert len({s.node_id for _, s in seen}) == 3
+    assert len({s.data_url for _, s in seen}) == 3
+    volumes = [v.split(":")[0] for node in nodes.values() for v in node["volumes"]]
+    assert len(set(volumes)) == len(volumes) == 3
+    assert set(volumes) <= set(compose()["volumes"])
+    published = [p.rsplit(":", 1)[0] for node in nodes.values() for p in node["ports"]]
+    assert len(set(published)) == len(published) == 6
+    for node in nodes.values():
+        assert {"redis", "seaweedfs"} <= set(node["depends_on"])
 
 
 def test_statefulset_command_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,6 +304,51 @@ def test_statefulset_command_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     headless = sts["spec"]["serviceName"]
     assert settings.node_id == POD_NAME
     assert settings.data_url == f"http://{POD_NAME}.{headless}.{NAMESPACE}.svc.cluster.local:{data}"
+
+
+def test_statefulset_runs_a_region_of_three_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    sts = find("StatefulSet", "weightcache-node")
+    assert sts["spec"]["replicas"] == 3
+    container = only_container(sts)
+    args, _ = parse_cli([str(a) for a in container["command"] + container.get("args", [])][1:])
+    assert args.region
+    redis_host, _ = url_host_port(args.redis_url)
+    assert find("Service", redis_host)["spec"]["selector"].items() <= pod_labels(
+        "Deployment", redis_host).items()
+
+    # The region secret comes from a Secret, in the variable the node's settings read.
+    (secret_var,) = [e for e in container["env"] if e["name"] == "WEIGHTCACHE_REGION_SECRET"]
+    ref = secret_var["valueFrom"]["secretKeyRef"]
+    assert "optional" not in ref  # a node of a region never starts without it
+    secrets = {d["metadata"]["name"]: d["stringData"]
+               for d in load_docs(K8S / "secrets.example.yaml")}
+    value = secrets[ref["name"]][ref["key"]]
+    RegionSecret(value)  # long enough, as a node insists at start
+
+    # Each node advertises its own stable name on the headless Service, which resolves for
+    # every pod of the set, ready or not: <set>-<ordinal>.<service>.<namespace>.svc.<domain>.
+    headless = find("Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"].items() <= pod_labels(
+        "StatefulSet", "weightcache-node").items()
+    api, data = serve_ports()
+    service_ports = {p["port"] for p in headless["spec"]["ports"]}
+    advertised = set()
+    for ordinal in range(sts["spec"]["replicas"]):
+        pod = f"{sts['metadata']['name']}-{ordinal}"
+        env = {e["name"]: e["value"].replace("$(POD_NAME)", pod)
+               for e in container["env"] if "value" in e}
+        settings = node_settings_from({**env, "WEIGHTCACHE_REGION_SECRET": value}, monkeypatch)
+        assert settings.node_id == pod
+        assert settings.regional.secret is not None
+        assert settings.regional.secret.get_secret_value() == value
+        name = f"{pod}.{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+        assert settings.regional.advertise_url == f"http://{name}:{api}"
+        assert settings.data_url == f"http://{name}:{data}"
+        assert {api, data} <= service_ports
+        advertised.add(settings.regional.advertise_url)
+    assert len(advertised) == 3
 
 
 def test_statefulset_probes_and_placement() -> None:
@@ -865,7 +952,7 @@ def test_compose_file_version_suits_both() -> None:
         ("v1-format-3.8", lambda d: d.update(name="weightcache"), "name"),
         ("v1.29", lambda d: d.update(name="weightcache"), "name"),
         ("v1-format-3.8", lambda d: d.pop("version"), "version"),
-        ("v1-format-3.8", lambda d: d["services"]["cache-node"]["ports"].append("84x0:8470"),
+        ("v1-format-3.8", lambda d: d["services"]["cache-node-1"]["ports"].append("84x0:8470"),
          "ports"),
         ("v1.29", lambda d: d["services"]["redis"].update(readonly=True), "readonly"),
         ("v2-compose-spec", lambda d: d["services"]["redis"].update(readonly=True), "readonly"),
@@ -880,9 +967,11 @@ def test_compose_schemas_refuse_a_bad_copy(which: str, breaks: Any, named: str) 
     assert any(named in error for error in errors), errors
 
 
-def test_compose_cache_node_is_hardened() -> None:
-    node = compose()["services"]["cache-node"]
+@pytest.mark.parametrize("name", sorted(compose_nodes()))
+def test_compose_cache_node_is_hardened(name: str) -> None:
+    node = compose_nodes()[name]
     assert node["read_only"] is True
     assert node["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in node["security_opt"]
     assert "/tmp" in node["tmpfs"]
+    assert node["user"] == "10001:10001"

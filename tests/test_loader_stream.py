@@ -376,7 +376,7 @@ def test_verify_catches_a_bit_flipped_in_transit(
 
 def test_loader_imports_without_server_dependencies() -> None:
     code = (
-        "import sys, loader, loader.load\n"
+        "import sys, loader, loader.loading\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', "
         "'uvicorn', 'diskcache', 'boto3', 'botocore', 'aiobotocore', 'cache_node', "
         "'safetensors'})\n"

@@ -182,8 +182,10 @@ def in_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcess]:
 def fresh(in_process: InProcess) -> InProcess:
     """The module's node back on the first tokens, with the same processes as ever."""
     write_tokens(in_process.node.tokens_file, FIRST)
+    # every token of FIRST, and only those: an earlier test's version may share some of them
     until("the first tokens in force", lambda: in_process.node.warning() is None
-          and in_process.node.accepted("tok-b"))
+          and all(in_process.node.accepted(token) for token in FIRST)
+          and in_process.node.refused("tok-new") and in_process.node.refused("tok-c"))
     return in_process
 
 
@@ -339,9 +341,10 @@ def test_a_worker_restarted_while_the_file_is_bad_keeps_the_last_good_tokens(
     assert node.accepted("tok-new")
     assert node.refused("tok-a")
     assert node.refused(None)
-    failed = [e for e in _reload_events(process, "tokens.reload_failed")
-              if e["process"] == "data_plane"]
-    assert len(failed) == WORKERS + 1  # the new worker found the file bad and said so
+    # the new worker found the file bad and said so (its log line may still be on its way)
+    until("the new worker reports the bad file", lambda: len(
+        [e for e in _reload_events(process, "tokens.reload_failed")
+         if e["process"] == "data_plane"]) == WORKERS + 1, timeout_s=TAKES_EFFECT_S)
 
     write_tokens(node.tokens_file, {"tok-new": "team-a", "tok-c": "team-a"})
     os.kill(process.pid, signal.SIGHUP)

@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from pydantic import BaseModel, ConfigDict
+
 from cache_node.errors import InvalidInput
 
 
-@dataclass(frozen=True)
-class OriginFile:
-    """One file of a snapshot, with whatever digests the origin declares."""
+class OriginFile(BaseModel):
+    """One file of a snapshot, with whatever digests the origin declares (the registry's
+    ``FileEntry`` is this, plus the blob that holds it)."""
+
+    model_config = ConfigDict(frozen=True)
 
     path: str  # relative POSIX path inside the snapshot, validated by ``safe_relative_path``
     size: int

@@ -20,7 +20,6 @@ never a condition for getting them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -154,7 +153,7 @@ class RegionFills:
         sha256 = await region.object_blob(key)
         if sha256 is None or (file.sha256 and file.sha256.lower() != sha256):
             return None
-        expected = dataclasses.replace(file, sha256=sha256)
+        expected = file.model_copy(update={"sha256": sha256})
         for node_id, url in await region.peer_urls(sha256):
             peer = PeerOrigin(region.http, url=url, sha256=sha256, headers=region.peer_headers)
             try:

@@ -63,9 +63,11 @@ def load(
 
     ``url`` defaults to ``WEIGHTCACHE_URL`` or :data:`DEFAULT_URL`, ``token`` to
     ``WEIGHTCACHE_TOKEN``. Bytes come from ``local_dir`` (a node data dir on this host) for the
-    blobs found there, else by HTTP range requests spread over ``data_urls`` (default: the data
-    plane URL the node advertises, else ``url``), failing over between them, and to ``url``
-    once they all fail (``report.fallback_reads`` says how many ranges did). ``verify`` checks
+    blobs found there, else by HTTP range requests spread over the nodes the manifest lists as
+    holding each blob (a region), or over ``data_urls`` (default: the data plane URL the node
+    advertises, else ``url``), failing over between them, and to ``url`` once they all fail
+    (``report.fallback_reads`` says how many ranges did; ``report.bytes_by_node``,
+    ``failed_nodes`` and ``failovers`` which nodes served and which failed). ``verify`` checks
     every byte against the manifest's chunk digests. The lease is released whatever happens.
     Raises :class:`~clients.errors.NotWarmError` when the pipeline is not warm, the matching
     :class:`~clients.errors.ApiError` for other refusals, ``SourceError`` or ``IntegrityError``
@@ -91,7 +93,6 @@ def load(
             workers=workers,
             request_size=request_size,
         )
-        session.note_fallback()
     return LoadResult(tensors=tensors, manifest=session.manifest, report=session.report)
 
 
