@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cache_node.region.placement import rank
+from tests.fixtures.node_server import CLOSED_ENDPOINT
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.region_nodes import REGION, add_node, get, region_nodes, wait_state
 from tests.fixtures.weights import safetensors_bytes
@@ -82,3 +83,25 @@ def test_a_peer_sending_other_bytes_is_skipped_for_the_next_one(
         assert metrics.origin_bytes._value.get() == 0
         assert metrics.digest_mismatches.labels("ingest")._value.get() >= 1
         assert any("region.peer_fill_failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_peer_whose_data_plane_cannot_be_reached_fills_from_its_api(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    weights = safetensors_bytes(256 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    sha = hashlib.sha256(weights).hexdigest()
+    # n0 advertises a data plane no node reaches (as a compose file publishes it on the host)
+    with region_nodes(redis_server.url, tmp_path, 1, data_url=CLOSED_ENDPOINT) as (stack, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        wait_state(nodes[0], "p", "warm")
+        late = add_node(stack, redis_server.url, tmp_path, 1)
+        wait_state(late, "p", "warm")
+        assert get(f"{late.url}/v1/blobs/{sha}").content == weights
+        metrics = late.node.metrics
+        assert metrics.region_fills.labels("peer_failed")._value.get() >= 1
+        assert metrics.region_fills.labels("peer")._value.get() >= 1
+        assert metrics.origin_bytes._value.get() == 0

@@ -195,10 +195,17 @@ class NodeRegion:
         return None if value is None else str(value)
 
     async def peer_urls(self, sha256: str) -> list[tuple[str, str]]:
-        """(node id, blob URL) of the live peers holding ``sha256``, rendezvous order."""
+        """(node id, URL) of the live peers holding ``sha256``, rendezvous order: each peer's
+        data plane, then its advertised API (the data plane's URL is the one replicas are
+        given, which another node may not reach: a compose network publishes it on the
+        host's loopback)."""
         live = {n.node_id: n for n in await self.membership.live_nodes()}
         peers = await self.locations.peers(sha256, live=live, exclude=self.node_id)
-        return [(node_id, _blob_url(live[node_id])) for node_id in peers]
+        return [
+            (node_id, url.rstrip("/"))
+            for node_id in peers
+            for url in dict.fromkeys(u for u in (live[node_id].data_url, live[node_id].url) if u)
+        ]
 
     def blob_for_peer(self, sha256: str) -> BlobRecord:
         """A blob by digest for a peer's fill (no tenant: peers read any committed blob)."""
