@@ -12,7 +12,7 @@ from api.blob_stream import StreamSlots
 from api.data_plane import stats_dir
 from api.data_plane_supervisor import DataPlane, DataPlaneCollector
 from api.errors import install_error_handlers
-from api.routes import blobs, dashboard, loads, pipelines, replicas
+from api.routes import blobs, dashboard, loads, pipelines, region, replicas
 from api.routes import node as node_routes
 from cache_node.node import VERSION, CacheNode
 from cache_node.settings import NodeSettings
@@ -64,12 +64,15 @@ def create_app(
         cache_node.metrics.registry.register(TokensCollector(tokens, stats_dir(settings)))
     if data_plane is not None:
         app.state.readiness_checks.append(data_plane.readiness)
+    if cache_node.region is not None:  # region_unreachable while Redis is down
+        app.state.readiness_checks.append(cache_node.region.readiness_check)
     install_error_handlers(app)
     for router in (
         pipelines.router,
         replicas.router,
         blobs.router,
         node_routes.router,
+        region.router,
         loads.router,
         dashboard.router,
     ):

@@ -46,6 +46,7 @@ from cache_node.access import open_tokens_file
 from cache_node.errors import NotFound, Unauthorized, WeightCacheError
 from cache_node.events import configure_logging
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
+from cache_node.region.peer_auth import RegionSecret, is_peer_authorization
 from cache_node.registry import Registry
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobStore, check_sha256
@@ -116,6 +117,9 @@ class _Plane:
             settings.data_dir, capacity=settings.capacity, meta=self.meta, owner=False
         )
         self.registry = Registry(_CountingMeta(self.meta, self.stats))
+        # Region peers read any blob the node holds, by digest (a fill), never as a tenant.
+        secret = settings.regional.secret
+        self.peers = RegionSecret(secret) if secret is not None else None
 
     def _tokens_result(self, ok: bool, *, count: bool = True) -> None:
         if self.stats is not None:
@@ -187,12 +191,19 @@ async def _healthz(_: web.Request) -> web.Response:
 async def _get_blob(request: web.Request) -> web.StreamResponse:
     """The blob's bytes, 200 or 206, sent from the page cache by the kernel."""
     plane = request.app[_PLANE]
-    tenant = plane.tenant_for(request.headers.get("Authorization"))
-    if tenant is None:
-        raise Unauthorized("missing or invalid bearer token")
+    authorization = request.headers.get("Authorization")
     sha256 = check_sha256(request.match_info["sha256"])
-    if not await asyncio.to_thread(plane.allows, tenant, sha256):
-        raise NotFound(f"no blob {sha256}")
+    if is_peer_authorization(authorization):
+        if plane.peers is None:
+            raise Unauthorized("this node is not in a region: no peer requests",
+                               reason="no_region")
+        plane.peers.authenticate(authorization)  # then any held blob (store.open: 404)
+    else:
+        tenant = plane.tenant_for(authorization)
+        if tenant is None:
+            raise Unauthorized("missing or invalid bearer token")
+        if not await asyncio.to_thread(plane.allows, tenant, sha256):
+            raise NotFound(f"no blob {sha256}")
     record, handle = await asyncio.to_thread(plane.store.open, sha256)
     with handle:
         answer = plan_blob_response(

@@ -87,14 +87,20 @@ def start_worker(
     ]
     if log_format is not None:
         command += ["--log-format", log_format]
+    # The region secret (peers read blobs from the data plane too) goes in the worker's own
+    # environment, where settings read it, never on its command line.
+    env = None
+    if settings.regional.secret is not None:
+        env = {**os.environ,
+               "WEIGHTCACHE_REGION_SECRET": settings.regional.secret.get_secret_value()}
     if settings.tokens_file is None:
-        return subprocess.Popen(command, stdout=subprocess.PIPE)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
     command += ["--tokens", str(settings.tokens_file)]
     if tokens is None:
-        return subprocess.Popen(command, stdout=subprocess.PIPE)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
     with _in_memory_file(tokens) as stdin:
         return subprocess.Popen(
-            [*command, "--tokens-fallback-stdin"], stdin=stdin, stdout=subprocess.PIPE
+            [*command, "--tokens-fallback-stdin"], stdin=stdin, stdout=subprocess.PIPE, env=env
         )
 
 

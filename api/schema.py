@@ -253,3 +253,38 @@ class LoadList(_Wire):
     """``GET /v1/pipelines/{id}/loads`` and ``GET /v1/loads``: recent loads, newest first."""
 
     loads: list[LoadReport]
+
+
+class RegionNode(_Wire):
+    """One live node of a region, as its last heartbeat described it."""
+
+    node_id: str
+    url: str  # its advertised API URL
+    data_url: str | None = None  # its data plane, if it runs one
+    state: str
+    capacity: int
+    used: int
+    free: int
+    last_heartbeat: float | None = None
+
+
+class RegionPipeline(_Wire):
+    """A pipeline the caller sees, and on how many live nodes it is whole."""
+
+    tenant: str
+    id: str
+    #: Live nodes holding every blob of the pipeline (1 or 0 on a node outside a region).
+    copies: int
+    #: Their node ids.
+    nodes: list[str] = Field(default_factory=list)
+
+
+class RegionInfo(_Wire):
+    """``GET /v1/region``: the region's live nodes and the caller's pipelines' copies (an
+    extension of the contract). A node without ``--redis`` answers as a region of itself."""
+
+    region: str
+    #: False on a node without Redis; None when Redis cannot be reached now.
+    connected: bool | None = True
+    nodes: list[RegionNode]
+    pipelines: list[RegionPipeline] = Field(default_factory=list)

@@ -10,6 +10,9 @@ One :class:`Fetcher` per node. ``await fetcher.fetch(origin, file)`` returns the
   hashed behind the download, bounded retries, every declared digest checked, then published.
 - **Failures remembered briefly**: a permanent failure answers the callers that come within
   ``negative_cache_s`` without asking the origin again.
+- **Region first**: on a node of a region, ``region`` (``cache_node.region.fills``) decides
+  where the bytes come from: a peer that holds the object's blob, else the origin under
+  region-wide single flight. The transfer and its checks are the same either way.
 - **No trust in declared digests** (I1, I7): a blob already stored is reused only for an object
   that was read and hashed to it before in the same credential scope (``cache_node.verified``);
   any other object is fetched and verified, even when its declared sha256 names a stored blob.
@@ -20,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cache_node.errors import InsufficientStorage, IntegrityError, OriginError, WeightCacheError
 from cache_node.metrics import NodeMetrics
@@ -51,6 +54,18 @@ def transfer_key(origin: Origin, source: str, revision: str, file: OriginFile) -
         ]
     )
     return hashlib.sha256(identity.encode()).hexdigest()[:40]
+
+
+class RegionFill(Protocol):
+    """Where a node of a region gets an object's bytes (``cache_node.region.fills``)."""
+
+    async def fill(
+        self,
+        key: str,
+        origin: Origin,
+        file: OriginFile,
+        download: Callable[[Origin, OriginFile], Awaitable[BlobRecord]],
+    ) -> BlobRecord: ...
 
 
 @dataclass
@@ -88,6 +103,8 @@ class Fetcher:
         self._transfers: dict[str, _Transfer] = {}
         self.verified = VerifiedObjects(store.meta, store)
         self._recent_failures: dict[str, tuple[float, WeightCacheError]] = {}
+        #: Set on a node of a region: fills go through it (peers first, one origin pull).
+        self.region: RegionFill | None = None
 
     def already_verified(
         self, origin: Origin, file: OriginFile, *, source: str, revision: str
@@ -108,6 +125,13 @@ class Fetcher:
         for transfer in list(self._transfers.values()):
             if transfer.task is not None:
                 transfer.task.cancel()
+
+    async def wait_ended(self, timeout_s: float = 10.0) -> None:
+        """Wait, at most ``timeout_s``, for the transfers running now to end (after
+        :meth:`cancel_all`: their cancellation to finish)."""
+        tasks = [t.task for t in self._transfers.values() if t.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def fetch(
         self,
@@ -172,18 +196,24 @@ class Fetcher:
         revision: str,
     ) -> BlobRecord:
         own_reservation = reservation or self.store.reserve(file.size, partial_key=transfer.key)
-        try:
-            download = Download(
+
+        async def download(source: Origin, source_file: OriginFile) -> BlobRecord:
+            return await Download(
                 self.store,
                 self.settings,
                 self.metrics,
-                origin=origin,
-                file=file,
+                origin=source,
+                file=source_file,
                 key=transfer.key,
                 progress=transfer.advance,
                 sleep=self._sleep,
-            )
-            record = await download.run(own_reservation)
+            ).run(own_reservation)
+
+        try:
+            if self.region is None:
+                record = await download(origin, file)
+            else:
+                record = await self.region.fill(transfer.key, origin, file, download)
             # The bytes of this object, read in this scope, hashed to the blob: a fact now.
             self.verified.record(object_key(origin.scope, source, revision, file), record)
         except WeightCacheError as exc:

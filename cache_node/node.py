@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -38,6 +39,9 @@ from cache_node.tasks import TaskOwner
 from cache_node.tenants import ADMIN_TENANT
 from cache_node.warm_prepare import WarmPreparer
 from cache_node.warming import WarmJobs
+
+if TYPE_CHECKING:
+    from cache_node.region.node_region import NodeRegion
 
 log = logging.getLogger("weightcache.node")
 
@@ -108,6 +112,12 @@ class CacheNode:
             registration_lock=self._registration_lock,
             on_change=self.refresh_gauges,
         )
+        #: The node's part in a region (``--redis``); None: a node on its own, as ever.
+        self.region: NodeRegion | None = None
+        if settings.redis_url is not None:
+            from cache_node.region.node_region import NodeRegion  # it imports this module
+
+            self.region = NodeRegion(self)
 
     @property
     def tokens(self) -> dict[str, str] | None:
@@ -146,6 +156,8 @@ class CacheNode:
         # failed pipelines whose retry_at passed while the node was down are retried now
         self.tasks.spawn(self.warming.retries.run(), name="retries")
         self.tasks.spawn(self._housekeeping_loop(), name="housekeeping")
+        if self.region is not None:
+            await self.region.start()
 
     async def _housekeeping_loop(self) -> None:
         """Twice a second: carry out the quarantines the data-plane workers ask for (they only
@@ -166,6 +178,9 @@ class CacheNode:
         self.tasks.cancel_all()
         self.fetcher.cancel_all()
         await self.tasks.stop()
+        if self.region is not None:  # after the fills: a leader's cancelled one frees its lease
+            await self.fetcher.wait_ended()
+            await self.region.stop()
         self.meta.close()
 
     # ------------------------------------------------------------------ auth
@@ -213,6 +228,8 @@ class CacheNode:
         emit("pipeline.registered", tenant=tenant, pipeline=pipeline_id,
              generation=record.generation, models=len(spec.models), tp_sizes=spec.tp_sizes,
              staged=record.staged)
+        if self.region is not None:  # the region's catalogue: registering here warms it all
+            await self.region.registered(tenant, pipeline_id, spec)
         await self.warming.start(record)
         # A DELETE may have landed since: the registration still happened (the DELETE came
         # after it), so the answer is what it registered, never a 404.
@@ -294,6 +311,8 @@ class CacheNode:
         await anyio.to_thread.run_sync(lambda: self.collector.free_unreferenced(record.blobs()))
         self.refresh_gauges()
         emit("pipeline.deleted", tenant=record.tenant, pipeline=record.id)
+        if self.region is not None:
+            await self.region.registered(record.tenant, record.id, None)
 
     async def evict(self, tenant: str, pipeline_id: str, *, reason: str = "manual") -> int:
         """Free a pipeline's bytes (those not shared with pipelines that stay). Returns bytes."""
@@ -362,30 +381,15 @@ class CacheNode:
 
     def refresh_gauges(self) -> None:
         """Bring the byte and pipeline gauges up to date (after a change, before a scrape)."""
-        usage = self.store.usage()
-        for state, value in (
-            ("committed", usage.committed),
-            ("reserved", usage.reserved),
-            ("temp", usage.temp),
-            ("quarantined", usage.quarantined),
-        ):
-            self.metrics.bytes_by_state.labels(state).set(value)
-        self.metrics.capacity_bytes.set(usage.capacity)
-        self.metrics.used_bytes.set(usage.committed)
-        self.metrics.reserved_bytes.set(usage.reserved)
-        self.metrics.in_flight_bytes.set(usage.in_flight)
-        self.metrics.free_bytes.set(usage.free)
-        counts = dict.fromkeys(("cold", "warming", "warm", "failed", "evicted"), 0)
-        for record in self.registry.all():
-            counts[record.state] += 1
-        for state, count in counts.items():
-            self.metrics.pipelines_by_state.labels(state).set(count)
+        self.metrics.show(self.store.usage(), [r.state for r in self.registry.all()])
 
     # ------------------------------------------------------------------ replica side
     def manifest(self, tenant: str, pipeline_id: str, *, tp_size: int, rank: int) -> Manifest:
         """What rank ``rank`` of a TP-``tp_size`` replica reads; counts as a use."""
         record = self.book.find_warm(tenant, pipeline_id)
         manifest = self.manifests.build(record, tp_size=tp_size, rank=rank)
+        if self.region is not None:  # each blob's holders in the region
+            manifest = self.region.with_holders(manifest)
         record.last_used_at = time.time()
         record.loads += 1
         self.book.save(record)

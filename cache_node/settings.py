@@ -162,6 +162,11 @@ class RegionSettings(BaseSettings):
     flight_lease_ttl_s: float = Field(default=30.0, gt=0)  # a dead leader blocks this long
     flight_wait_s: float = Field(default=900.0, gt=0)  # a waiter gives up after this
     redis_timeout_s: float = Field(default=2.0, gt=0)
+    #: How often a node reconciles its pipelines with the region's catalogue, besides the
+    #: nudge every change publishes (a nudge can be missed while Redis is away).
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
+    #: How long a peer's blob response may stay silent before the fill moves to the next one.
+    peer_timeout_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _two_beats_per_ttl(self) -> RegionSettings:

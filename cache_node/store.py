@@ -111,6 +111,8 @@ class BlobStore:
         self.owner = owner
         #: Called with the bytes still needed when a reservation does not fit; returns bytes freed.
         self.make_room: MakeRoom | None = None
+        #: Called (from any thread) after a blob was published, deleted or quarantined.
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def capacity(self) -> int:
@@ -222,6 +224,7 @@ class BlobStore:
                 raise
             # a record without its file was counted already
             self.space.commit(size if existing is None else 0, reservation)
+        self._changed()
         return record
 
     def delete(self, sha256: str) -> int:
@@ -237,6 +240,7 @@ class BlobStore:
             self.meta.delete(record_key(sha256))
             self.space.uncommit(record.size)
             self.blob_path(sha256).unlink(missing_ok=True)
+        self._changed()
         return record.size
 
     def quarantine(self, sha256: str, reason: str) -> None:
@@ -258,8 +262,13 @@ class BlobStore:
             self.checks.forget(sha256)
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.blob_path(sha256), self.quarantine_dir / sha256)
+        self._changed()
         if self._on_quarantine is not None:
             self._on_quarantine(sha256, reason)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def serve_quarantine_requests(self) -> int:
         """Quarantine the blobs reader processes found bad (the owner's side); returns how many."""

@@ -169,6 +169,11 @@ class Download:
         file = self.file
         position = start
         part_hash = xxhash.xxh3_64()
+        # a region peer is an origin to this transfer, but its bytes cost the origin nothing
+        received = (
+            self.metrics.peer_bytes if getattr(self.origin, "is_peer", False)
+            else self.metrics.origin_bytes
+        )
         attempt = 0
         deadline = time.monotonic() + self.settings.retry_budget_s
         while True:
@@ -184,7 +189,7 @@ class Download:
                     await anyio.to_thread.run_sync(_write_and_hash, fd, data, position, part_hash)
                     position += len(data)
                     self._progress(len(data))
-                    self.metrics.origin_bytes.inc(len(data))
+                    received.inc(len(data))
                 if position == end:
                     return part_hash.intdigest()
                 error = OriginError(

@@ -141,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "otherwise); only behind a network you trust")
     serve.add_argument("--local-root", action="append", default=[],
                        help="directory file:// sources may come from (repeatable)")
-    serve.add_argument("--redis", dest="redis_url", default=None)
+    serve.add_argument("--redis", dest="redis_url", default=None,
+                       help="join a region on this Redis (redis://HOST:PORT/DB); the region "
+                       "secret comes from $WEIGHTCACHE_REGION_SECRET or --region-secret-file")
+    serve.add_argument("--advertise", dest="advertise_url", default=None,
+                       help="the URL peers and replicas reach this node's API at "
+                       "(default: the address it serves on)")
+    serve.add_argument("--region-secret-file", default=None,
+                       help="a file holding the region secret (at least 32 characters)")
     serve.add_argument("--data-port", type=int, default=None,
                        help="port of the sendfile data plane (default: --port + 1)")
     serve.add_argument("--data-workers", type=int, default=min(8, os.cpu_count() or 1),

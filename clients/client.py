@@ -25,6 +25,7 @@ from api.schema import (
     PipelineList,
     PipelineSpec,
     PipelineStatus,
+    RegionInfo,
 )
 from clients.errors import WarmFailed, raise_for_status
 
@@ -179,6 +180,10 @@ class Client(_BaseClient):
     def node(self) -> NodeInfo:
         return NodeInfo.model_validate(self._parse(self.http.get("/v1/node")))
 
+    def region(self) -> RegionInfo:
+        """The node's region: its live nodes, and copies of the pipelines the caller sees."""
+        return RegionInfo.model_validate(self._parse(self.http.get("/v1/region")))
+
     def wait_until_warm(
         self,
         pipeline_id: str,
@@ -281,6 +286,9 @@ class AsyncClient(_BaseClient):
 
     async def node(self) -> NodeInfo:
         return NodeInfo.model_validate(self._parse(await self.http.get("/v1/node")))
+
+    async def region(self) -> RegionInfo:
+        return RegionInfo.model_validate(self._parse(await self.http.get("/v1/region")))
 
     async def wait_until_warm(
         self, pipeline_id: str, *, timeout_s: float = 3600.0, poll_s: float = 0.5

@@ -10,8 +10,8 @@ from typing import Any
 
 from api.schema import PipelineStatus
 from clients.client import Client
-from clients.errors import EXIT_FAILURE, WarmFailed
-from clients.render import print_status_table, wait_with_progress, watch_status
+from clients.errors import EXIT_FAILURE, ApiError, WarmFailed
+from clients.render import print_region, print_status_table, wait_with_progress, watch_status
 
 __all__ = ["cmd_delete", "cmd_evict", "cmd_pull", "cmd_register", "cmd_status", "cmd_warm"]
 
@@ -82,7 +82,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(payload, indent=2))
         else:
             print_status_table(statuses)
+            if not args.id:
+                _print_region(client)
     return 0
+
+
+def _print_region(client: Client) -> None:
+    """The region's nodes under the table, on a node of a region (``--redis``); nothing on a
+    node on its own, or one that predates ``GET /v1/region``."""
+    try:
+        region = client.region()
+    except ApiError:
+        return
+    if region.connected is not False:
+        print_region(region)
 
 
 def cmd_warm(args: argparse.Namespace) -> int:

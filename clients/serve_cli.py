@@ -39,6 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = NodeSettings(**overrides)
     except ValidationError as exc:
         raise UsageError(_settings_problem(exc)) from None
+    if settings.redis_url is not None:
+        _region_settings(settings, args)
     refusal = _serve_refusal(settings, allow_unauthenticated=args.allow_unauthenticated)
     if refusal is not None:
         raise UsageError(refusal)
@@ -73,6 +75,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if data_plane is not None:
             data_plane.stop()
     return 0
+
+
+def _region_settings(settings: Any, args: argparse.Namespace) -> None:
+    """With ``--redis``: the advertised URL, and the region secret (from the environment or
+    ``--region-secret-file``), refused unless it is long enough to guard the region."""
+    from pydantic import SecretStr
+
+    from cache_node.region.peer_auth import MIN_SECRET_LENGTH
+
+    if args.advertise_url is not None:
+        settings.regional.advertise_url = args.advertise_url
+    if args.region_secret_file is not None:
+        try:
+            with open(args.region_secret_file, encoding="utf-8") as handle:
+                settings.regional.secret = SecretStr(handle.read().strip())
+        except OSError as exc:
+            raise UsageError(f"--region-secret-file: {exc.strerror}: {exc.filename}") from None
+    secret = settings.regional.secret
+    if secret is None or len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
+        raise UsageError(
+            f"--redis needs a region secret of at least {MIN_SECRET_LENGTH} characters, the "
+            "same on every node: set WEIGHTCACHE_REGION_SECRET or pass --region-secret-file"
+        )
 
 
 def _reload_tokens_on_sighup(watcher: Any, data_plane: Any) -> None:

@@ -290,14 +290,16 @@
   async function poll() {
     clearTimeout(view.timer);
     try {
-      const [node, list, loads] = await Promise.all([
+      const [node, list, loads, region] = await Promise.all([
         api("/v1/node"),
         api("/v1/pipelines"),
         api(`/v1/loads?limit=${CHART_BARS + 20}`).catch((error) => {
           if (error instanceof HttpError && error.status === 401) throw error;
           return { loads: [] }; // history is a nicety: never let it blank the page
         }),
+        api("/v1/region").catch(() => null), // an older node has no region view
       ]);
+      view.region = region;
       view.node = node;
       view.pipelines = list.pipelines || [];
       view.loads = loads.loads || [];
@@ -706,7 +708,34 @@
     if (view.node) renderNode(view.node);
     renderFilters();
     renderChart();
+    renderRegion();
     renderCards();
+  }
+
+  // The region panel: shown on a node of a region (--redis), hidden on a node on its own.
+  function renderRegion() {
+    const region = view.region;
+    $("region-panel").hidden = !region || region.connected === false;
+    if ($("region-panel").hidden) return;
+    $("region-note").textContent = region.connected
+      ? `${region.region} · ${region.nodes.length} node(s)`
+      : `${region.region} · Redis unreachable`;
+    const body = $("region-nodes");
+    body.replaceChildren();
+    for (const node of region.nodes) {
+      const row = document.createElement("tr");
+      const beat = node.last_heartbeat
+        ? `${Math.max(0, Math.round(Date.now() / 1000 - node.last_heartbeat))}s ago` : "–";
+      for (const text of [node.node_id, node.state, fmtBytes(node.used), fmtBytes(node.free), beat]) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        row.append(cell);
+      }
+      row.title = node.data_url || node.url;
+      body.append(row);
+    }
+    $("region-copies").textContent = region.pipelines.length
+      ? "copies: " + region.pipelines.map((p) => `${p.id} ×${p.copies}` + (p.nodes && p.nodes.length ? ` (${p.nodes.join(" ")})` : "")).join(", ") : "";
   }
 
   // ------------------------------------------------------------------ token and JSON dialogs

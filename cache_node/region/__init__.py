@@ -10,7 +10,15 @@
 - :mod:`~cache_node.region.keys`: the Redis key layout, :mod:`~cache_node.region.connection`:
   the client and the translation of its errors, :mod:`~cache_node.region.errors`: the errors.
 
-Everything here is asyncio (``redis.asyncio``) and talks to Redis only: no disk, no HTTP.
+Everything above is asyncio (``redis.asyncio``) and talks to Redis only: no disk, no HTTP.
+What wires them into a node is apart (imported by the node only when it has ``--redis``, so
+not re-exported here):
+
+- :mod:`~cache_node.region.catalogue`: the region's catalogue of registered pipelines.
+- :mod:`~cache_node.region.fills`: a fill from peers before the origin, one origin pull per
+  region (HTTP to peers, through the node's transfer).
+- :mod:`~cache_node.region.node_region`: a node's part in its region (membership, blob
+  locations, catalogue reconciliation, fills, manifest holders, ``GET /v1/region``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ key (after the prefix)              type    what
 ``lease:<flight key>``              string  ``<token>:<lease id>:<node id>``, expiring by TTL
 ``result:<flight key>``             string  a flight's outcome (JSON), kept briefly
 ``flight:<flight key>``             channel published to when a flight ends
+``objects``                         hash    transfer key → sha256 of a committed blob
+``pipelines``                       hash    ``<tenant>/<id>`` → catalogue entry (JSON)
+``catalogue-gen``                   string  the catalogue's generation counter (INCR)
+``catalogue``                       channel published to when the catalogue changes
 ==================================  ======  ==============================================
 """
 
@@ -84,6 +88,22 @@ class RegionKeys:
     @property
     def fence(self) -> str:
         return f"{self.prefix}fence"
+
+    @property
+    def objects(self) -> str:
+        return f"{self.prefix}objects"
+
+    @property
+    def pipelines(self) -> str:
+        return f"{self.prefix}pipelines"
+
+    @property
+    def catalogue_gen(self) -> str:
+        return f"{self.prefix}catalogue-gen"
+
+    @property
+    def catalogue_channel(self) -> str:
+        return f"{self.prefix}catalogue"
 
     def lease(self, key: str) -> str:
         return f"{self.prefix}lease:{_flight_key(key)}"

@@ -66,6 +66,7 @@ class NodeRecord(BaseModel):
 
     node_id: str
     url: str  # where peers and replicas reach it (its advertised URL)
+    data_url: str | None = None  # its data plane (sendfile), when it runs one
     region: str
     capacity: int = Field(ge=0)
     used: int = Field(ge=0)
@@ -128,6 +129,7 @@ class Membership:
         on_rejoin: Callable[[RejoinReason], Awaitable[None]] | None = None,
         ttl_s: float = 15.0,
         interval_s: float = 5.0,
+        data_url: str | None = None,
     ) -> None:
         if not 0 < interval_s * 2 <= ttl_s:
             # two beats must fit in a TTL: a single late beat must not make the node vanish
@@ -135,6 +137,7 @@ class Membership:
         self.keys = RegionKeys(region)
         self.node_id = check_node_id(node_id)
         self.url = url
+        self.data_url = data_url
         self.ttl_s = ttl_s
         self.interval_s = interval_s
         self._redis = redis
@@ -179,6 +182,7 @@ class Membership:
         record = NodeRecord(
             node_id=self.node_id,
             url=self.url,
+            data_url=self.data_url,
             region=self.keys.region,
             capacity=report.capacity,
             used=report.used,
