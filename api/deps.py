@@ -12,6 +12,11 @@ from cache_node.errors import InvalidInput, Unauthorized
 from cache_node.node import CacheNode
 from cache_node.region.peer_auth import Peer, is_peer_authorization
 
+#: ``?tenant=``: the admin names whose pipelines a request acts on.
+ActingTenant = Annotated[
+    str | None, Query(max_length=256, description="admin only: act on this tenant's pipelines")
+]
+
 
 def get_node(request: Request) -> CacheNode:
     node: CacheNode = request.app.state.node
@@ -21,10 +26,7 @@ def get_node(request: Request) -> CacheNode:
 def get_tenant(
     request: Request,
     node: Annotated[CacheNode, Depends(get_node)],
-    tenant: Annotated[
-        str | None,
-        Query(max_length=256, description="admin only: act on this tenant's pipelines"),
-    ] = None,
+    tenant: ActingTenant = None,
 ) -> str:
     """The tenant a request acts for: the caller's, from ``Authorization: Bearer`` (401 when
     missing or unknown), or for admin the one ``?tenant=`` names (404 for anyone else)."""
@@ -37,10 +39,7 @@ def get_tenant(
 def get_blob_reader(
     request: Request,
     node: Annotated[CacheNode, Depends(get_node)],
-    tenant: Annotated[
-        str | None,
-        Query(max_length=256, description="admin only: act on this tenant's pipelines"),
-    ] = None,
+    tenant: ActingTenant = None,
 ) -> str | Peer:
     """Who reads a blob: a tenant (as :func:`get_tenant`), or a peer node of the region
     (``Authorization: WeightcacheNode ...``, the region secret; 401 otherwise). A peer is
