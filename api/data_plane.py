@@ -24,28 +24,35 @@ import argparse
 import asyncio
 import contextlib
 import os
-import select
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Coroutine, Iterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from starlette.responses import JSONResponse
 
+from api.data_plane_processes import (
+    run_data_plane,
+    start_worker,
+    stats_dir,
+    stop_data_plane,
+    wait_ready,
+)
 from api.errors import bearer_token, error_response, exception_response, http_error_code
 from api.ranges import plan_blob_response
+from cache_node.access import open_tokens_file
 from cache_node.errors import NotFound, Unauthorized, WeightCacheError
+from cache_node.events import configure_logging
 from cache_node.metadata import DiskcacheKeyValue, KeyValue
+from cache_node.region.peer_auth import RegionSecret, is_peer_authorization
 from cache_node.registry import Registry
 from cache_node.settings import NodeSettings
 from cache_node.store import BlobStore, check_sha256
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
-from cache_node.worker_stats import WorkerStats, reset_stats_dir
+from cache_node.tokens_file import TokensWatcher
+from cache_node.worker_stats import WorkerStats
 
 __all__ = [
     "create_app",
@@ -55,14 +62,6 @@ __all__ = [
     "stop_data_plane",
     "wait_ready",
 ]
-
-_START_TIMEOUT_S = 60.0
-
-
-def stats_dir(settings: NodeSettings) -> Path:
-    """Where the workers of a node's data plane keep their counters."""
-    return settings.data_dir / "data-plane"
-
 
 class _CountingMeta:
     """The worker's metadata, counting every record it reads (into its stats slot)."""
@@ -97,21 +96,47 @@ class _CountingMeta:
 class _Plane:
     """What one worker process holds: tokens, metadata, store, registry, counters."""
 
-    def __init__(self, settings: NodeSettings, *, slot: int | None = None) -> None:
-        self.tokens = settings.load_tokens()
+    def __init__(
+        self, settings: NodeSettings, *, slot: int | None = None, tokens: bytes | None = None
+    ) -> None:
+        self.stats = WorkerStats(stats_dir(settings), slot) if slot is not None else None
+        # Followed while the worker runs, like the API's; ``tokens`` is the node's last good
+        # config, to start from when the file on disk is bad (a worker restarted meanwhile).
+        self.tokens = open_tokens_file(
+            settings, process="data_plane", fallback=tokens, on_result=self._tokens_result
+        )
+        self.tokens_watcher = None
+        if self.tokens is not None:
+            self._tokens_result(self.tokens.problem is None, count=False)
+            self.tokens_watcher = TokensWatcher(
+                self.tokens, interval_s=settings.tokens_check_interval_s
+            )
         self.meta = DiskcacheKeyValue(settings.data_dir / "meta")
         # a reader: a bad chunk it finds is quarantined by the node, which owns the store
         self.store = BlobStore(
             settings.data_dir, capacity=settings.capacity, meta=self.meta, owner=False
         )
-        self.stats = WorkerStats(stats_dir(settings), slot) if slot is not None else None
         self.registry = Registry(_CountingMeta(self.meta, self.stats))
+        # Region peers read any blob the node holds, by digest (a fill), never as a tenant.
+        secret = settings.regional.secret
+        self.peers = RegionSecret(secret) if secret is not None else None
+
+    def _tokens_result(self, ok: bool, *, count: bool = True) -> None:
+        if self.stats is not None:
+            if count:
+                self.stats.add("tokens_reloads" if ok else "tokens_reload_failures")
+            self.stats.set("tokens_stale", int(not ok))
+
+    def reload_tokens(self) -> None:
+        """Re-read the tokens file now (SIGHUP), in the watcher's thread."""
+        if self.tokens_watcher is not None:
+            self.tokens_watcher.poke()
 
     def tenant_for(self, authorization: str | None) -> str | None:
         if self.tokens is None:
             return DEFAULT_TENANT
         token = bearer_token(authorization)
-        return None if token is None else self.tokens.get(token)
+        return None if token is None else self.tokens.config.tokens.get(token)
 
     def allows(self, tenant: str, sha256: str) -> bool:
         """Whether a pipeline of ``tenant`` (any pipeline, for the admin) references the blob:
@@ -128,22 +153,33 @@ class _Plane:
 _PLANE = web.AppKey("plane", _Plane)
 
 
-def create_app(settings: NodeSettings, *, slot: int | None = None) -> web.Application:
+def create_app(
+    settings: NodeSettings, *, slot: int | None = None, tokens: bytes | None = None
+) -> web.Application:
     """The aiohttp app of one worker: ``GET|HEAD /v1/blobs/{sha256}`` and ``GET /healthz``.
 
-    ``slot`` names the worker's counters in the stats directory (None: not counted).
+    ``slot`` names the worker's counters in the stats directory (None: not counted);
+    ``tokens``, the bytes of the node's last good tokens file, is used only if the file on
+    disk cannot be (see :mod:`cache_node.tokens_file`).
     """
     app = web.Application(middlewares=[_errors])
-    plane = _Plane(settings, slot=slot)
+    plane = _Plane(settings, slot=slot, tokens=tokens)
     app[_PLANE] = plane
     app.router.add_get("/v1/blobs/{sha256}", _get_blob)  # and HEAD
     app.router.add_get("/healthz", _healthz)
 
+    async def watch(_: web.Application) -> None:
+        if plane.tokens_watcher is not None:
+            plane.tokens_watcher.start()
+
     async def close(_: web.Application) -> None:
+        if plane.tokens_watcher is not None:
+            plane.tokens_watcher.stop()
         plane.meta.close()
         if plane.stats is not None:
             plane.stats.close()
 
+    app.on_startup.append(watch)
     app.on_cleanup.append(close)
     return app
 
@@ -155,12 +191,19 @@ async def _healthz(_: web.Request) -> web.Response:
 async def _get_blob(request: web.Request) -> web.StreamResponse:
     """The blob's bytes, 200 or 206, sent from the page cache by the kernel."""
     plane = request.app[_PLANE]
-    tenant = plane.tenant_for(request.headers.get("Authorization"))
-    if tenant is None:
-        raise Unauthorized("missing or invalid bearer token")
+    authorization = request.headers.get("Authorization")
     sha256 = check_sha256(request.match_info["sha256"])
-    if not await asyncio.to_thread(plane.allows, tenant, sha256):
-        raise NotFound(f"no blob {sha256}")
+    if is_peer_authorization(authorization):
+        if plane.peers is None:
+            raise Unauthorized("this node is not in a region: no peer requests",
+                               reason="no_region")
+        plane.peers.authenticate(authorization)  # then any held blob (store.open: 404)
+    else:
+        tenant = plane.tenant_for(authorization)
+        if tenant is None:
+            raise Unauthorized("missing or invalid bearer token")
+        if not await asyncio.to_thread(plane.allows, tenant, sha256):
+            raise NotFound(f"no blob {sha256}")
     record, handle = await asyncio.to_thread(plane.store.open, sha256)
     with handle:
         answer = plan_blob_response(
@@ -244,106 +287,30 @@ def _from_api(answer: JSONResponse) -> web.Response:
     return web.Response(body=bytes(answer.body), status=answer.status_code, headers=headers)
 
 
-# --------------------------------------------------------------------------- processes
-def run_data_plane(
-    settings: NodeSettings, *, port: int, workers: int
-) -> list[subprocess.Popen[bytes]]:
-    """Start ``workers`` processes serving on ``settings.host:port``; return once all listen.
-
-    Each is ``python -m api.data_plane --worker ...`` (a fresh interpreter: nothing of
-    the caller's threads, event loop or main module comes along), with its own stats slot,
-    zeroed here. Raises RuntimeError, after stopping the others, when a worker cannot start
-    (say the port belongs to something else). Nothing restarts a worker that dies: see
-    :class:`api.data_plane_supervisor.DataPlane` for that.
-    """
-    if workers < 1 or not 0 < port < 65536:
-        raise ValueError("the data plane needs a port and at least one worker")
-    _check_port_free(settings.host, port)
-    reset_stats_dir(stats_dir(settings), workers)
-    processes = [start_worker(settings, port=port, slot=slot) for slot in range(workers)]
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    try:
-        for process in processes:
-            wait_ready(process, deadline=deadline)
-    except BaseException:
-        stop_data_plane(processes)
-        raise
-    return processes
-
-
-def start_worker(settings: NodeSettings, *, port: int, slot: int) -> subprocess.Popen[bytes]:
-    """Spawn one worker process for stats slot ``slot``; :func:`wait_ready` waits for it."""
-    command = [
-        sys.executable, "-m", "api.data_plane", "--worker",
-        "--data-dir", str(settings.data_dir),
-        "--host", settings.host,
-        "--port", str(port),
-        "--capacity", str(settings.capacity),
-        "--slot", str(slot),
-    ]
-    if settings.tokens_file is not None:
-        command += ["--tokens", str(settings.tokens_file)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE)
-
-
-def wait_ready(process: subprocess.Popen[bytes], *, deadline: float) -> None:
-    """Wait for a worker's "ready" line; RuntimeError with its reason when it does not come."""
-    assert process.stdout is not None
-    with process.stdout:  # the worker writes one line: "ready", or why it is not
-        readable, _, _ = select.select([process.stdout], [], [], _remaining(deadline))
-        line = process.stdout.readline().decode().strip() if readable else "timed out"
-    if line != "ready":
-        raise RuntimeError(f"data plane worker did not start: {line or 'it exited'}")
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse a port something listens on: workers of another data plane (say another node's,
-    on the same port by mistake) would otherwise join the SO_REUSEPORT group and share it."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the workers do
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise RuntimeError(f"cannot serve the data plane on {host}:{port}: {exc}") from None
-
-
-def stop_data_plane(
-    processes: list[subprocess.Popen[bytes]], *, timeout_s: float = 10.0
+async def _serve(
+    settings: NodeSettings, *, port: int, slot: int | None, tokens: bytes | None = None
 ) -> None:
-    """Ask every worker to finish (SIGTERM), then kill the ones still running."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        try:
-            process.wait(_remaining(deadline))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """One worker: listen (sharing the port), say "ready" on stdout, serve until told to stop.
 
-
-def _remaining(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
-async def _serve(settings: NodeSettings, *, port: int, slot: int | None) -> None:
-    """One worker: listen (sharing the port), say "ready" on stdout, serve until told to stop."""
+    ``SIGHUP`` re-reads the tokens file. Every handler is in place before "ready", so a
+    signal the supervisor forwards never finds a worker that would die of it.
+    """
     parent = os.getppid()
-    runner = web.AppRunner(create_app(settings, slot=slot), access_log=None)
+    app = create_app(settings, slot=slot, tokens=tokens)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, app[_PLANE].reload_tokens)
         try:
             await web.TCPSite(runner, settings.host, port, reuse_port=True, backlog=1024).start()
         except OSError as exc:
             print(f"cannot listen on {settings.host}:{port}: {exc}", flush=True)
             return
         print("ready", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         # A worker never outlives the process that started it (not even one killed with -9).
         while not stop.is_set() and os.getppid() == parent:
             with contextlib.suppress(TimeoutError):
@@ -364,22 +331,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--capacity", default=None)
     parser.add_argument("--tokens", dest="tokens_file", default=None)
+    parser.add_argument("--tokens-check-interval", dest="tokens_check_interval_s", type=float,
+                        default=None)
+    parser.add_argument("--log-format", choices=("text", "json"), default=None)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-fallback-stdin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.log_format is not None:
+        configure_logging(args.log_format)
     overrides = {
         name: value
-        for name in ("data_dir", "host", "capacity", "tokens_file")
+        for name in ("data_dir", "host", "capacity", "tokens_file", "tokens_check_interval_s")
         if (value := getattr(args, name)) is not None
     }
     settings = NodeSettings(**overrides)
     if args.worker:
-        asyncio.run(_serve(settings, port=args.port, slot=args.slot))
+        fallback = sys.stdin.buffer.read() if args.tokens_fallback_stdin else None
+        asyncio.run(_serve(settings, port=args.port, slot=args.slot, tokens=fallback or None))
         return 0
     from api.data_plane_supervisor import DataPlane
 
-    plane = DataPlane(settings, port=args.port, workers=args.workers).start()
+    plane = DataPlane(
+        settings, port=args.port, workers=args.workers, log_format=args.log_format
+    ).start()
+    signal.signal(signal.SIGHUP, lambda *_: plane.reload_tokens())
     print(f"data plane: {args.workers} workers on http://{settings.host}:{args.port}",
           file=sys.stderr)
     try:

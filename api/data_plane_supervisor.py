@@ -8,11 +8,17 @@ each restart logs ``data_plane.worker_restarted`` and counts in
 (``restart_backoff_s``, doubled up to ``restart_backoff_cap_s``; reset once a worker has stayed
 up for ``healthy_after_s``), so a worker that cannot start does not spin. While no worker is
 alive, :meth:`DataPlane.readiness` says so and ``/readyz`` answers 503.
+
+The supervisor follows the tokens file too (quietly: the workers and the API report on it), so
+that a worker it starts again while the file on disk is bad starts from the node's last good
+tokens, and :meth:`DataPlane.reload_tokens` (``SIGHUP``) is passed on to every worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import subprocess
 import threading
 import time
@@ -30,6 +36,7 @@ from api.data_plane import (
     stop_data_plane,
     wait_ready,
 )
+from cache_node.access import open_tokens_file
 from cache_node.events import emit
 from cache_node.settings import DataPlaneSettings, NodeSettings
 from cache_node.worker_stats import read_totals
@@ -59,11 +66,17 @@ class _Slot:
 class DataPlane:
     """The data-plane workers of one node and the thread that keeps them running."""
 
-    def __init__(self, settings: NodeSettings, *, port: int, workers: int) -> None:
+    def __init__(
+        self, settings: NodeSettings, *, port: int, workers: int, log_format: str | None = None
+    ) -> None:
         self.settings = settings
         self.port = port
         self.workers = workers
+        self.log_format = log_format  # the workers log their events as serve does
         self.restarts = 0
+        self._tokens = open_tokens_file(settings, process="data_plane", report=False)
+        self._tokens_due = 0.0  # monotonic time of the next look at the tokens file
+        self._tokens_forced = False
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -73,7 +86,10 @@ class DataPlane:
     def start(self) -> DataPlane:
         """Start every worker (RuntimeError if one cannot), then the supervising thread."""
         now = time.monotonic()
-        processes = run_data_plane(self.settings, port=self.port, workers=self.workers)
+        processes = run_data_plane(
+            self.settings, port=self.port, workers=self.workers,
+            tokens=self._good_tokens(), log_format=self.log_format,
+        )
         self._slots = [_Slot(process=p, started_at=now) for p in processes]
         self._thread = threading.Thread(target=self._watch, name="data-plane", daemon=True)
         self._thread.start()
@@ -87,6 +103,31 @@ class DataPlane:
         with self._lock:
             processes = [slot.process for slot in self._slots]
         stop_data_plane(processes)
+
+    def reload_tokens(self) -> None:
+        """Have every worker re-read the tokens file now (``serve`` calls it on SIGHUP).
+
+        Safe in a signal handler: it sets a flag and sends signals, and takes no lock (the
+        thread it interrupts may hold one); a worker that died meanwhile is skipped, and its
+        restart reads the file anyway.
+        """
+        self._tokens_forced = True
+        for slot in list(self._slots):
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signal.SIGHUP)
+
+    def _good_tokens(self) -> bytes | None:
+        return None if self._tokens is None else self._tokens.good_bytes
+
+    def _follow_tokens(self) -> None:
+        if self._tokens is None:
+            return
+        now = time.monotonic()
+        if now < self._tokens_due and not self._tokens_forced:
+            return
+        forced, self._tokens_forced = self._tokens_forced, False
+        self._tokens_due = now + self.settings.tokens_check_interval_s
+        self._tokens.check(force=forced)
 
     # ------------------------------------------------------------------ state
     def pids(self) -> list[int]:
@@ -116,6 +157,10 @@ class DataPlane:
     def _watch(self) -> None:
         interval = self.settings.data_plane.check_interval_s
         while not self._stop.wait(interval):
+            try:
+                self._follow_tokens()
+            except Exception:  # never a reason to stop supervising
+                log.exception("following the tokens file failed")
             for index in range(len(self._slots)):
                 try:
                     self._check(index)
@@ -139,7 +184,8 @@ class DataPlane:
                  pid=slot.process.pid, exit_code=code, restart_in_s=round(delay, 3))
         if now < slot.restart_at or self._stop.is_set():
             return
-        process = start_worker(self.settings, port=self.port, slot=index)
+        process = start_worker(self.settings, port=self.port, slot=index,
+                               tokens=self._good_tokens(), log_format=self.log_format)
         try:
             wait_ready(process, deadline=time.monotonic() + _RESTART_READY_TIMEOUT_S)
         except RuntimeError as exc:

@@ -10,6 +10,12 @@ from api.errors import bearer_token
 from api.schema import validate_identifier
 from cache_node.errors import InvalidInput, Unauthorized
 from cache_node.node import CacheNode
+from cache_node.region.peer_auth import Peer, is_peer_authorization
+
+#: ``?tenant=``: the admin names whose pipelines a request acts on.
+ActingTenant = Annotated[
+    str | None, Query(max_length=256, description="admin only: act on this tenant's pipelines")
+]
 
 
 def get_node(request: Request) -> CacheNode:
@@ -20,10 +26,7 @@ def get_node(request: Request) -> CacheNode:
 def get_tenant(
     request: Request,
     node: Annotated[CacheNode, Depends(get_node)],
-    tenant: Annotated[
-        str | None,
-        Query(max_length=256, description="admin only: act on this tenant's pipelines"),
-    ] = None,
+    tenant: ActingTenant = None,
 ) -> str:
     """The tenant a request acts for: the caller's, from ``Authorization: Bearer`` (401 when
     missing or unknown), or for admin the one ``?tenant=`` names (404 for anyone else)."""
@@ -31,6 +34,22 @@ def get_tenant(
     if caller is None:
         raise Unauthorized("missing or invalid bearer token")
     return node.access.acting_tenant(caller, tenant)
+
+
+def get_blob_reader(
+    request: Request,
+    node: Annotated[CacheNode, Depends(get_node)],
+    tenant: ActingTenant = None,
+) -> str | Peer:
+    """Who reads a blob: a tenant (as :func:`get_tenant`), or a peer node of the region
+    (``Authorization: WeightcacheNode ...``, the region secret; 401 otherwise). A peer is
+    never a tenant: it reads blobs by digest for a fill, and nothing else."""
+    header = request.headers.get("authorization")
+    if not is_peer_authorization(header):
+        return get_tenant(request, node, tenant)
+    if node.region is None:
+        raise Unauthorized("this node is not in a region: no peer requests", reason="no_region")
+    return node.region.secret.authenticate(header)
 
 
 def pipeline_id(pipeline_id: Annotated[str, Path(max_length=256)]) -> str:
@@ -42,4 +61,5 @@ def pipeline_id(pipeline_id: Annotated[str, Path(max_length=256)]) -> str:
 
 Node = Annotated[CacheNode, Depends(get_node)]
 Tenant = Annotated[str, Depends(get_tenant)]
+BlobReader = Annotated[str | Peer, Depends(get_blob_reader)]
 PipelineId = Annotated[str, Depends(pipeline_id)]

@@ -10,7 +10,14 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 # Identifiers become keys and never paths, but we still allow-list them (I8): lowercase or
 # uppercase letters, digits, and ``._-`` inside, no leading dot, at most 128 characters.
@@ -163,13 +170,25 @@ class ManifestTensor(_Wire):
     length: int
 
 
+#: A cache node's base URL as the manifest names it: ``http(s)://host[:port][/prefix]``.
+NodeUrl = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+                                           max_length=2048)]
+
+
 class ManifestBlob(_Wire):
-    """Integrity data for a blob the manifest references (an extension of the contract)."""
+    """Integrity data for a blob the manifest references (an extension of the contract).
+
+    ``nodes``: the base URLs (a node's data plane where it has one, else its API) of the live
+    nodes of the region that hold the blob, in the region's preferred (rendezvous) order. A
+    replica spreads its range requests for the blob over them. Empty: the node that answered
+    the manifest serves it (a single-node region).
+    """
 
     sha256: str
     size: int
     chunk_size: int
     chunk_xxh3_128: list[str]
+    nodes: list[NodeUrl] = Field(default_factory=list, max_length=256)
 
 
 class Manifest(_Wire):
@@ -203,8 +222,9 @@ class NodeInfo(_Wire):
     version: str
     high_watermark: float
     low_watermark: float
-    temp: int = 0
+    temp: int = 0  # idle partial transfers, kept to resume (not fills in flight)
     quarantined: int = 0
+    in_flight: int = 0  # what fills in flight have written so far (part of ``reserved``)
     data_url: str | None = None  # where replicas read blobs fastest (the data plane), if any
 
 
@@ -373,3 +393,38 @@ class CaptureUse(_Wire):
     id: str | None = None
     stage: CaptureStage | None = None
     reason: str = Field(default="", max_length=2000)
+
+
+class RegionNode(_Wire):
+    """One live node of a region, as its last heartbeat described it."""
+
+    node_id: str
+    url: str  # its advertised API URL
+    data_url: str | None = None  # its data plane, if it runs one
+    state: str
+    capacity: int
+    used: int
+    free: int
+    last_heartbeat: float | None = None
+
+
+class RegionPipeline(_Wire):
+    """A pipeline the caller sees, and on how many live nodes it is whole."""
+
+    tenant: str
+    id: str
+    #: Live nodes holding every blob of the pipeline (1 or 0 on a node outside a region).
+    copies: int
+    #: Their node ids.
+    nodes: list[str] = Field(default_factory=list)
+
+
+class RegionInfo(_Wire):
+    """``GET /v1/region``: the region's live nodes and the caller's pipelines' copies (an
+    extension of the contract). A node without ``--redis`` answers as a region of itself."""
+
+    region: str
+    #: False on a node without Redis; None when Redis cannot be reached now.
+    connected: bool | None = True
+    nodes: list[RegionNode]
+    pipelines: list[RegionPipeline] = Field(default_factory=list)

@@ -17,15 +17,19 @@ from api.schema import (
 )
 from cache_node.node import VERSION, CacheNode
 from cache_node.registry import CaptureRecord, PipelineRecord
+from cache_node.retry import scheduled_error
 from cache_node.store import BlobRecord
 
 
 def pipeline_status(node: CacheNode, record: PipelineRecord) -> PipelineStatus:
     """A pipeline as ``GET /v1/pipelines/{id}`` shows it, with its staged attempt, if any."""
     status = _status_of(node, record)
+    retries = node.settings.retry
+    status.error = scheduled_error(status.error, state=record.state, settings=retries)
     attempt = record.pending
     if attempt is not None:
         shown = _attempt_status(attempt, progress=_progress_of(node, attempt))
+        shown.error = scheduled_error(shown.error, state=attempt.state, settings=retries)
         if attempt.state == "failed":
             status.last_attempt = shown
         else:
@@ -47,6 +51,7 @@ def node_info(node: CacheNode) -> NodeInfo:
         high_watermark=settings.eviction.high_watermark,
         low_watermark=settings.eviction.low_watermark,
         temp=usage.temp,
+        in_flight=usage.in_flight,
         quarantined=usage.quarantined,
         data_url=settings.data_url,
     )

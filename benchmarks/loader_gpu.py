@@ -56,7 +56,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.schema import Manifest, ManifestTensor
-from loader.load import load, load_manifest
+from loader.loading import load
+from loader.manifest_stream import load_manifest
 from loader.safetensors_format import encode_header, read_header
 from loader.sources import HttpRangeSource, LocalFileSource, blob_path
 

@@ -48,6 +48,7 @@ import ipaddress
 import json
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,18 @@ from cache_node.origins import check_local_source
 from cache_node.origins.base import SourceRef, parse_source
 from cache_node.settings import HFSettings, NodeSettings, S3Settings
 from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
+from cache_node.tokens_file import TokensFile
 
 __all__ = [
     "AccessConfig",
     "TenantAccess",
     "TenantPolicy",
+    "access_parser",
+    "check_access",
     "is_loopback_host",
     "load_access",
+    "open_tokens_file",
+    "parse_access",
     "source_segments",
 ]
 
@@ -116,8 +122,18 @@ class AccessConfig:
 def load_access(path: Path) -> AccessConfig:
     """Parse a tokens file (either shape). Raises ValueError naming what is wrong, no secret."""
     try:
-        raw: Any = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the tokens file {path}: {exc}") from None
+    return parse_access(text, path=path)
+
+
+def parse_access(text: bytes | str, *, path: Path | str = "") -> AccessConfig:
+    """Parse the bytes of a tokens file (either shape). Raises ValueError naming what is wrong,
+    never a token (the JSON decoder names a line and column, not the text around it)."""
+    try:
+        raw: Any = json.loads(text)
+    except ValueError as exc:
         raise ValueError(f"cannot read the tokens file {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError("tokens file must be a JSON object")
@@ -234,21 +250,92 @@ def source_segments(ref: SourceRef) -> tuple[str, ...]:
     return tuple(segments)
 
 
+def check_access(config: AccessConfig, settings: NodeSettings) -> AccessConfig:
+    """``config`` if this node can enforce it (every tenant's local roots lie inside the
+    node's ``--local-root`` dirs); ValueError otherwise."""
+    for tenant, policy in config.tenants.items():
+        for root in policy.local_roots or ():
+            if not any(root.is_relative_to(r) for r in settings.local_roots):
+                raise ValueError(
+                    f"tenant {tenant!r}: local root {root} is not inside a --local-root dir"
+                )
+    return config
+
+
+def access_parser(settings: NodeSettings) -> Callable[[bytes], AccessConfig]:
+    """How every process of a node reads its tokens file: parsed and checked alike, so the API
+    and the data-plane workers accept (or keep refusing) exactly the same edits."""
+    path = settings.tokens_file or ""
+
+    def parse(text: bytes) -> AccessConfig:
+        return check_access(parse_access(text, path=path), settings)
+
+    return parse
+
+
+def open_tokens_file(
+    settings: NodeSettings,
+    *,
+    process: str,
+    fallback: bytes | None = None,
+    on_result: Callable[[bool], None] | None = None,
+    report: bool = True,
+) -> TokensFile | None:
+    """The node's tokens file as this process follows it (None: no ``--tokens``, auth off).
+
+    Raises ValueError when the file cannot be used and there is no ``fallback`` (the bytes of
+    the config the node last accepted) to start from.
+    """
+    if settings.tokens_file is None:
+        return None
+    return TokensFile(
+        Path(settings.tokens_file),
+        access_parser(settings),
+        process=process,
+        fallback=fallback,
+        on_result=on_result,
+        report=report,
+    )
+
+
 class TenantAccess:
-    """The node's view of the tokens file: tenants, their allowances and credentials."""
+    """The node's view of the tokens file: tenants, their allowances and credentials.
+
+    The file is followed while the node runs (:class:`cache_node.tokens_file.TokensFile`):
+    ``tokens`` and ``policies`` are always those of the last version that parsed, so a token
+    is rotated or revoked by editing the file, and an edit that does not parse changes nothing.
+    """
 
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
-        config = load_access(settings.tokens_file) if settings.tokens_file else None
-        self.tokens: dict[str, str] | None = None if config is None else config.tokens
-        self.policies: dict[str, TenantPolicy] = {} if config is None else config.tenants
-        self._settings: dict[str, NodeSettings] = {}
-        for tenant, policy in self.policies.items():
-            for root in policy.local_roots or ():
-                if not any(root.is_relative_to(r) for r in settings.local_roots):
-                    raise ValueError(
-                        f"tenant {tenant!r}: local root {root} is not inside a --local-root dir"
-                    )
+        self.file = open_tokens_file(settings, process="api")
+        # per config: a reload starts a new cache, so a tenant's new credentials apply at once
+        self._settings: tuple[AccessConfig | None, dict[str, NodeSettings]] = (None, {})
+
+    @property
+    def config(self) -> AccessConfig | None:
+        """The config in force; None when auth is off (never because a reload failed)."""
+        return None if self.file is None else self.file.config
+
+    @property
+    def tokens(self) -> dict[str, str] | None:
+        """Token → tenant, or None when auth is off."""
+        config = self.config
+        return None if config is None else config.tokens
+
+    @property
+    def policies(self) -> dict[str, TenantPolicy]:
+        config = self.config
+        return {} if config is None else config.tenants
+
+    def tenant_for(self, token: str | None) -> str | None:
+        """The tenant a bearer token belongs to; None when it is missing or unknown."""
+        tokens = self.tokens
+        if tokens is None:
+            return DEFAULT_TENANT
+        if token is None:
+            return None
+        return tokens.get(token)
 
     def acting_tenant(self, caller: str, requested: str | None) -> str:
         """The tenant a request acts for: ``?tenant=NAME`` lets admin address NAME's pipelines
@@ -257,7 +344,8 @@ class TenantAccess:
         if requested is None or requested == caller:
             return caller
         if caller == ADMIN_TENANT:
-            known = set(self.tokens.values()) if self.tokens is not None else {DEFAULT_TENANT}
+            tokens = self.tokens
+            known = set(tokens.values()) if tokens is not None else {DEFAULT_TENANT}
             if requested in known:
                 return requested
         emit("tenant.refused", level=logging.WARNING, caller=caller, requested=requested)
@@ -265,10 +353,15 @@ class TenantAccess:
 
     def settings_for(self, tenant: str) -> NodeSettings:
         """The node's settings with this tenant's credentials and local roots in place."""
-        cached = self._settings.get(tenant)
+        config = self.config
+        cached_for, cache = self._settings
+        if cached_for is not config:
+            cache = {}
+            self._settings = (config, cache)
+        cached = cache.get(tenant)
         if cached is not None:
             return cached
-        policy = self.policies.get(tenant)
+        policy = None if config is None else config.tenants.get(tenant)
         settings = self.settings
         if policy is not None:
             update: dict[str, Any] = {}
@@ -279,7 +372,7 @@ class TenantAccess:
             if policy.local_roots is not None:
                 update["local_roots"] = list(policy.local_roots)
             settings = settings.model_copy(update=update)
-        self._settings[tenant] = settings
+        cache[tenant] = settings
         return settings
 
     def check_source(self, tenant: str, model: ModelSpec, *, pipeline: str) -> SourceRef:

@@ -6,6 +6,8 @@ The tree::
     ├── InvalidInput(ValueError)         400 invalid_input
     │   ├── LocalSourceNotAllowed        400 invalid_input, reason no_local_root /
     │   │                                    outside_local_roots / data_dir (file:// sources)
+    │   ├── ShardingUnsupported          400 unshardable (that TP size is served in full-tensor
+    │   │                                    mode instead)
     │   └── TooLarge                     413 too_large (an upload over its limit)
     ├── Unauthorized                     401 unauthorized (missing or bad token)
     ├── SourceNotAllowed                 403 source_not_allowed (outside the tenant's sources)
@@ -77,6 +79,12 @@ class LocalSourceNotAllowed(InvalidInput):
     The code stays ``invalid_input`` (what clients always got for it); ``reason`` tells apart a
     node without ``--local-root`` from a path outside it.
     """
+
+
+class ShardingUnsupported(InvalidInput):
+    """This model cannot be split for this TP size; serve it in full-tensor mode instead."""
+
+    code = "unshardable"
 
 
 class TooLarge(InvalidInput):

@@ -17,6 +17,12 @@ Event names (the ``event`` field), so that operators can alert on them:
 - ``source.refused``, ``tenant.refused``, ``serve.refused`` (a tenant's source outside its
   allowance, a refused token, a node that must not start)
 - ``data_plane.worker_restarted``, ``data_plane.worker_died``, ``data_plane.worker_restart_failed``
+- ``region.unreachable``, ``region.reachable`` (with ``down_s``), ``region.rejoined`` /
+  ``region.rejoin_failed`` (with ``reason``), ``region.heartbeat_failed``, ``region.bad_record``,
+  ``region.lease_lost`` (with ``stage``), ``peer.refused`` (with ``reason``): ``cache_node.region``
+- ``tokens.reloaded`` (a new version of the tokens file in force: ``process``, counts of
+  ``entries``, ``added``, ``removed``, ``changed`` tokens, ``forced`` by SIGHUP),
+  ``tokens.reload_failed`` (with ``reason``; the process keeps the tokens it last read)
 """
 
 from __future__ import annotations

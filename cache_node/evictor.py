@@ -15,11 +15,18 @@ from cache_node.store import BlobStore
 log = logging.getLogger("weightcache.node")
 
 
-def eviction_entry(record: PipelineRecord, *, leased: bool) -> eviction.Entry:
-    """A pipeline as the policy sees it."""
+def eviction_entry(
+    record: PipelineRecord, *, leased: bool, present: Callable[[str], bool] | None = None
+) -> eviction.Entry:
+    """A pipeline as the policy sees it. ``present`` keeps only the blobs on disk: one that was
+    quarantined (or is still being fetched again) frees nothing, and counting it would evict
+    a pipeline for bytes that are not there, then answer 507 anyway."""
+    blobs = record.blobs()
+    if present is not None:
+        blobs = {sha: size for sha, size in blobs.items() if present(sha)}
     return eviction.Entry(
         pipeline_id=record.key,
-        blobs=record.blobs(),
+        blobs=blobs,
         last_used_at=record.last_used_at,
         registered_at=record.registered_at,
         pinned=record.spec.pinned,
@@ -76,7 +83,9 @@ class Evictor:
         leases = self.registry.active_leases()
         return [
             eviction_entry(
-                record, leased=bool(leases.get(record.key)) or not keep.isdisjoint(record.blobs())
+                record,
+                leased=bool(leases.get(record.key)) or not keep.isdisjoint(record.blobs()),
+                present=self.store.has,
             )
             for record in self.registry.all()
             if record.blobs()

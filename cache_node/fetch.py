@@ -1,4 +1,4 @@
-"""Origin transfers: single flight, parallel ranged reads, hashing behind the download, resume.
+"""Origin transfers, once per object: the single-flight registry of a node's fetches.
 
 One :class:`Fetcher` per node. ``await fetcher.fetch(origin, file)`` returns the committed
 :class:`~cache_node.store.BlobRecord` of ``file``:
@@ -6,18 +6,13 @@ One :class:`Fetcher` per node. ``await fetcher.fetch(origin, file)`` returns the
 - **Single flight** (I4): concurrent callers for the same object and credential scope share one
   transfer; the others wait for its result (never a truncated file: nothing is visible before
   publish).
-- **Parts**: the file is split into ``part_size`` parts fetched by up to ``concurrency``
-  workers, each written at its offset of a stable partial file (``tmp/<key>.partial``).
-- **Hashing off the event loop**: a verifier walks the parts in order as they complete, in a worker
-  thread, computing the sha256 (plus git sha1 / md5 when the origin declared those) and the 64 MiB
-  chunk xxh3-128 digests of the store, so the digests are ready when the last part lands.
-- **Resume**: each finished part is fsynced and appended to ``tmp/<key>.journal`` with its xxh3-64.
-  After a crash the journal's parts are re-hashed from disk and kept if they match; only the
-  rest is asked for again, with ``Range``.
-- **Retries**: bounded attempts and time budget, full-jitter backoff, ``Retry-After`` honoured,
-  a stalled stream detected and resumed by range (I6).
-- **Integrity** (I1): size and every declared digest must match before publish; otherwise the
-  partial is removed and :class:`~cache_node.errors.IntegrityError` names expected and actual.
+- **One transfer** (``cache_node.transfer``): parallel ranged parts into a resumable partial,
+  hashed behind the download, bounded retries, every declared digest checked, then published.
+- **Failures remembered briefly**: a permanent failure answers the callers that come within
+  ``negative_cache_s`` without asking the origin again.
+- **Region first**: on a node of a region, ``region`` (``cache_node.region.fills``) decides
+  where the bytes come from: a peer that holds the object's blob, else the origin under
+  region-wide single flight. The transfer and its checks are the same either way.
 - **No trust in declared digests** (I1, I7): a blob already stored is reused only for an object
   that was read and hashed to it before in the same credential scope (``cache_node.verified``);
   any other object is fetched and verified, even when its declared sha256 names a stored blob.
@@ -27,36 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import os
-import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import anyio
-import xxhash
-
-from cache_node.disk import is_no_space
-from cache_node.errors import (
-    InsufficientStorage,
-    IntegrityError,
-    OriginError,
-    WeightCacheError,
-)
+from cache_node.errors import InsufficientStorage, IntegrityError, OriginError, WeightCacheError
 from cache_node.metrics import NodeMetrics
 from cache_node.origins.base import Origin, OriginFile
 from cache_node.settings import FetchSettings
-from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation, feed_region
-from cache_node.tasks import run_all
+from cache_node.store import BlobRecord, BlobStore, Reservation
+from cache_node.transfer import Download
 from cache_node.verified import VerifiedObjects, object_key
 
+__all__ = ["Fetcher", "ProgressCallback", "transfer_key"]
+
 ProgressCallback = Callable[[int], None]
-_HASH_BLOCK = 8 * 1024 * 1024
-#: How often finished parts are made durable for resume (seconds).
-FLUSH_INTERVAL_S = 0.5
 
 
 def transfer_key(origin: Origin, source: str, revision: str, file: OriginFile) -> str:
@@ -73,6 +54,18 @@ def transfer_key(origin: Origin, source: str, revision: str, file: OriginFile) -
         ]
     )
     return hashlib.sha256(identity.encode()).hexdigest()[:40]
+
+
+class RegionFill(Protocol):
+    """Where a node of a region gets an object's bytes (``cache_node.region.fills``)."""
+
+    async def fill(
+        self,
+        key: str,
+        origin: Origin,
+        file: OriginFile,
+        download: Callable[[Origin, OriginFile], Awaitable[BlobRecord]],
+    ) -> BlobRecord: ...
 
 
 @dataclass
@@ -110,6 +103,8 @@ class Fetcher:
         self._transfers: dict[str, _Transfer] = {}
         self.verified = VerifiedObjects(store.meta, store)
         self._recent_failures: dict[str, tuple[float, WeightCacheError]] = {}
+        #: Set on a node of a region: fills go through it (peers first, one origin pull).
+        self.region: RegionFill | None = None
 
     def already_verified(
         self, origin: Origin, file: OriginFile, *, source: str, revision: str
@@ -130,6 +125,13 @@ class Fetcher:
         for transfer in list(self._transfers.values()):
             if transfer.task is not None:
                 transfer.task.cancel()
+
+    async def wait_ended(self, timeout_s: float = 10.0) -> None:
+        """Wait, at most ``timeout_s``, for the transfers running now to end (after
+        :meth:`cancel_all`: their cancellation to finish)."""
+        tasks = [t.task for t in self._transfers.values() if t.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def fetch(
         self,
@@ -194,8 +196,24 @@ class Fetcher:
         revision: str,
     ) -> BlobRecord:
         own_reservation = reservation or self.store.reserve(file.size, partial_key=transfer.key)
+
+        async def download(source: Origin, source_file: OriginFile) -> BlobRecord:
+            return await Download(
+                self.store,
+                self.settings,
+                self.metrics,
+                origin=source,
+                file=source_file,
+                key=transfer.key,
+                progress=transfer.advance,
+                sleep=self._sleep,
+            ).run(own_reservation)
+
         try:
-            record = await self._transfer(origin, file, transfer, own_reservation)
+            if self.region is None:
+                record = await download(origin, file)
+            else:
+                record = await self.region.fill(transfer.key, origin, file, download)
             # The bytes of this object, read in this scope, hashed to the blob: a fact now.
             self.verified.record(object_key(origin.scope, source, revision, file), record)
         except WeightCacheError as exc:
@@ -221,357 +239,3 @@ class Fetcher:
         self._recent_failures.pop(transfer.key, None)
         self.metrics.origin_fetches.labels("ok").inc()
         return record
-
-    async def _transfer(
-        self,
-        origin: Origin,
-        file: OriginFile,
-        transfer: _Transfer,
-        reservation: Reservation,
-    ) -> BlobRecord:
-        partial = self.store.partial_path(transfer.key)
-        journal = _Journal(partial.with_suffix(".journal"), size=file.size, etag=file.etag)
-        try:
-            return await self._write_and_publish(origin, file, transfer, reservation, journal)
-        except Exception as exc:
-            if not (isinstance(exc, InsufficientStorage) or is_no_space(exc)):
-                raise
-            # A full disk: a resumable partial would only hold the space others need now.
-            partial.unlink(missing_ok=True)
-            journal.remove()
-            if isinstance(exc, InsufficientStorage):
-                raise
-            raise self.store.no_space(f"writing {file.path}", exc) from exc
-
-    async def _write_and_publish(
-        self,
-        origin: Origin,
-        file: OriginFile,
-        transfer: _Transfer,
-        reservation: Reservation,
-        journal: _Journal,
-    ) -> BlobRecord:
-        partial = self.store.partial_path(transfer.key)
-        part_size = max(1, self.settings.part_size)
-        parts = [(s, min(s + part_size, file.size)) for s in range(0, file.size, part_size)]
-        done = await anyio.to_thread.run_sync(journal.recover, partial, parts)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            os.ftruncate(fd, file.size)
-            ready = [asyncio.Event() for _ in parts]
-            for index in done:
-                ready[index].set()
-                transfer.advance(parts[index][1] - parts[index][0])
-            digests = _Digests(file)
-            hasher = asyncio.create_task(self._hash_in_order(fd, parts, ready, digests))
-            try:
-                await self._download_parts(origin, file, fd, parts, done, ready, journal, transfer)
-                await hasher
-            except BaseException:
-                hasher.cancel()
-                raise
-            finally:
-                with anyio.CancelScope(shield=True):  # keep what arrived for a resume
-                    await anyio.to_thread.run_sync(journal.flush, fd)
-        finally:
-            os.close(fd)
-        try:
-            digests.check(file)
-        except IntegrityError:
-            self.metrics.digest_mismatches.labels("ingest").inc()
-            partial.unlink(missing_ok=True)
-            journal.remove()
-            raise
-        record = await anyio.to_thread.run_sync(
-            lambda: self.store.publish(
-                partial,
-                sha256=digests.sha256_hex,
-                size=file.size,
-                chunk_xxh3_128=digests.chunks,
-                verified=file.has_digest,
-                reservation=reservation,
-            )
-        )
-        journal.remove()
-        return record
-
-    async def _download_parts(
-        self,
-        origin: Origin,
-        file: OriginFile,
-        fd: int,
-        parts: list[tuple[int, int]],
-        done: set[int],
-        ready: list[asyncio.Event],
-        journal: _Journal,
-        transfer: _Transfer,
-    ) -> None:
-        queue = [i for i in range(len(parts)) if i not in done]
-        queue.reverse()  # pop() from the end takes parts in file order, so hashing keeps up
-
-        async def worker() -> None:
-            while queue:
-                index = queue.pop()
-                start, end = parts[index]
-                digest = await self._fetch_part(origin, file, fd, start, end, transfer)
-                journal.add_part(index, digest, nbytes=end - start)
-                if journal.due():
-                    await anyio.to_thread.run_sync(journal.flush, fd)
-                ready[index].set()
-
-        await run_all(worker() for _ in range(min(self.settings.concurrency, max(1, len(queue)))))
-
-    async def _fetch_part(
-        self,
-        origin: Origin,
-        file: OriginFile,
-        fd: int,
-        start: int,
-        end: int,
-        transfer: _Transfer,
-    ) -> int:
-        """Write ``[start, end)`` at its offset, retrying from the last byte received."""
-        position = start
-        part_hash = xxhash.xxh3_64()
-        attempt = 0
-        deadline = time.monotonic() + self.settings.retry_budget_s
-        while True:
-            try:
-                async for data in _with_stall_timeout(
-                    origin.read_range(file, position, end), self.settings.stall_timeout_s
-                ):
-                    if position + len(data) > end:
-                        raise IntegrityError(
-                            f"origin sent more than the {end - start} bytes asked for",
-                            path=file.path,
-                        )
-                    await anyio.to_thread.run_sync(_write_and_hash, fd, data, position, part_hash)
-                    position += len(data)
-                    transfer.advance(len(data))
-                    self.metrics.origin_bytes.inc(len(data))
-                if position == end:
-                    return part_hash.intdigest()
-                error = OriginError(
-                    f"origin stream ended at byte {position} of {file.path}, expected {end}",
-                    retryable=True,
-                )
-            except OriginError as exc:
-                error = exc
-            attempt += 1
-            if not error.retryable or attempt >= self.settings.max_attempts:
-                raise _exhausted(error, file, attempt)
-            ceiling = self.settings.backoff_base_s * 2 ** (attempt - 1)
-            delay = random.uniform(0, min(self.settings.backoff_cap_s, ceiling))  # full jitter
-            if error.retry_after is not None:
-                delay = max(delay, error.retry_after)
-            if time.monotonic() + delay > deadline:
-                raise _exhausted(error, file, attempt)
-            self.metrics.origin_retries.inc()
-            await self._sleep(delay)
-
-    async def _hash_in_order(
-        self,
-        fd: int,
-        parts: list[tuple[int, int]],
-        ready: list[asyncio.Event],
-        digests: _Digests,
-    ) -> None:
-        for index, (start, end) in enumerate(parts):
-            await ready[index].wait()
-            await anyio.to_thread.run_sync(digests.update_from, fd, start, end)
-        if not parts:
-            digests.update(b"")
-
-
-def _exhausted(error: OriginError, file: OriginFile, attempts: int) -> OriginError:
-    error.details.update(attempts=attempts, path=file.path)
-    if error.retryable:
-        error.details["retry_at"] = time.time() + 60
-    return error
-
-
-async def _with_stall_timeout(
-    stream: AsyncIterator[bytes], timeout_s: float
-) -> AsyncIterator[bytes]:
-    iterator = aiter(stream)
-    try:
-        while True:
-            try:
-                with anyio.fail_after(timeout_s):
-                    data = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise OriginError(
-                    f"origin stream stalled for {timeout_s:.0f} s", retryable=True
-                ) from None
-            yield data
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-def _write_and_hash(fd: int, data: bytes, offset: int, part_hash: Any) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-    part_hash.update(data)
-
-
-class _Digests:
-    """Every digest of one file, fed in order: sha256, optional git sha1 and md5, chunk xxh3."""
-
-    def __init__(self, file: OriginFile) -> None:
-        self.sha256 = hashlib.sha256()
-        # The blob is named by its sha256, so that one is always computed; a weaker digest is
-        # computed only when the origin declared no sha256 to check against.
-        self.git_sha1 = (
-            hashlib.sha1(f"blob {file.size}\0".encode())
-            if file.git_sha1 and not file.sha256
-            else None
-        )
-        self.md5 = (
-            hashlib.md5(usedforsecurity=False)
-            if file.md5 and not file.sha256 and not file.git_sha1
-            else None
-        )
-        self.chunks: list[str] = []
-        self._chunk = xxhash.xxh3_128()
-        self._chunk_fill = 0
-        self.size = 0
-
-    def update(self, data: bytes) -> None:
-        self.sha256.update(data)
-        if self.git_sha1 is not None:
-            self.git_sha1.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
-        view = memoryview(data)
-        while view:
-            take = min(len(view), CHUNK_SIZE - self._chunk_fill)
-            self._chunk.update(view[:take])
-            self._chunk_fill += take
-            view = view[take:]
-            if self._chunk_fill == CHUNK_SIZE:
-                self.chunks.append(self._chunk.hexdigest())
-                self._chunk = xxhash.xxh3_128()
-                self._chunk_fill = 0
-        self.size += len(data)
-
-    def update_from(self, fd: int, start: int, end: int) -> None:
-        position = start
-        while position < end:
-            data = os.pread(fd, min(_HASH_BLOCK, end - position), position)
-            if not data:
-                raise OSError(f"partial file shorter than expected at byte {position}")
-            self.update(data)
-            position += len(data)
-
-    @property
-    def sha256_hex(self) -> str:
-        return self.sha256.hexdigest()
-
-    def check(self, file: OriginFile) -> None:
-        if self._chunk_fill or not self.chunks:
-            self.chunks.append(self._chunk.hexdigest())
-            self._chunk_fill = 0
-        expected_actual = [
-            ("sha256", file.sha256, self.sha256.hexdigest()),
-            ("git-sha1", file.git_sha1 if self.git_sha1 else None,
-             self.git_sha1.hexdigest() if self.git_sha1 else None),
-            ("md5", file.md5 if self.md5 else None, self.md5.hexdigest() if self.md5 else None),
-        ]
-        for kind, expected, actual in expected_actual:
-            if expected and expected.lower() != actual:
-                raise IntegrityError(
-                    f"{file.path}: origin bytes do not match the declared {kind}: "
-                    f"expected {expected}, got {actual}",
-                    path=file.path,
-                    digest=kind,
-                    expected=expected,
-                    actual=actual,
-                )
-
-
-class _Journal:
-    """The durable record of which parts of a partial file are complete."""
-
-    def __init__(self, path: Path, *, size: int, etag: str | None) -> None:
-        self.path = path
-        self.header = {"size": size, "etag": etag}
-        self._pending: list[dict[str, int]] = []
-        self._pending_bytes = 0
-        self._flush_bytes = size // 64
-        self._flushed_at = time.monotonic()
-
-    def recover(self, partial: Path, parts: list[tuple[int, int]]) -> set[int]:
-        """Parts already on disk whose bytes still match the journal (re-hashed from disk)."""
-        if not self.path.exists() or not partial.exists():
-            self._start()
-            return set()
-        lines = self.path.read_text().splitlines()
-        try:
-            header = json.loads(lines[0])
-            entries = [json.loads(line) for line in lines[1:] if line.strip()]
-        except (IndexError, ValueError):
-            self._start()
-            return set()
-        if header != self.header:
-            self._start()
-            return set()
-        done: set[int] = set()
-        fd = os.open(partial, os.O_RDONLY)
-        try:
-            for entry in entries:
-                index, digest = int(entry["part"]), int(entry["xxh3_64"])
-                if not 0 <= index < len(parts):
-                    continue
-                start, end = parts[index]
-                hasher = xxhash.xxh3_64()
-                complete = feed_region(fd, start, end - start, hasher) == end - start
-                if complete and hasher.intdigest() == digest:
-                    done.add(index)
-        finally:
-            os.close(fd)
-        return done
-
-    def _start(self) -> None:
-        self.path.write_text(json.dumps(self.header) + "\n")
-
-    def add_part(self, index: int, digest: int, *, nbytes: int) -> None:
-        """Note a finished part; it reaches the journal at the next :meth:`flush`."""
-        self._pending.append({"part": index, "xxh3_64": digest})
-        self._pending_bytes += nbytes
-
-    def due(self) -> bool:
-        """Whether to make progress durable now.
-
-        An fsync per part costs a large share of a fast transfer, so parts are batched up to
-        1/64 of the file (a crash then re-fetches at most that much, never anything wrong)
-        or ``FLUSH_INTERVAL_S``, whichever comes first.
-        """
-        if not self._pending:
-            return False
-        return (
-            self._pending_bytes >= self._flush_bytes
-            or time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S
-        )
-
-    def flush(self, fd: int) -> None:
-        """Make the noted parts durable, then record them (in that order)."""
-        pending, self._pending = self._pending, []
-        self._pending_bytes = 0
-        self._flushed_at = time.monotonic()
-        if not pending:
-            return
-        os.fsync(fd)  # the bytes are on disk before the journal says so
-        with open(self.path, "a") as handle:
-            handle.write("".join(json.dumps(entry) + "\n" for entry in pending))
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from api.schema import Manifest, ManifestBlob, ManifestFile, ManifestTensor, PipelineFile
 from cache_node.errors import InvalidCheckpoint, InvalidInput, NotWarm
@@ -11,6 +10,7 @@ from cache_node.registry import PipelineRecord
 from cache_node.shard_sets import is_current
 from cache_node.store import BlobRecord, BlobStore
 from loader.errors import HeaderError
+from loader.preads import read_at
 from loader.safetensors_format import SafetensorsHeader, read_header
 
 log = logging.getLogger("weightcache.node")
@@ -96,7 +96,7 @@ class ManifestBuilder:
         with handle:
             end = record.size
             if header_only and record.size >= 8:
-                header_size = int.from_bytes(os.pread(handle.fileno(), 8, 0), "little")
+                header_size = int.from_bytes(read_at(handle.fileno(), 8, 0), "little")
                 end = min(record.size, 8 + header_size)
             self.store.verify_range(record, handle, 0, end)
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from cache_node.blob_space import Usage
 
 _STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -18,6 +24,21 @@ class NodeMetrics:
         )
         self.origin_bytes = Counter(
             "weightcache_origin_bytes", "Bytes received from origins", registry=r
+        )
+        self.peer_bytes = Counter(
+            "weightcache_peer_bytes", "Bytes received from region peers (fills)", registry=r
+        )
+        self.region_fills = Counter(
+            "weightcache_region_fills",
+            "Fills by where the bytes came from (peer, origin, origin_without_region) or a "
+            "peer that failed (peer_failed)",
+            ["source"],
+            registry=r,
+        )
+        self.region_reachable = Gauge(
+            "weightcache_region_reachable",
+            "1 while the region's Redis answers this node (0: unreachable, or not in a region)",
+            registry=r,
         )
         self.origin_retries = Counter(
             "weightcache_origin_retries", "Retried origin requests", registry=r
@@ -106,6 +127,11 @@ class NodeMetrics:
         self.reserved_bytes = Gauge(
             "weightcache_reserved_bytes", "Bytes reserved for fills in progress", registry=r
         )
+        self.in_flight_bytes = Gauge(
+            "weightcache_fill_bytes_in_flight",
+            "Bytes fills in flight have written so far (a part of the reserved bytes)",
+            registry=r,
+        )
         self.free_bytes = Gauge(
             "weightcache_free_bytes",
             "Bytes a new fill can still reserve (capacity and the filesystem's free space)",
@@ -120,3 +146,23 @@ class NodeMetrics:
             ["limit"],
             registry=r,
         )
+
+    def show(self, usage: Usage, states: Iterable[str]) -> None:
+        """Set the byte gauges from ``usage`` and the pipeline gauges from their ``states``."""
+        for state, value in (
+            ("committed", usage.committed),
+            ("reserved", usage.reserved),
+            ("temp", usage.temp),
+            ("quarantined", usage.quarantined),
+        ):
+            self.bytes_by_state.labels(state).set(value)
+        self.capacity_bytes.set(usage.capacity)
+        self.used_bytes.set(usage.committed)
+        self.reserved_bytes.set(usage.reserved)
+        self.in_flight_bytes.set(usage.in_flight)
+        self.free_bytes.set(usage.free)
+        counts = dict.fromkeys(("cold", "warming", "warm", "failed", "evicted"), 0)
+        for state in states:
+            counts[state] += 1
+        for state, count in counts.items():
+            self.pipelines_by_state.labels(state).set(count)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -22,7 +23,7 @@ from cache_node.access import TenantAccess
 from cache_node.captures import Captures, PendingCapture
 from cache_node.collector import Collector
 from cache_node.disk import DiskGuard
-from cache_node.errors import Conflict, InvalidInput, NotFound, NotWarm, WeightCacheError
+from cache_node.errors import Conflict, NotFound, WeightCacheError
 from cache_node.events import emit
 from cache_node.evictor import Evictor
 from cache_node.fetch import Fetcher
@@ -30,16 +31,19 @@ from cache_node.load_history import LoadHistory
 from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import KeyValue, open_metadata
 from cache_node.metrics import NodeMetrics
-from cache_node.pipelines import PipelineBook
+from cache_node.pipelines import PipelineBook, validate_spec
 from cache_node.registry import CaptureRecord, PipelineRecord, Registry, staged_job_key
 from cache_node.settings import NodeSettings
 from cache_node.shard_sets import is_current as shard_set_is_current
 from cache_node.snapshots import snapshots
 from cache_node.store import BlobRecord, BlobStore
 from cache_node.tasks import TaskOwner
-from cache_node.tenants import ADMIN_TENANT, DEFAULT_TENANT
+from cache_node.tenants import ADMIN_TENANT
 from cache_node.warm_prepare import WarmPreparer
 from cache_node.warming import WarmJobs
+
+if TYPE_CHECKING:
+    from cache_node.region.node_region import NodeRegion
 
 log = logging.getLogger("weightcache.node")
 
@@ -55,7 +59,6 @@ class CacheNode:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.access = TenantAccess(settings)  # the tokens file: tenants, sources, credentials
-        self.tokens = self.access.tokens
         self.metrics = NodeMetrics()
         self.disk = DiskGuard(
             settings.data_dir,
@@ -120,6 +123,17 @@ class CacheNode:
             registration_lock=self._registration_lock,
             on_change=self.refresh_gauges,
         )
+        #: The node's part in a region (``--redis``); None: a node on its own, as ever.
+        self.region: NodeRegion | None = None
+        if settings.redis_url is not None:
+            from cache_node.region.node_region import NodeRegion  # it imports this module
+
+            self.region = NodeRegion(self)
+
+    @property
+    def tokens(self) -> dict[str, str] | None:
+        """Token → tenant as the tokens file says now (it is re-read when it changes)."""
+        return self.access.tokens
 
     @property
     def auth_enabled(self) -> bool:
@@ -160,6 +174,8 @@ class CacheNode:
         # failed pipelines whose retry_at passed while the node was down are retried now
         self.tasks.spawn(self.warming.retries.run(), name="retries")
         self.tasks.spawn(self._housekeeping_loop(), name="housekeeping")
+        if self.region is not None:
+            await self.region.start()
 
     async def _housekeeping_loop(self) -> None:
         """Twice a second: carry out the quarantines the data-plane workers ask for (they only
@@ -180,16 +196,15 @@ class CacheNode:
         self.tasks.cancel_all()
         self.fetcher.cancel_all()
         await self.tasks.stop()
+        if self.region is not None:  # after the fills: a leader's cancelled one frees its lease
+            await self.fetcher.wait_ended()
+            await self.region.stop()
         self.meta.close()
 
     # ------------------------------------------------------------------ auth
     def tenant_for(self, token: str | None) -> str | None:
         """The tenant a bearer token belongs to; None when it is missing or unknown."""
-        if self.tokens is None:
-            return DEFAULT_TENANT
-        if token is None:
-            return None
-        return self.tokens.get(token)
+        return self.access.tenant_for(token)
 
     # ------------------------------------------------------------------ pipelines
     def record(self, tenant: str, pipeline_id: str) -> PipelineRecord:
@@ -209,7 +224,7 @@ class CacheNode:
         self, tenant: str, pipeline_id: str, spec: PipelineSpec
     ) -> tuple[PipelineRecord, bool]:
         """Upsert a pipeline and start its pre-warm. Returns (its record, changed)."""
-        _validate_spec(spec)
+        validate_spec(spec)
         for model in spec.models:  # a bad source is a 400, a forbidden one a 403, up front
             self.access.check_source(tenant, model, pipeline=pipeline_id)
         async with self._registration_lock:
@@ -231,6 +246,8 @@ class CacheNode:
         emit("pipeline.registered", tenant=tenant, pipeline=pipeline_id,
              generation=record.generation, models=len(spec.models), tp_sizes=spec.tp_sizes,
              staged=record.staged)
+        if self.region is not None:  # the region's catalogue: registering here warms it all
+            await self.region.registered(tenant, pipeline_id, spec)
         await self.warming.start(record)
         # A DELETE may have landed since: the registration still happened (the DELETE came
         # after it), so the answer is what it registered, never a 404.
@@ -279,6 +296,16 @@ class CacheNode:
         self.book.save(existing, with_pending=True)
         return attempt, True
 
+    def set_pinned(self, tenant: str, pipeline_id: str, *, pinned: bool) -> PipelineRecord:
+        """Pin (never evicted) or unpin a pipeline, in place: not a re-registration, so
+        nothing is resolved or fetched and a warm job running goes on (restage.set_pinned)."""
+        record = self.book.find(tenant, pipeline_id)
+        if restage.set_pinned(record, pinned=pinned):
+            self.book.save(record, with_pending=True)
+            emit("pipeline.pinned" if pinned else "pipeline.unpinned",
+                 tenant=record.tenant, pipeline=record.id)
+        return record
+
     async def warm(self, tenant: str, pipeline_id: str) -> PipelineRecord:
         """Re-warm after eviction or failure (now, whatever ``retry_at`` says); a no-op for a
         warm or warming pipeline, except that a failed re-registration beside a warm one is
@@ -302,6 +329,8 @@ class CacheNode:
         await anyio.to_thread.run_sync(lambda: self.collector.free_unreferenced(record.blobs()))
         self.refresh_gauges()
         emit("pipeline.deleted", tenant=record.tenant, pipeline=record.id)
+        if self.region is not None:
+            await self.region.registered(record.tenant, record.id, None)
 
     async def evict(self, tenant: str, pipeline_id: str, *, reason: str = "manual") -> int:
         """Free a pipeline's bytes (those not shared with pipelines that stay). Returns bytes."""
@@ -371,32 +400,16 @@ class CacheNode:
 
     def refresh_gauges(self) -> None:
         """Bring the byte and pipeline gauges up to date (after a change, before a scrape)."""
-        usage = self.store.usage()
-        for state, value in (
-            ("committed", usage.committed),
-            ("reserved", usage.reserved),
-            ("temp", usage.temp),
-            ("quarantined", usage.quarantined),
-        ):
-            self.metrics.bytes_by_state.labels(state).set(value)
-        self.metrics.capacity_bytes.set(usage.capacity)
-        self.metrics.used_bytes.set(usage.committed)
-        self.metrics.reserved_bytes.set(usage.reserved)
-        self.metrics.free_bytes.set(usage.free)
-        counts = dict.fromkeys(("cold", "warming", "warm", "failed", "evicted"), 0)
-        for record in self.registry.all():
-            counts[record.state] += 1
-        for state, count in counts.items():
-            self.metrics.pipelines_by_state.labels(state).set(count)
+        self.metrics.show(self.store.usage(), [r.state for r in self.registry.all()])
 
     # ------------------------------------------------------------------ replica side
     def manifest(self, tenant: str, pipeline_id: str, *, tp_size: int, rank: int) -> Manifest:
         """What rank ``rank`` of a TP-``tp_size`` replica reads; counts as a use."""
-        record = self.book.find(tenant, pipeline_id)
-        if record.state != "warm":
-            raise _not_warm(record)
+        record = self.book.find_warm(tenant, pipeline_id)
         manifest = self.manifests.build(record, tp_size=tp_size, rank=rank)
         manifest.snapshots = snapshots(record)
+        if self.region is not None:  # each blob's holders in the region
+            manifest = self.region.with_holders(manifest)
         record.last_used_at = time.time()
         record.loads += 1
         self.book.save(record)
@@ -430,9 +443,7 @@ class CacheNode:
 
     def files(self, tenant: str, pipeline_id: str) -> list[PipelineFile]:
         """Every origin file of a warm pipeline with its blob (to materialise it on disk)."""
-        record = self.book.find(tenant, pipeline_id)
-        if record.state != "warm":
-            raise _not_warm(record)
+        record = self.book.find_warm(tenant, pipeline_id)
         return self.manifests.files(record)
 
     def create_lease(self, tenant: str, pipeline_id: str) -> Lease:
@@ -479,25 +490,3 @@ class CacheNode:
         for data in self.store.iter_verified(sha256, start, end, piece_size=piece_size):
             self.metrics.bytes_served.inc(len(data))
             yield data
-
-
-def _not_warm(record: PipelineRecord) -> NotWarm:
-    """409 not_warm; for a failed pipeline it carries the failure's code as ``reason``, so a
-    replica's load can say why (``invalid_checkpoint``, ``no_weights``, ...)."""
-    if record.state == "failed" and record.error is not None:
-        return NotWarm(
-            f"pipeline {record.id!r} is failed: {record.error.code}: {record.error.message}",
-            state=record.state,
-            reason=record.error.code,
-        )
-    return NotWarm(f"pipeline {record.id!r} is {record.state}", state=record.state)
-
-
-def _validate_spec(spec: PipelineSpec) -> None:
-    names = [m.name for m in spec.models]
-    if len(set(names)) != len(names):
-        raise InvalidInput("model names must be unique within a pipeline", field="models")
-    if any(tp < 1 or tp > 64 or tp & (tp - 1) for tp in spec.tp_sizes):
-        raise InvalidInput("tp_sizes must be powers of two from 1 to 64", field="tp_sizes")
-    if len(set(spec.tp_sizes)) != len(spec.tp_sizes):
-        raise InvalidInput("tp_sizes must be unique", field="tp_sizes")

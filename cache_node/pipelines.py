@@ -9,7 +9,8 @@ write it back (I7: another tenant's pipeline is indistinguishable from a missing
 
 from __future__ import annotations
 
-from cache_node.errors import AmbiguousPipeline, NotFound
+from api.schema import PipelineSpec
+from cache_node.errors import AmbiguousPipeline, InvalidInput, NotFound, NotWarm
 from cache_node.registry import PipelineRecord, Registry
 from cache_node.tenants import ADMIN_TENANT
 
@@ -39,11 +40,18 @@ class PipelineBook:
             raise NotFound(f"no pipeline {pipeline_id!r}", pipeline=pipeline_id)
         return record
 
+    def find_warm(self, tenant: str, pipeline_id: str) -> PipelineRecord:
+        """``find``, and 409 ``not_warm`` unless the pipeline is warm."""
+        record = self.find(tenant, pipeline_id)
+        if record.state != "warm":
+            raise not_warm(record)
+        return record
+
     def save(self, record: PipelineRecord, *, with_pending: bool = False) -> None:
         """Write ``record``; a staged one into its pipeline's ``pending`` slot (if it is still
-        the one there). A pipeline's own save keeps the stored ``pending``, retired blobs and
-        captures (a job's copy of them is stale) unless ``with_pending`` says it sets them
-        itself."""
+        the one there). A pipeline's own save keeps the stored ``pending``, retired blobs,
+        captures and pin (a job's copy of them is stale) unless ``with_pending`` says it sets
+        them itself."""
         with self.registry.lock:  # nothing written between this read and the write is lost
             stored = self.registry.get(record.tenant, record.id)
             if record.staged:
@@ -53,12 +61,14 @@ class PipelineBook:
                     or stored.pending.generation != record.generation
                 ):
                     return
+                record.spec.pinned = stored.pending.spec.pinned  # a pin since the job's copy
                 stored.pending = record
                 record = stored
             elif stored is not None and not with_pending:
                 record.pending = stored.pending
                 record.retired_blobs = stored.retired_blobs
                 record.retired_leases = stored.retired_leases
+                record.spec.pinned = stored.spec.pinned  # set_pinned: a pin since the job's copy
                 # captures are written by uploads (cache_node.captures) while jobs and
                 # manifests hold copies of the record: the stored ones are the current ones
                 record.captures = stored.captures
@@ -81,3 +91,26 @@ class PipelineBook:
         meanwhile (saving it then would bring back what the user removed)."""
         if self.is_current(record):
             self.save(record)
+
+
+def not_warm(record: PipelineRecord) -> NotWarm:
+    """409 not_warm; for a failed pipeline it carries the failure's code as ``reason``, so a
+    replica's load can say why (``invalid_checkpoint``, ``no_weights``, ...)."""
+    if record.state == "failed" and record.error is not None:
+        return NotWarm(
+            f"pipeline {record.id!r} is failed: {record.error.code}: {record.error.message}",
+            state=record.state,
+            reason=record.error.code,
+        )
+    return NotWarm(f"pipeline {record.id!r} is {record.state}", state=record.state)
+
+
+def validate_spec(spec: PipelineSpec) -> None:
+    """What the wire model cannot say alone: unique model names, TP sizes powers of two."""
+    names = [m.name for m in spec.models]
+    if len(set(names)) != len(names):
+        raise InvalidInput("model names must be unique within a pipeline", field="models")
+    if any(tp < 1 or tp > 64 or tp & (tp - 1) for tp in spec.tp_sizes):
+        raise InvalidInput("tp_sizes must be powers of two from 1 to 64", field="tp_sizes")
+    if len(set(spec.tp_sizes)) != len(spec.tp_sizes):
+        raise InvalidInput("tp_sizes must be unique", field="tp_sizes")

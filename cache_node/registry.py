@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.schema import (
     CaptureKey,
@@ -42,28 +42,17 @@ from cache_node.metadata import KeyValue
 from cache_node.origins.base import OriginFile
 
 
-class FileEntry(BaseModel):
+class FileEntry(OriginFile):
     """One origin file of a model, and the blob holding it once fetched."""
 
-    path: str
-    size: int
-    sha256: str | None = None  # declared by the origin
-    git_sha1: str | None = None
-    md5: str | None = None
-    etag: str | None = None
+    model_config = ConfigDict(frozen=False)
+
     blob: str | None = None  # the committed blob's sha256
     verified: bool = False
 
     def origin_file(self) -> OriginFile:
         """The file as the origin protocol names it (what the fetcher reads and checks)."""
-        return OriginFile(
-            path=self.path,
-            size=self.size,
-            sha256=self.sha256,
-            git_sha1=self.git_sha1,
-            md5=self.md5,
-            etag=self.etag,
-        )
+        return OriginFile(**{name: getattr(self, name) for name in OriginFile.model_fields})
 
 
 class ModelEntry(BaseModel):

@@ -27,7 +27,7 @@ from api.schema import PipelineSpec
 from cache_node.registry import PipelineRecord, ShardSet
 from cache_node.snapshots import current_captures
 
-__all__ = ["expired_retirement", "fold_pending", "promote", "stage"]
+__all__ = ["expired_retirement", "fold_pending", "promote", "set_pinned", "stage"]
 
 
 def stage(existing: PipelineRecord, spec: PipelineSpec) -> PipelineRecord:
@@ -68,6 +68,8 @@ def promote(
     live now until they end.
     """
     record = attempt.model_copy(deep=True)
+    if main.pending is not None:  # a pin or unpin since the warm job copied its record
+        record.spec.pinned = main.pending.spec.pinned
     record.staged = False
     record.pending = None
     record.state = "warm"
@@ -102,6 +104,20 @@ def expired_retirement(record: PipelineRecord, *, live: list[str]) -> dict[str, 
         return {}
     freed, record.retired_blobs, record.retired_leases = record.retired_blobs, {}, []
     return freed
+
+
+def set_pinned(record: PipelineRecord, *, pinned: bool) -> bool:
+    """Pin or unpin a pipeline in place, and the re-registration staged beside it (it takes
+    the pipeline's place once warm, pin included). Returns whether anything changed.
+
+    Only the flag changes: no new generation, so a warm job running keeps filling (its saves
+    carry the stored flag over, ``CacheNode._save``), and nothing is fetched or resolved again.
+    """
+    specs = [record.spec] + ([record.pending.spec] if record.pending is not None else [])
+    changed = any(spec.pinned != pinned for spec in specs)
+    for spec in specs:
+        spec.pinned = pinned
+    return changed
 
 
 def fold_pending(record: PipelineRecord) -> None:

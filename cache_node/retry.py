@@ -29,7 +29,14 @@ from cache_node.settings import RetrySettings
 log = logging.getLogger("weightcache.node")
 _MIN_WAIT_S = 0.02
 
-__all__ = ["RetryScheduler", "RetryTarget", "backoff_s", "due_retries", "failure_info"]
+__all__ = [
+    "RetryScheduler",
+    "RetryTarget",
+    "backoff_s",
+    "due_retries",
+    "failure_info",
+    "scheduled_error",
+]
 
 
 def backoff_s(failures: int, settings: RetrySettings) -> float:
@@ -62,6 +69,22 @@ def failure_info(
     return ErrorInfo(
         code=error.code, message=error.message, retry_at=None, attempts=failures, action=action
     )
+
+
+def scheduled_error(
+    error: ErrorInfo | None, *, state: str, settings: RetrySettings
+) -> ErrorInfo | None:
+    """``error`` as a status shows it: a ``retry_at`` only where the scheduler will act on it.
+
+    A record keeps the ``retry_at`` it failed with; a node restarted with retries off, or a
+    record no longer ``failed``, has no retry coming, and a status must not promise one.
+    """
+    if error is None or error.retry_at is None or (state == "failed" and settings.enabled):
+        return error
+    update: dict[str, object] = {"retry_at": None}
+    if not settings.enabled:
+        update["action"] = "automatic retries are off: `weightcache warm ID` tries again"
+    return error.model_copy(update=update)
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,37 @@ class DataPlaneSettings(BaseSettings):
     check_interval_s: float = Field(default=0.2, gt=0)
 
 
+class RegionSettings(BaseSettings):
+    """How a node takes part in a multi-node region (``redis_url`` set): ``cache_node.region``.
+
+    The secret authenticates peer traffic (``cache_node.region.peer_auth``); every node of a
+    region has the same one. Heartbeats renew a membership record that expires after
+    ``heartbeat_ttl_s``; at least two beats fit in a TTL, so one late beat costs nothing.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="WEIGHTCACHE_REGION_", extra="forbid")
+
+    advertise_url: str | None = None  # how peers and replicas reach this node (--advertise)
+    secret: SecretStr | None = None
+    replicas: int = Field(default=2, ge=1, le=16)  # owner nodes per blob (rendezvous)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=15.0, gt=0)
+    flight_lease_ttl_s: float = Field(default=30.0, gt=0)  # a dead leader blocks this long
+    flight_wait_s: float = Field(default=900.0, gt=0)  # a waiter gives up after this
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+    #: How often a node reconciles its pipelines with the region's catalogue, besides the
+    #: nudge every change publishes (a nudge can be missed while Redis is away).
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
+    #: How long a peer's blob response may stay silent before the fill moves to the next one.
+    peer_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _two_beats_per_ttl(self) -> RegionSettings:
+        if self.heartbeat_interval_s * 2 > self.heartbeat_ttl_s:
+            raise ValueError("heartbeat_interval_s must be at most half of heartbeat_ttl_s")
+        return self
+
+
 class NodeSettings(BaseSettings):
     """Everything one cache node needs to run."""
 
@@ -175,6 +206,9 @@ class NodeSettings(BaseSettings):
     region: str = "local"
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     tokens_file: Path | None = None
+    #: How often every process of the node looks for a new version of the tokens file (a
+    #: ``stat``; the file is read only when it changed). SIGHUP makes them read it at once.
+    tokens_check_interval_s: float = Field(default=1.0, gt=0)
     local_roots: list[Path] = Field(default_factory=list)
     redis_url: str | None = None
     lease_ttl_s: float = Field(default=300.0, gt=0)
@@ -186,6 +220,7 @@ class NodeSettings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     data_plane: DataPlaneSettings = Field(default_factory=DataPlaneSettings)
+    regional: RegionSettings = Field(default_factory=RegionSettings)
     captures: CaptureSettings = Field(default_factory=CaptureSettings)
 
     @model_validator(mode="after")

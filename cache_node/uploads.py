@@ -10,14 +10,12 @@ wrong, :meth:`BlobUpload.abort` leaves nothing behind: no temp file, no reservat
 
 from __future__ import annotations
 
-import hashlib
 from typing import BinaryIO
-
-import xxhash
 
 from cache_node.disk import is_no_space
 from cache_node.errors import UploadIntegrityError
-from cache_node.store import CHUNK_SIZE, BlobRecord, BlobStore, Reservation, check_sha256
+from cache_node.store import BlobRecord, BlobStore, Reservation, check_sha256
+from loader.digests import BlobHasher
 
 __all__ = ["BlobUpload"]
 
@@ -39,9 +37,7 @@ class BlobUpload:
         self.path = store.new_temp_path()
         self.received = 0
         self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 (closed in finish)
-        self._sha256 = hashlib.sha256()
-        self._chunk = xxhash.xxh3_128()
-        self._chunk_fill = 0
+        self._hasher = BlobHasher()
         self._chunks: list[str] = []
         self._published = False
 
@@ -60,17 +56,7 @@ class BlobUpload:
                 raise self.store.no_space("taking an upload", exc) from exc
             raise
         self.received += len(data)
-        self._sha256.update(data)
-        view = memoryview(data)
-        while view:
-            take = min(len(view), CHUNK_SIZE - self._chunk_fill)
-            self._chunk.update(view[:take])
-            self._chunk_fill += take
-            view = view[take:]
-            if self._chunk_fill == CHUNK_SIZE:
-                self._chunks.append(self._chunk.hexdigest())
-                self._chunk = xxhash.xxh3_128()
-                self._chunk_fill = 0
+        self._hasher.update(data)
 
     def finish(self) -> str:
         """Close the file and check it is what was declared; returns the sha256."""
@@ -82,15 +68,14 @@ class BlobUpload:
                     raise self.store.no_space("taking an upload", exc) from exc
                 raise
             self._file = None
-            if self._chunk_fill or not self._chunks:
-                self._chunks.append(self._chunk.hexdigest())
+            self._chunks = self._hasher.chunks()
         if self.received != self.size:
             raise UploadIntegrityError(
                 f"{self.received} bytes arrived, {self.size} were declared",
                 declared_size=self.size,
                 received=self.received,
             )
-        actual = self._sha256.hexdigest()
+        actual = self._hasher.sha256_hex
         if actual != self.declared:
             raise UploadIntegrityError(
                 f"the bytes hash to sha256 {actual}, the sender declared {self.declared}",

@@ -27,6 +27,9 @@ FIELDS = (
     "responses_5xx",
     "blob_lookups",  # authorisations of a blob request
     "meta_reads",  # metadata records read to authorise them (gets and scanned records)
+    "tokens_reloads",  # new versions of the tokens file taken into force
+    "tokens_reload_failures",  # versions that could not be used (the old tokens kept)
+    "tokens_stale",  # 1 while the worker serves with an older tokens file (set, not added)
 )
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _SIZE = 8 * len(FIELDS)
@@ -65,6 +68,11 @@ class WorkerStats:
         with self._lock:
             (value,) = struct.unpack_from("=Q", self._map, offset)
             struct.pack_into("=Q", self._map, offset, value + amount)
+
+    def set(self, name: str, value: int) -> None:
+        """Set counter ``name`` (a 0/1 state rather than a count; a new worker overwrites it)."""
+        with self._lock:
+            struct.pack_into("=Q", self._map, 8 * _INDEX[name], value)
 
     def read(self) -> dict[str, int]:
         """Every counter of this slot."""

@@ -1,6 +1,6 @@
 """The replica and operator side: the SDK and the ``weightcache`` CLI."""
 
-from clients.client import AsyncClient, Client, WarmFailed
+from clients.client import AsyncClient, Client
 from clients.errors import (
     ApiError,
     AuthError,
@@ -14,6 +14,7 @@ from clients.errors import (
     ServerError,
     UnreachableError,
     UsageError,
+    WarmFailed,
     raise_for_status,
 )
 

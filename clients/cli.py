@@ -1,24 +1,25 @@
-"""The ``weightcache`` command line (see ``weightcache --help``).
+"""The ``weightcache`` command line (see ``weightcache --help``): its arguments, and the one place
+its errors end.
 
-Server code is imported only inside ``serve`` and ``demo``, so the replica side (``load``, ``pull``,
-``launch``) runs with just torch, numpy, httpx and pydantic installed.
+Each command group's handlers live in a module of their own: :mod:`clients.serve_cli` (``serve``,
+``demo``), :mod:`clients.pipeline_cli` (``register``, ``status``, ``warm``, ``evict``,
+``delete``, ``pull``), :mod:`clients.load_cli` (``load``), :mod:`clients.launch_cli`
+(``launch``). Server code is imported only inside ``serve`` and ``demo``, so the replica side
+(``load``, ``pull``, ``launch``) runs with just torch, numpy, httpx and pydantic installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
-from api.schema import ModelSpec, PipelineStatus
-from clients.client import Client, WarmFailed, default_url
+from api.schema import ModelSpec
+from clients.client import default_url
 from clients.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -27,9 +28,20 @@ from clients.errors import (
     ApiError,
     ClientError,
     UnreachableError,
-    UsageError,
 )
-from clients.render import print_status_table, wait_with_progress, watch_status
+from clients.launch_cli import LAUNCH_HELP, cmd_launch
+from clients.load_cli import run_load
+from clients.pipeline_cli import (
+    cmd_delete,
+    cmd_evict,
+    cmd_pull,
+    cmd_register,
+    cmd_status,
+    cmd_warm,
+)
+from clients.serve_cli import cmd_demo, cmd_serve
+
+__all__ = ["build_parser", "main", "parse_args"]
 
 _EXIT_CODES = f"""\
 exit codes:
@@ -50,10 +62,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, token=args.token, tenant=args.tenant)
-
-
 def _parse_model(text: str) -> ModelSpec:
     name, sep, source = text.partition("=")
     if not sep or not name or not source:
@@ -71,274 +79,22 @@ def _parse_tp(text: str) -> list[int]:
     return sizes
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from api import create_app
-    from cache_node.events import configure_logging
-    from cache_node.settings import NodeSettings
-
-    configure_logging(args.log_format)
-
-    overrides: dict[str, Any] = {}
-    for name in ("host", "port", "data_dir", "capacity", "region", "tokens_file", "redis_url",
-                 "disk_headroom"):
-        value = getattr(args, name)
-        if value is not None:
-            overrides[name] = value
-    if args.local_root:
-        overrides["local_roots"] = args.local_root
-    try:
-        settings = NodeSettings(**overrides)
-    except ValidationError as exc:
-        raise UsageError(_settings_problem(exc)) from None
-    refusal = _serve_refusal(settings, allow_unauthenticated=args.allow_unauthenticated)
-    if refusal is not None:
-        raise UsageError(refusal)
-    data_port = args.data_port if args.data_port is not None else settings.port + 1
-    data_plane = None
-    if args.data_workers > 0:
-        from api.data_plane_supervisor import DataPlane
-
-        if settings.data_url is None:  # WEIGHTCACHE_DATA_URL names it when the bind is a wildcard
-            host = socket.getfqdn() if settings.host in ("0.0.0.0", "::", "") else settings.host
-            settings.data_url = f"http://{host}:{data_port}"
-        # Supervised: a worker that dies is started again (and /readyz says when none runs).
-        try:
-            data_plane = DataPlane(settings, port=data_port, workers=args.data_workers).start()
-        except RuntimeError as exc:  # the port is taken, or no worker could start
-            raise ClientError(f"{exc} (choose another with --data-port)") from None
-        print(f"data plane: {args.data_workers} workers on {settings.data_url}", file=sys.stderr)
-    print(f"weightcache node {settings.node_id} serving on http://{settings.host}:{settings.port}"
-          f" (data dir {settings.data_dir})", file=sys.stderr)
-    try:
-        uvicorn.run(
-            create_app(settings, data_plane=data_plane),
-            host=settings.host,
-            port=settings.port,
-            log_level="warning",
-        )
-    finally:
-        if data_plane is not None:
-            data_plane.stop()
-    return 0
+def _usage_error(message: str, *, prog: str) -> NoReturn:
+    """End with a usage error: one line, like every other error of the CLI, and exit 2."""
+    print(f"error: usage: {message} (see {prog} --help)", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
 
 
-def _settings_problem(exc: Any) -> str:
-    """The first problem of a settings ValidationError, as the flag a user would recognise."""
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    flag = {"tokens_file": "tokens", "redis_url": "redis", "local_roots": "local-root"}.get(
-        where, where
-    ).replace("_", "-")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"--{flag}: {message}" if flag else message
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors told in the CLI's one line (subcommands inherit it)."""
 
-
-def _serve_refusal(settings: Any, *, allow_unauthenticated: bool) -> str | None:
-    """Why this node must not start (a bad tokens file; no auth on an open address), or None."""
-    import logging
-
-    from cache_node.access import TenantAccess, is_loopback_host
-    from cache_node.events import emit
-
-    if settings.tokens_file is not None:
-        try:
-            TenantAccess(settings)
-        except ValueError as exc:
-            emit("serve.refused", level=logging.ERROR, reason="bad_tokens_file")
-            return str(exc)
-        return None
-    if allow_unauthenticated or is_loopback_host(settings.host):
-        return None
-    emit("serve.refused", level=logging.ERROR, reason="no_auth_on_open_address",
-         host=settings.host)
-    return (
-        f"refusing to serve on {settings.host!r} without auth: anyone who can reach it could "
-        "read and register weights. Pass --tokens FILE, bind a loopback address "
-        "(--host 127.0.0.1), or pass --allow-unauthenticated if the network in front of it "
-        "is trusted."
-    )
-
-
-def cmd_register(args: argparse.Namespace) -> int:
-    models = [
-        model.model_copy(update={
-            "revision": model.revision or args.revision,
-            "include": args.include or None,
-            "exclude": args.exclude or None,
-        })
-        for model in args.model
-    ]
-    with _client(args) as client:
-        status = client.register(
-            args.id, models=models, tp_sizes=args.tp or [1], pinned=args.pin
-        )
-        if not args.wait:
-            print(f"{status.id}: {status.state}")
-            return 0 if status.state != "failed" else 1
-        return _wait_for_new_spec(client, args.id)
-
-
-def _wait_for_new_spec(client: Client, pipeline_id: str) -> int:
-    """Wait until the registered spec is warm: 0, or 1 with the reason when it failed.
-
-    A re-registration of a warm pipeline fills beside it (``pending``) while ``state`` stays
-    ``warm``; it has its outcome when ``pending`` is gone: swapped in, or ``last_attempt``.
-    """
-    try:
-        final = wait_with_progress(client, pipeline_id)
-        while final.pending is not None:
-            time.sleep(0.2)
-            final = client.status(pipeline_id)
-    except WarmFailed as exc:
-        print(f"{pipeline_id}: failed: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILURE
-    if final.last_attempt is not None:
-        error = final.last_attempt.error
-        reason = f"{error.code}: {error.message}" if error else final.last_attempt.state
-        print(f"{pipeline_id}: the new spec failed ({reason}); the previous one stays warm",
-              file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"{final.id}: warm ({final.bytes_total:,} bytes)")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        if args.watch:
-            watch_status(client, args.id)
-            return 0
-        statuses: list[PipelineStatus] = (
-            [client.status(args.id)] if args.id else client.pipelines()
-        )
-        if args.json:
-            payload: Any = (
-                statuses[0].model_dump(mode="json")
-                if args.id
-                else {"pipelines": [s.model_dump(mode="json") for s in statuses]}
-            )
-            print(json.dumps(payload, indent=2))
-        else:
-            print_status_table(statuses)
-    return 0
-
-
-def cmd_warm(args: argparse.Namespace) -> int:
-    """Re-warm now: after an eviction, or a failure (whatever its ``retry_at`` says)."""
-    with _client(args) as client:
-        status = client.warm(args.id)
-        if args.wait:
-            return _wait_for_new_spec(client, args.id)
-    note = " (re-registration filling)" if status.pending else ""
-    print(f"{status.id}: {status.state}{note}")
-    return 0
-
-
-def cmd_evict(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        status = client.evict(args.id)
-    print(f"{status.id}: {status.state}")
-    return 0
-
-
-def cmd_delete(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        client.delete(args.id)
-    print(f"{args.id}: deleted")
-    return 0
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    if args.hf_cache is not None:
-        from pathlib import Path
-
-        from clients.hf_cache import default_hf_cache, print_progress, pull_to_hf_cache
-
-        cache_dir = Path(args.hf_cache) if args.hf_cache else default_hf_cache()
-        with _client(args) as client:
-            pulled = pull_to_hf_cache(client, args.id, cache_dir=cache_dir,
-                                      progress=print_progress)
-        fetched = sum(1 for f in pulled if not f.skipped)
-        repos = sorted({f.repo_id for f in pulled})
-        print(f"{args.id}: {len(pulled)} files ({fetched} fetched, {len(pulled) - fetched} "
-              f"already present) in {cache_dir} as {', '.join(repos)}")
-        return 0
-    from clients.pull import pull
-
-    with _client(args) as client:
-        written = pull(client, args.id, dest=args.dest)
-    print(f"{args.id}: {len(written)} files in {args.dest}")
-    return 0
-
-
-def cmd_load(args: argparse.Namespace) -> int:
-    from clients.load_cli import run_load
-
-    code: int = run_load(args)
-    return code
-
-
-#: ``weightcache launch --help``: what the launcher does to the command, and examples.
-LAUNCH_HELP = """\
-Start vLLM on a pipeline of the cache: weights stream from the cache into vLLM's parameters.
-
-Waits until the pipeline is warm (re-warming it if it was evicted), stages its small files
-(config.json, tokenizer) in a local directory, then runs the engine command given after --
-with these additions (a flag the command already has is left as it is):
-
-  MODEL_DIR                            after `serve`, when the command names no model
-  --load-format weightcache            vLLM loads weights through weightcache's plugin
-  --model-loader-extra-config JSON     {"pipeline": ID, "url": URL, "model": NAME}
-                                       ("model" only with --model)
-  --tensor-parallel-size N             from --tp-size
-
-Each vLLM worker then streams only its own rank's shard (cut in vLLM's layout) into its
-parameters. The token goes to the engine as $WEIGHTCACHE_TOKEN, never on its command line.
-
-Engine shard sets: where a rank's load needed vLLM's weight loaders (architectures outside
-the Llama family at TP > 1, quantised checkpoints), each worker uploads its final tensors once
-the engine answers; later starts of the same key replay them. Compile cache: with compilation
-on (no --enforce-eager), the engine's compile cache for this pipeline is fetched into
-$VLLM_CACHE_ROOT before the engine starts (default: a directory beside the staged files) and
-uploaded after the first start that compiled something (at most --compile-cache-limit MiB).
-
-It prints the cold start: waiting for warm, staging files, each rank's weights (bytes,
-seconds, GB/s, printed by the plugin inside vLLM), and engine ready (when /health answers).
-
-examples:
-  weightcache launch chat-8b --tp-size 2 -- vllm serve --port 8000
-  weightcache launch asr-llm --model llm -- vllm serve     # one model of a pipeline of two
-"""
-
-
-
-def cmd_launch(args: argparse.Namespace) -> int:
-    from loader.launcher import launch
-
-    code: int = launch(
-        args.id,
-        tp_size=args.tp_size,
-        command=args.command,
-        url=args.url,
-        token=args.token,
-        model=args.model,
-        exec_=args.exec_,
-        compile_cache_limit=args.compile_cache_limit << 20,
-    )
-    return code
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from clients.demo import run_demo
-
-    code: int = run_demo(keep=args.keep)
-    return code
+    def error(self, message: str) -> NoReturn:
+        _usage_error(message, prog=self.prog)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``weightcache`` parser: each subcommand's ``func`` is its handler."""
+    parser = _Parser(
         prog="weightcache",
         description="Regional weight cache for serverless GPU inference.",
         epilog=_EXIT_CODES,
@@ -353,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "several tenants use is otherwise a 409 ambiguous_pipeline)")
     # --url, --token and --tenant work after the subcommand too; SUPPRESS keeps the value given
     # before it when they are not repeated there.
-    connection = argparse.ArgumentParser(add_help=False)
+    connection = _Parser(add_help=False)
     connection.add_argument("--url", default=argparse.SUPPRESS, help="node URL")
     connection.add_argument("--token", default=argparse.SUPPRESS, help="bearer token")
     connection.add_argument("--tenant", default=argparse.SUPPRESS,
@@ -385,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "otherwise); only behind a network you trust")
     serve.add_argument("--local-root", action="append", default=[],
                        help="directory file:// sources may come from (repeatable)")
-    serve.add_argument("--redis", dest="redis_url", default=None)
+    serve.add_argument("--redis", dest="redis_url", default=None,
+                       help="join a region on this Redis (redis://HOST:PORT/DB); the region "
+                       "secret comes from $WEIGHTCACHE_REGION_SECRET or --region-secret-file")
+    serve.add_argument("--advertise", dest="advertise_url", default=None,
+                       help="the URL peers and replicas reach this node's API at "
+                       "(default: the address it serves on)")
+    serve.add_argument("--region-secret-file", default=None,
+                       help="a file holding the region secret (at least 32 characters)")
     serve.add_argument("--data-port", type=int, default=None,
                        help="port of the sendfile data plane (default: --port + 1)")
     serve.add_argument("--data-workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -424,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--local-dir", default=None, help="the node's data dir, if on this host")
     load.add_argument("--verify", action="store_true", help="check every byte's digest")
     load.add_argument("--json", action="store_true")
-    load.set_defaults(func=cmd_load)
+    load.set_defaults(func=run_load)
 
     pull = command("pull", help="materialise a pipeline's files in a directory")
     pull.add_argument("id")
@@ -502,12 +265,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.command_name == "launch":
         args.command = list(args.command) + tail
         if not args.command:
-            parser.error(
+            _usage_error(
                 "launch needs the engine command after --, e.g. "
-                "weightcache launch ID -- vllm serve"
+                "weightcache launch ID -- vllm serve",
+                prog="weightcache launch",
             )
     elif tail:
-        parser.error(f"unexpected arguments after --: {' '.join(tail)}")
+        _usage_error(
+            f"unexpected arguments after --: {' '.join(tail)}",
+            prog=f"weightcache {args.command_name}",
+        )
     return args
 
 

@@ -25,8 +25,9 @@ from api.schema import (
     PipelineList,
     PipelineSpec,
     PipelineStatus,
+    RegionInfo,
 )
-from clients.errors import EXIT_FAILURE, ApiError, raise_for_status
+from clients.errors import WarmFailed, raise_for_status
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 _TERMINAL_FAILURE = {"failed"}
@@ -42,10 +43,9 @@ def default_token(token: str | None = None) -> str | None:
     return token or os.environ.get("WEIGHTCACHE_TOKEN") or None
 
 
-class WarmFailed(ApiError):
-    """A pipeline that was waited on ended ``failed``."""
-
-    exit_code = EXIT_FAILURE
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The headers that present ``token`` to a node (none without a token)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class _BaseClient:
@@ -57,7 +57,7 @@ class _BaseClient:
         self.tenant = tenant
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return auth_headers(self.token)
 
     def _params(self) -> dict[str, str]:
         # Sent with every request: for an admin token it selects whose pipelines it addresses
@@ -180,6 +180,10 @@ class Client(_BaseClient):
     def node(self) -> NodeInfo:
         return NodeInfo.model_validate(self._parse(self.http.get("/v1/node")))
 
+    def region(self) -> RegionInfo:
+        """The node's region: its live nodes, and copies of the pipelines the caller sees."""
+        return RegionInfo.model_validate(self._parse(self.http.get("/v1/region")))
+
     def wait_until_warm(
         self,
         pipeline_id: str,
@@ -282,6 +286,9 @@ class AsyncClient(_BaseClient):
 
     async def node(self) -> NodeInfo:
         return NodeInfo.model_validate(self._parse(await self.http.get("/v1/node")))
+
+    async def region(self) -> RegionInfo:
+        return RegionInfo.model_validate(self._parse(await self.http.get("/v1/region")))
 
     async def wait_until_warm(
         self, pipeline_id: str, *, timeout_s: float = 3600.0, poll_s: float = 0.5

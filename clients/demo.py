@@ -115,7 +115,7 @@ def run_demo(*, keep: bool = False) -> int:
     from clients.load_cli import print_stage_table, report_to_node
     from clients.render import print_status_table, wait_with_progress
     from clients.seaweed import SeaweedServer
-    from loader.load import load
+    from loader.loading import load
 
     started = time.monotonic()
     workspace = Path(tempfile.mkdtemp(prefix="weightcache-demo-"))

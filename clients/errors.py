@@ -13,7 +13,8 @@ The tree::
     │   ├── ConflictError                409 other
     │   ├── RateLimitedError             429 (``retry_after``)
     │   ├── InsufficientStorageError     507
-    │   └── ServerError                  5xx other
+    │   ├── ServerError                  5xx other
+    │   └── WarmFailed                   a pipeline waited on ended ``failed`` (its error's code)
     └── loader.errors.LoaderError        bytes that could not be read, parsed or verified
 
 :func:`raise_for_status` is the one place a node's answer becomes an error, for the SDK, the
@@ -134,6 +135,12 @@ class InsufficientStorageError(ApiError):
 
 class ServerError(ApiError):
     """5xx: the node failed; the request may be retried."""
+
+    exit_code = EXIT_FAILURE
+
+
+class WarmFailed(ApiError):
+    """A pipeline that was waited on ended ``failed``: a failure, not a refusal."""
 
     exit_code = EXIT_FAILURE
 

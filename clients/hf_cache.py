@@ -125,10 +125,18 @@ def _verified(blob: Path, sha256: str, size: int) -> bool:
     if not blob.is_file() or blob.is_symlink() or blob.stat().st_size != size:
         return False
     digest = hashlib.sha256()
-    with open(blob, "rb") as handle:
+    _feed_file(blob, digest)
+    return digest.hexdigest() == sha256
+
+
+def _feed_file(path: Path, digest: hashlib._Hash) -> int:
+    """Feed every byte of ``path`` to ``digest``; returns how many there were."""
+    fed = 0
+    with open(path, "rb") as handle:
         while data := handle.read(_BLOCK):
             digest.update(data)
-    return digest.hexdigest() == sha256
+            fed += len(data)
+    return fed
 
 
 def _download(client: Client, sha256: str, size: int, blob: Path) -> None:
@@ -138,10 +146,7 @@ def _download(client: Client, sha256: str, size: int, blob: Path) -> None:
     digest = hashlib.sha256()
     have = 0
     if partial.exists() and partial.stat().st_size <= size:
-        with open(partial, "rb") as handle:
-            while data := handle.read(_BLOCK):
-                digest.update(data)
-                have += len(data)
+        have = _feed_file(partial, digest)
     else:
         partial.unlink(missing_ok=True)
     headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from clients.client import default_token, default_url
+from clients.client import auth_headers, default_token, default_url
 from clients.errors import UsageError
 
 
@@ -36,10 +36,10 @@ def report_to_node(
     }
     if report.get("capture") is not None:  # whether a capture was replayed, and if not, why
         body["capture"] = report["capture"]
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    # The history is a convenience; a load that worked is not failed by it.
+    # The history is a convenience: a load that worked is not failed by it.
     with contextlib.suppress(httpx.HTTPError):
-        httpx.post(f"{url}/v1/pipelines/{pipeline}/loads", json=body, headers=headers, timeout=5)
+        httpx.post(f"{url}/v1/pipelines/{pipeline}/loads", json=body, headers=auth_headers(token),
+                   timeout=5)
 
 
 def print_stage_table(report: dict[str, Any]) -> None:
@@ -57,6 +57,15 @@ def print_stage_table(report: dict[str, Any]) -> None:
         print(f"  {stage:<9} {seconds * 1000:9.1f} ms")
     gigabytes = report["bytes_delivered"] / 1e9
     print(f"  {gigabytes:.3f} GB at {report['gb_per_s']:.2f} GB/s")
+    served: dict[str, int] = report.get("bytes_by_node") or {}
+    failed: dict[str, str] = report.get("failed_nodes") or {}
+    if len(served) > 1 or failed:
+        for node, count in served.items():
+            print(f"  from {node}  {count / 1e9:.3f} GB")
+    for node, reason in failed.items():
+        print(f"  failed: {node} ({reason})")
+    if report.get("failovers"):
+        print(f"  note: {report['failovers']} reads were re-read from another node")
     if report.get("fallback_reads"):
         print(f"  note: {report['fallback_reads']} reads came from the node's API instead of "
               f"its data plane ({report['fallback_reason']})")
@@ -86,7 +95,7 @@ def parse_device(text: str) -> Any:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from loader.load import load
+    from loader.loading import load
 
     device = parse_device(args.device)
     url = default_url(args.url).rstrip("/")
@@ -103,7 +112,6 @@ def run_load(args: argparse.Namespace) -> int:
         verify=args.verify,
     )
     report = result.report.as_dict()
-    report["gb_per_s"] = result.report.gb_per_s
     report["tensors"] = len(result.tensors)
     report_to_node(url, token, args.id, report, local=local_dir is not None)
     if args.json:

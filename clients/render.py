@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from api.schema import PipelineStatus
+from api.schema import PipelineStatus, RegionInfo
 from clients.client import Client
 
 CHIP_STYLE = {
@@ -149,6 +149,26 @@ def print_status_table(statuses: Sequence[PipelineStatus]) -> None:
         return
     console = Console()  # the terminal's width, or $COLUMNS when not a terminal
     console.print(_table(statuses, width=console.width))
+
+
+def print_region(region: RegionInfo) -> None:
+    """The region's nodes (state, space, last beat) and the copies of each pipeline."""
+    print(f"\nregion {region.region}: {len(region.nodes)} node(s)"
+          + ("" if region.connected else " (Redis unreachable: this node only)"))
+    rows = [["node", "state", "used", "free", "capacity", "beat", "url"]] + [
+        [n.node_id, n.state, human_bytes(n.used), human_bytes(n.free),
+         human_bytes(n.capacity), _ago(n.last_heartbeat), n.data_url or n.url]
+        for n in region.nodes
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if region.pipelines:
+        copies = ", ".join(
+            f"{p.id} ×{p.copies}" + (f" ({' '.join(p.nodes)})" if p.nodes else "")
+            for p in region.pipelines
+        )
+        print(f"  copies: {copies}")
 
 
 def watch_status(client: Client, pipeline_id: str | None, *, interval_s: float = 1.0) -> None:

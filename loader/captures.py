@@ -324,7 +324,7 @@ def replay_capture(
 ) -> StreamReport:
     """Stream a capture's tensors straight into ``destinations`` (from :func:`plan_replay`),
     every chunk checked against the capture's digests first (IntegrityError, SourceError)."""
-    from loader.load import stream_into
+    from loader.manifest_stream import stream_into
 
     manifest = Manifest(
         pipeline=pipeline,

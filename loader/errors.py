@@ -9,7 +9,11 @@ The tree::
     │   │                                read, or every base URL failed for a range
     │   └── RangeResponseError           a server answered a range request wrongly (status,
     │                                    Content-Range, length)
-    └── IntegrityError(ValueError)       bytes that do not match the manifest's chunk digests
+    ├── IntegrityError(ValueError)       bytes that do not match the manifest's chunk digests
+    └── WeightMismatch(ValueError)       a shard tensor has no home in the engine's model, does
+                                         not fit it, or a parameter stays empty (``code``)
+
+    LaunchError(clients.errors.UsageError)  ``weightcache launch`` cannot start
 
 A node's error answers (not warm, not found, a server error) are the client side's one tree,
 :mod:`clients.errors`; ``NotWarmError`` and ``ServerError`` are re-exported here for the loader's
@@ -21,17 +25,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from clients.errors import ClientError, NotWarmError, ServerError
+from clients.errors import ClientError, NotWarmError, ServerError, UsageError
 
 __all__ = [
     "HeaderError",
     "IntegrityError",
+    "LaunchError",
     "LoaderError",
     "NoWeightsError",
     "NotWarmError",
     "RangeResponseError",
     "ServerError",
     "SourceError",
+    "WeightMismatch",
 ]
 
 
@@ -67,6 +73,21 @@ class RangeResponseError(SourceError):
 
 class IntegrityError(LoaderError, ValueError):
     """Received bytes do not match the manifest's per-chunk xxh3-128 digests."""
+
+
+class WeightMismatch(LoaderError, ValueError):
+    """A shard tensor has no home in the model, does not fit it, or a parameter stays empty.
+
+    ``code``: ``no_parameter``, ``shape_mismatch``, ``fused_rows``, ``unfilled``,
+    ``not_contiguous``, ``misaligned`` or ``layout``.
+    """
+
+    def __init__(self, message: str, *, code: str, **details: Any) -> None:
+        super().__init__(f"{message} [{code}]", code=code, **details)
+
+
+class LaunchError(UsageError):
+    """The launch cannot start: no command, or a model name the pipeline does not have."""
 
 
 _CODES = {

@@ -26,13 +26,9 @@ from types import FrameType
 import httpx
 
 from clients.client import Client, default_token, default_url
-from clients.errors import UsageError, raise_for_status
+from clients.pull import fetch_file
 from loader.compile_cache import CompileCache
-
-_BLOCK = 1 << 20
-
-class LaunchError(UsageError):
-    """The launch cannot start: no command, or a model name the pipeline does not have."""
+from loader.errors import LaunchError
 
 
 def launch_command(
@@ -76,7 +72,7 @@ def launch_command(
 def stage_model_dir(
     client: Client, pipeline: str, *, tp_size: int, root: Path, model: str | None = None
 ) -> tuple[Path, int]:
-    """Write one model's non-weight files (config, tokenizer) under ``root``.
+    """Write one model's non-weight files (config, tokenizer) under ``root``, each verified.
 
     Returns the directory and the bytes written. A pipeline of several models needs ``model``
     (their ``config.json`` files would otherwise overwrite each other).
@@ -94,18 +90,8 @@ def stage_model_dir(
     for file in manifest.files:
         if model is not None and file.model != model:
             continue
-        path = (target / file.path).resolve()
-        if not path.is_relative_to(target.resolve()):
-            raise LaunchError(f"unsafe path {file.path!r} in the manifest")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")
-        with client.http.stream("GET", f"/v1/blobs/{file.blob}") as response:
-            raise_for_status(response)
-            with open(temp, "wb") as out:
-                for data in response.iter_raw(_BLOCK):
-                    out.write(data)
-                    written += len(data)
-        os.replace(temp, path)
+        fetch_file(client, target, file.path, blob=file.blob, size=file.size)
+        written += file.size
     return target, written
 
 

@@ -24,7 +24,6 @@ are adjacent in a blob stay adjacent there, so they merge into long reads.
 from __future__ import annotations
 
 import bisect
-import queue
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from api.schema import ManifestTensor
 from loader.layout import torch_dtype
 from loader.ranges import ByteRange, ReadRequest
-from loader.sinks import SinkBuffer, _bytes_view, _Slot, staging_pool
+from loader.sinks import SinkBuffer, StagingRing, bytes_view
 from loader.vllm_weights import WeightMismatch
 
 __all__ = ["ParamSegment", "ParamSink", "plan_param_stream"]
@@ -130,8 +129,6 @@ class ParamSink:
         slots: int,
         slot_size: int,
     ) -> None:
-        if slots < 1 or slot_size < 1:
-            raise ValueError("a ring needs at least one slot of at least one byte")
         self.device = torch.device(device)
         for segment in segments:
             if segment.dest.device != self.device:
@@ -144,17 +141,9 @@ class ParamSink:
         self._starts = [s.start for s in self._segments]
         self._cpu = self.device.type == "cpu"
         self._cuda = self.device.type == "cuda"
-        # Copies to other accelerators are issued synchronously: correct everywhere, and the
-        # slot is free again as soon as commit returns.
-        self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None  # type: ignore[no-untyped-call]
-        self._slot_size = slot_size
-        self._buffers = staging_pool.take(slots, slot_size, pinned=self._cuda)
-        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        self._slots = {id(buffer): _Slot(buffer) for buffer in self._buffers}
-        for slot in self._slots.values():
-            self._free.put(slot)
+        self._ring = StagingRing(self.device, slots=slots, slot_size=slot_size)
         self._direct = {
-            id(s): _bytes_view(s.dest.view(-1).view(torch.uint8))
+            id(s): bytes_view(s.dest.view(-1).view(torch.uint8))
             for s in self._segments
             if self._cpu and s.same_dtype
         }
@@ -166,12 +155,11 @@ class ParamSink:
         # upload-then-cast pair together on that queue.
         self._cast_buffer: torch.Tensor | None = None
         self._cast_lock = threading.Lock()
-        self._closed = False
 
     @property
     def ring_bytes(self) -> int:
         """Staging memory held by this sink."""
-        return len(self._buffers) * self._slot_size
+        return self._ring.nbytes
 
     def _overlaps(self, start: int, end: int) -> list[ParamSegment]:
         index = max(bisect.bisect_right(self._starts, start) - 1, 0)
@@ -194,27 +182,12 @@ class ParamSink:
                 if segment.start <= piece.dest and piece.dest + piece.length <= segment.end:
                     at = piece.dest - segment.start
                     return SinkBuffer(self._direct[id(segment)][at : at + piece.length])
-        if request.length > self._slot_size:
-            raise ValueError(f"request of {request.length} bytes > slot of {self._slot_size}")
-        slot = self._free.get()
-        slot.wait()  # the previous copy out of this buffer must be done
-        return SinkBuffer(slot.view[: request.length], staging=slot.buffer)
+        return self._ring.acquire(request.length)
 
     def commit(self, request: ReadRequest, buffer: SinkBuffer) -> None:
         if buffer.staging is None:
             return  # read straight into the parameter
-        slot = self._slot_of(buffer)
-        try:
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    self._deliver(request, slot.buffer)
-                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                event.record(self._stream)
-                slot.event = event
-            else:
-                self._deliver(request, slot.buffer)
-        finally:
-            self._free.put(slot)
+        self._ring.commit(buffer, lambda staging: self._deliver(request, staging))
 
     def _deliver(self, request: ReadRequest, staging: torch.Tensor) -> None:
         for piece in request.pieces:
@@ -244,7 +217,7 @@ class ParamSink:
             with self._cast_lock:
                 if self._cast_buffer is None:
                     self._cast_buffer = torch.empty(
-                        self._slot_size, dtype=torch.uint8, device=self.device
+                        self._ring.slot_size, dtype=torch.uint8, device=self.device
                     )
                 raw = self._cast_buffer[: source.numel()]
                 raw.copy_(source, non_blocking=True)
@@ -254,24 +227,13 @@ class ParamSink:
             source = source.clone()  # at most one slot: typed views need element alignment
         target.copy_(source.view(segment.src_dtype))
 
-    def _slot_of(self, buffer: SinkBuffer) -> _Slot:
-        slot = self._slots.get(id(buffer.staging))
-        if slot is None or slot.buffer is not buffer.staging:
-            raise ValueError("buffer does not belong to this ring")
-        return slot
-
     def abandon(self, buffer: SinkBuffer) -> None:
         if buffer.staging is not None:
-            self._free.put(self._slot_of(buffer))
+            self._ring.abandon(buffer)
 
     def finish(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
+        self._ring.finish()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.finish()
+        self._ring.close()
         self._cast_buffer = None
-        staging_pool.give(self._buffers, pinned=self._cuda)

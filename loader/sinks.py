@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +27,16 @@ import torch
 
 from loader.ranges import ReadRequest
 
-__all__ = ["CpuSink", "CudaSink", "RingSink", "Sink", "SinkBuffer", "staging_pool"]
+__all__ = [
+    "CpuSink",
+    "CudaSink",
+    "RingSink",
+    "Sink",
+    "SinkBuffer",
+    "StagingRing",
+    "bytes_view",
+    "staging_pool",
+]
 
 
 @dataclass(slots=True)
@@ -60,8 +70,8 @@ class Sink(Protocol):
         """Give staging memory back."""
 
 
-def _bytes_view(tensor: torch.Tensor) -> memoryview:
-    # A writable memoryview over a CPU uint8 tensor's storage, without a copy.
+def bytes_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview over a CPU ``uint8`` tensor's storage, without a copy."""
     return tensor.numpy().data.cast("B")
 
 
@@ -70,7 +80,7 @@ class CpuSink:
 
     def __init__(self, size: int) -> None:
         self.output = torch.empty(size, dtype=torch.uint8)
-        self._view = _bytes_view(self.output)
+        self._view = bytes_view(self.output)
 
     def acquire(self, request: ReadRequest) -> SinkBuffer:
         if request.direct:
@@ -130,13 +140,91 @@ class _Slot:
 
     def __init__(self, buffer: torch.Tensor) -> None:
         self.buffer = buffer
-        self.view = _bytes_view(buffer)
+        self.view = bytes_view(buffer)
         self.event: torch.cuda.Event | None = None
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
+
+
+class StagingRing:
+    """``slots`` reused staging buffers of ``slot_size`` bytes, and the copies out of them.
+
+    Readers :meth:`acquire` a buffer and fill it; :meth:`commit` runs the caller's copy out of
+    it and frees it for the next read. On CUDA the buffers are pinned and the copies are issued
+    on one side stream of ``device``, so they overlap the reads and leave the compute stream
+    alone; an event per buffer says when its copy is done and it may be filled again. Elsewhere
+    the copies are synchronous and a buffer is free again as soon as ``commit`` returns. The
+    flat :class:`RingSink` and :class:`~loader.param_sink.ParamSink` both stage through one.
+    """
+
+    def __init__(self, device: torch.device, *, slots: int, slot_size: int) -> None:
+        if slots < 1 or slot_size < 1:
+            raise ValueError("a ring needs at least one slot of at least one byte")
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.slot_size = slot_size
+        self._stream = torch.cuda.Stream(device=device) if self.cuda else None  # type: ignore[no-untyped-call]
+        self._buffers = staging_pool.take(slots, slot_size, pinned=self.cuda)
+        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._slots = {id(buffer): _Slot(buffer) for buffer in self._buffers}
+        for slot in self._slots.values():
+            self._free.put(slot)
+        self._closed = False
+
+    @property
+    def nbytes(self) -> int:
+        """Staging memory held by the ring."""
+        return len(self._buffers) * self.slot_size
+
+    def acquire(self, length: int) -> SinkBuffer:
+        """A free buffer for a read of ``length`` bytes (blocks until one is free)."""
+        if length > self.slot_size:
+            raise ValueError(f"request of {length} bytes > slot of {self.slot_size}")
+        slot = self._free.get()
+        # The previous copy out of this buffer must be done before a reader overwrites it.
+        slot.wait()
+        return SinkBuffer(slot.view[:length], staging=slot.buffer)
+
+    def commit(self, buffer: SinkBuffer, copy_out: Callable[[torch.Tensor], None]) -> None:
+        """Run ``copy_out(staging)`` on the ring's stream, then free the buffer for reuse."""
+        slot = self._slot_of(buffer)
+        try:
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    copy_out(slot.buffer)
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(self._stream)
+                slot.event = event
+            else:
+                copy_out(slot.buffer)
+        finally:
+            self._free.put(slot)
+
+    def abandon(self, buffer: SinkBuffer) -> None:
+        """Free a buffer whose read failed."""
+        self._free.put(self._slot_of(buffer))
+
+    def finish(self) -> None:
+        """Wait until every copy out of the ring is done."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def close(self) -> None:
+        """Wait for the copies, then give the buffers back to the pool (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.finish()
+        staging_pool.give(self._buffers, pinned=self.cuda)
+
+    def _slot_of(self, buffer: SinkBuffer) -> _Slot:
+        slot = self._slots.get(id(buffer.staging))
+        if slot is None or slot.buffer is not buffer.staging:
+            raise ValueError("buffer does not belong to this ring")
+        return slot
 
 
 class RingSink:
@@ -148,73 +236,35 @@ class RingSink:
     """
 
     def __init__(self, size: int, *, device: torch.device | str, slots: int, slot_size: int):
-        if slots < 1 or slot_size < 1:
-            raise ValueError("a ring needs at least one slot of at least one byte")
         self.device = torch.device(device)
+        self._ring = StagingRing(self.device, slots=slots, slot_size=slot_size)
         self.output = torch.empty(size, dtype=torch.uint8, device=self.device)
-        self._cuda = self.device.type == "cuda"
-        self._pinned = self._cuda
-        self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None  # type: ignore[no-untyped-call]
-        self._slot_size = slot_size
-        self._buffers = staging_pool.take(slots, slot_size, pinned=self._pinned)
-        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        self._slots = {id(buffer): _Slot(buffer) for buffer in self._buffers}
-        for slot in self._slots.values():
-            self._free.put(slot)
-        self._closed = False
 
     @property
     def slot_size(self) -> int:
-        return self._slot_size
+        return self._ring.slot_size
 
     def acquire(self, request: ReadRequest) -> SinkBuffer:
-        if request.length > self._slot_size:
-            raise ValueError(f"request of {request.length} bytes > slot of {self._slot_size}")
-        slot = self._free.get()
-        # The previous copy out of this buffer must be done before a reader overwrites it.
-        slot.wait()
-        return SinkBuffer(slot.view[: request.length], staging=slot.buffer)
-
-    def _slot_of(self, buffer: SinkBuffer) -> _Slot:
-        slot = self._slots.get(id(buffer.staging))
-        if slot is None or slot.buffer is not buffer.staging:
-            raise ValueError("buffer does not belong to this ring")
-        return slot
+        return self._ring.acquire(request.length)
 
     def commit(self, request: ReadRequest, buffer: SinkBuffer) -> None:
-        slot = self._slot_of(buffer)
-        try:
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    self._copy_pieces(request, slot.buffer)
-                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                event.record(self._stream)
-                slot.event = event
-            else:
-                self._copy_pieces(request, slot.buffer)
-        finally:
-            self._free.put(slot)
+        self._ring.commit(buffer, lambda staging: self._copy_pieces(request, staging))
 
     def _copy_pieces(self, request: ReadRequest, staging: torch.Tensor) -> None:
         for piece in request.pieces:
             self.output[piece.dest : piece.dest + piece.length].copy_(
                 staging[piece.buffer_offset : piece.buffer_offset + piece.length],
-                non_blocking=self._cuda,
+                non_blocking=self._ring.cuda,
             )
 
     def abandon(self, buffer: SinkBuffer) -> None:
-        self._free.put(self._slot_of(buffer))
+        self._ring.abandon(buffer)
 
     def finish(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
+        self._ring.finish()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.finish()
-        staging_pool.give(self._buffers, pinned=self._pinned)
+        self._ring.close()
 
 
 def CudaSink(

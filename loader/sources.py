@@ -13,11 +13,15 @@ import os
 import queue
 import threading
 import urllib.parse
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from clients.client import auth_headers
+from loader.content_range import parse_content_range
 from loader.errors import RangeResponseError, SourceError
+from loader.preads import read_into_at
 
 __all__ = ["HttpRangeSource", "LocalFileSource", "RoutingSource", "Source", "blob_path"]
 
@@ -73,19 +77,16 @@ class LocalFileSource:
 
     def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
         fd = self._fd(blob)
-        done = 0
         total = len(buffer)
-        while done < total:
-            try:
-                count = os.preadv(fd, [buffer[done:]], offset + done)
-            except OSError as error:
-                raise SourceError(f"reading blob {blob} at {offset + done}: {error}") from error
-            if count == 0:
-                raise SourceError(
-                    f"blob {blob} is short: no bytes at offset {offset + done} "
-                    f"({total - done} of {total} still wanted)"
-                )
-            done += count
+        try:
+            done = read_into_at(fd, buffer, offset)
+        except OSError as error:
+            raise SourceError(f"reading blob {blob} at {offset}: {error}") from error
+        if done < total:
+            raise SourceError(
+                f"blob {blob} is short: no bytes at offset {offset + done} "
+                f"({total - done} of {total} still wanted)"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -130,7 +131,10 @@ class RoutingSource:
 
 
 class _Endpoint:
-    """One base URL and its idle keep-alive connections."""
+    """One node's base URL, its idle keep-alive connections, and what this load got from it.
+
+    The counters are guarded by the owning source's lock.
+    """
 
     def __init__(self, base_url: str, *, timeout: float) -> None:
         parsed = urllib.parse.urlsplit(base_url)
@@ -143,6 +147,11 @@ class _Endpoint:
         self.prefix = parsed.path.rstrip("/")
         self.timeout = timeout
         self.idle: queue.SimpleQueue[http.client.HTTPConnection] = queue.SimpleQueue()
+        self.in_flight = 0  # requests being read from it now
+        self.bytes_served = 0
+        self.down = False  # failed as a whole: tried again only when nothing else is left
+        self.missing: set[str] = set()  # blobs it refused (4xx): skipped for those blobs only
+        self.first_failure: str | None = None
 
     def connect(self) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
@@ -166,18 +175,31 @@ class _Endpoint:
 
 
 class HttpRangeSource:
-    """Parallel HTTP range requests to ``GET {base_url}/v1/blobs/{sha256}``, with failover.
+    """Parallel HTTP range requests to ``GET {base}/v1/blobs/{sha256}`` over a region's nodes.
 
-    Requests start at a base URL picked by the blob and offset, so the reads of one load spread
-    over every node given; when one fails (connection error, bad status, a wrong
-    ``Content-Range`` or a short body) the same range is asked of the next one. A base URL that
-    failed is tried last afterwards. Each thread borrows a keep-alive connection and reads the
-    body with ``readinto`` straight into the caller's buffer.
+    Where the ranges of a blob go, in order of preference:
 
-    ``fallback_urls`` (the node's API, beside its data plane) are used only once the base URLs
-    fail (refused, reset, 5xx, a wrong answer): from then on the remaining ranges go to them.
-    Every byte is still checked the same way; ``fallback_reads`` counts the ranges they served
-    and ``fallback_reason`` says why, and the switch is logged: never a silent change of path.
+    1. ``holders[blob]`` (the manifest's ``nodes``: the region's nodes that hold the blob), or
+       ``base_urls`` for a blob with no holders listed. Each range goes to the one with the
+       fewest requests in flight from this source (ties broken by blob and offset), so one load
+       spreads over every holder, a slower node gets fewer ranges, and many replicas, each
+       balancing its own requests, spread over the whole region;
+    2. then ``base_urls`` (the answering node's data plane) and ``fallback_urls`` (its API), in
+       that order;
+    3. nodes that failed, last.
+
+    When a read fails (refused, reset, 5xx, a wrong ``Content-Range``, a short body) the same
+    range is asked of the next node: a node that dies mid-load costs only the ranges it had in
+    flight, re-read elsewhere, and it leaves the rotation for the rest of the load. A 4xx answer
+    (the node does not hold the blob, or refuses it) leaves the rotation for that blob only.
+    Every failover is logged with the nodes involved and the reason; ``bytes_by_node()``,
+    ``failed_nodes()`` and ``failovers`` say what happened. ``fallback_reads`` counts the
+    ranges the ``fallback_urls`` served and ``fallback_reason`` says why they were needed.
+
+    The bytes are checked the same way whichever node sent them (status, ``Content-Range``,
+    length; the chunk digests by the stream when verifying). Every node gets the same
+    ``Authorization``: a region shares one tokens file. Each thread borrows a keep-alive
+    connection and reads the body with ``readinto`` straight into the caller's buffer.
     """
 
     def __init__(
@@ -188,75 +210,154 @@ class HttpRangeSource:
         timeout: float = 60.0,
         connections: int = 8,
         fallback_urls: Sequence[str] = (),
+        holders: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         if not base_urls:
             raise ValueError("at least one base URL is needed")
-        self._endpoints = [_Endpoint(url, timeout=timeout) for url in [*base_urls, *fallback_urls]]
-        self._primaries = len(base_urls)
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._base = self._register(base_urls)
+        self._fallbacks = [e for e in self._register(fallback_urls) if e not in self._base]
+        self._holders = {blob: self._register(urls) for blob, urls in (holders or {}).items()}
+        self._headers = auth_headers(token)
         self._connections = connections
-        self._failed: set[int] = set()
         self._lock = threading.Lock()
+        self.failovers = 0
         self.fallback_reads = 0
         self.fallback_reason: str | None = None
 
+    def _register(self, urls: Iterable[str]) -> list[_Endpoint]:
+        """One endpoint per distinct URL, shared by every blob that names it."""
+        found: list[_Endpoint] = []
+        for url in urls:
+            key = url.rstrip("/")
+            endpoint = self._endpoints.get(key)
+            if endpoint is None:
+                endpoint = self._endpoints[key] = _Endpoint(key, timeout=self._timeout)
+            if endpoint not in found:
+                found.append(endpoint)
+        return found
+
+    def _route(self, blob: str) -> tuple[list[_Endpoint], list[_Endpoint]]:
+        """The endpoints a blob's ranges are spread over, and those tried after them, in order."""
+        spread = self._holders.get(blob) or self._base
+        return spread, [e for e in (*self._base, *self._fallbacks) if e not in spread]
+
     def prepare(self, blobs: Iterable[str]) -> None:
-        # Open the keep-alive connections of the first reachable endpoint up front, so that
-        # 'connect' is measured on its own and the first reads do not queue on handshakes.
-        for index, endpoint in enumerate(self._endpoints):
-            try:
-                for _ in range(self._connections):
-                    endpoint.idle.put(endpoint.connect())
+        # Open keep-alive connections to the nodes the reads will spread over up front, so
+        # that 'connect' is measured on its own and the first reads do not queue on handshakes.
+        spread: list[_Endpoint] = []
+        later: list[_Endpoint] = []
+        routes = [self._route(blob) for blob in blobs] or [(self._base, self._fallbacks)]
+        for first, rest in routes:
+            spread += [e for e in first if e not in spread]
+            later += [e for e in rest if e not in later]
+        each = max(2, -(-self._connections // len(spread)))
+        reached = [e for e in spread if self._open(e, each)]
+        if reached:
+            return
+        # None of them answers: the rest, in order, until one does (as the reads would).
+        for endpoint in later:
+            if endpoint not in spread and self._open(endpoint, self._connections):
                 return
-            except OSError as error:
-                self._mark_failed(index, f"{endpoint.base_url}: {error}")
         raise SourceError(
-            "no cache node reachable: "
-            + ", ".join(endpoint.base_url for endpoint in self._endpoints)
+            "no cache node reachable: " + ", ".join(e.base_url for e in self._endpoints.values())
         )
 
-    def _mark_failed(self, index: int, reason: str) -> None:
-        with self._lock:
-            first = index not in self._failed
-            self._failed.add(index)
-            if index < self._primaries and self.fallback_reason is None:
-                self.fallback_reason = reason
-        if first and index < self._primaries:
-            log.warning("cache node URL failed: %s; its ranges go to the others%s", reason,
-                        " (then the node's API)" if len(self._endpoints) > self._primaries else "")
+    def _open(self, endpoint: _Endpoint, count: int) -> bool:
+        try:
+            for _ in range(count):
+                endpoint.idle.put(endpoint.connect())
+        except OSError as error:
+            self._fail(endpoint, None, error)
+            log.warning("cache node %s is unreachable (%s): its ranges go to the others",
+                        endpoint.base_url, error)
+            return False
+        return True
 
-    def _order(self, blob: str, offset: int) -> list[int]:
-        count = self._primaries
-        first = (int(blob[:8], 16) + offset // (1 << 20)) % count if _is_hex(blob[:8]) else 0
-        rotated = [(first + i) % count for i in range(count)]
-        rotated += range(count, len(self._endpoints))  # the fallbacks, in their order
+    def _next(self, blob: str, offset: int, tried: Sequence[_Endpoint]) -> _Endpoint | None:
+        """The endpoint to read this range from next (counted in flight), or None: all tried."""
+        spread, rest = self._route(blob)
+        order = [*spread, *rest]
+        tie = zlib.crc32(f"{blob}:{offset}".encode())
         with self._lock:
-            failed = set(self._failed)
-        healthy = [i for i in rotated if i not in failed]
-        # Healthy base URLs first, then healthy fallbacks: the remaining ranges leave a base
-        # URL that failed; it is tried again only when nothing else is left.
-        return healthy + [i for i in rotated if i in failed]
+            candidates = []
+            for position, endpoint in enumerate(order):
+                if endpoint in tried:
+                    continue
+                if endpoint.down or blob in endpoint.missing:
+                    key = (2, 0, position)
+                elif position < len(spread):
+                    key = (0, endpoint.in_flight, (position + tie) % len(spread))
+                else:
+                    key = (1, 0, position)
+                candidates.append((key, position))
+            if not candidates:
+                return None
+            chosen = order[min(candidates)[1]]
+            chosen.in_flight += 1
+            return chosen
+
+    def _fail(self, endpoint: _Endpoint, blob: str | None, error: BaseException) -> str:
+        """Take ``endpoint`` out of the rotation (for ``blob`` only on a 4xx); the reason."""
+        status = error.details.get("status") if isinstance(error, RangeResponseError) else None
+        refused = blob if isinstance(status, int) and 400 <= status < 500 else None
+        reason = f"{endpoint.base_url}: {error}"
+        with self._lock:
+            if refused is not None:
+                endpoint.missing.add(refused)
+            else:
+                endpoint.down = True
+            if endpoint.first_failure is None:
+                endpoint.first_failure = f"blob {refused}: {error}" if refused else str(error)
+            if endpoint not in self._fallbacks and self.fallback_reason is None:
+                self.fallback_reason = reason
+        return reason
 
     def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
         if not buffer:
             return
-        failures = []
-        for index in self._order(blob, offset):
-            endpoint = self._endpoints[index]
+        tried: list[_Endpoint] = []
+        failures: list[str] = []
+        while (endpoint := self._next(blob, offset, tried)) is not None:
+            tried.append(endpoint)
             try:
                 self._read_from(endpoint, blob, offset, buffer)
             except (OSError, http.client.HTTPException) as error:
-                self._mark_failed(index, f"{endpoint.base_url}: {error}")
-                failures.append(f"{endpoint.base_url}: {error}")
+                failures.append(self._fail(endpoint, blob, error))
                 continue
-            if index >= self._primaries:
+            finally:
                 with self._lock:
+                    endpoint.in_flight -= 1
+            with self._lock:
+                endpoint.bytes_served += len(buffer)
+                if endpoint in self._fallbacks:
                     self.fallback_reads += 1
+                if failures:
+                    self.failovers += 1
+            if failures:
+                # Never a silent change of node: each range re-read elsewhere says so.
+                log.warning("blob %s bytes %d-%d re-read from %s after %s", blob, offset,
+                            offset + len(buffer) - 1, endpoint.base_url, "; ".join(failures))
             return
         raise SourceError(
             f"blob {blob} bytes {offset}-{offset + len(buffer) - 1}: every cache node failed: "
             + "; ".join(failures)
         )
+
+    def bytes_by_node(self) -> dict[str, int]:
+        """Bytes each node served to this source (whole digest chunks when verifying)."""
+        with self._lock:
+            return {e.base_url: e.bytes_served for e in self._endpoints.values() if e.bytes_served}
+
+    def failed_nodes(self) -> dict[str, str]:
+        """Each node that failed a read, with its first failure."""
+        with self._lock:
+            return {
+                e.base_url: e.first_failure
+                for e in self._endpoints.values()
+                if e.first_failure is not None
+            }
 
     def _read_from(self, endpoint: _Endpoint, blob: str, offset: int, buffer: memoryview) -> None:
         connection, reused = endpoint.take()
@@ -296,9 +397,9 @@ class HttpRangeSource:
                 f"expected 206 for bytes {offset}-{last}, got {response.status}",
                 status=response.status,
             )
-        expected = f"bytes {offset}-{last}/"
         content_range = response.getheader("Content-Range", "")
-        if not content_range.startswith(expected):
+        served = parse_content_range(content_range)
+        if served is None or (served.first, served.last) != (offset, last):
             raise RangeResponseError(
                 f"asked for bytes {offset}-{last}, got Content-Range {content_range!r}"
             )
@@ -314,9 +415,6 @@ class HttpRangeSource:
             raise RangeResponseError(f"body for bytes {offset}-{last} is longer than asked")
 
     def close(self) -> None:
-        for endpoint in self._endpoints:
+        for endpoint in self._endpoints.values():
             endpoint.close()
 
-
-def _is_hex(text: str) -> bool:
-    return bool(text) and all(c in "0123456789abcdef" for c in text)

@@ -15,13 +15,15 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import xxhash
-
+from loader.digests import chunk_digest
 from loader.errors import IntegrityError
 from loader.ranges import BlobDigests, ByteRange, ReadRequest, plan_requests
-from loader.sinks import Sink
 from loader.sources import Source
+
+if TYPE_CHECKING:  # only annotations: the sinks need torch, the engine itself does not
+    from loader.sinks import Sink
 
 __all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "StreamReport", "stream"]
 
@@ -52,6 +54,17 @@ class StreamReport:
     def gb_per_s(self) -> float:
         """Delivered bytes per second of streaming, in GB/s (10^9)."""
         return self.bytes_delivered / self.stream_s / 1e9 if self.stream_s > 0 else 0.0
+
+    def add(self, part: StreamReport) -> None:
+        """Count another stream's bytes and time in this one (a load streamed in batches)."""
+        self.connect_s += part.connect_s
+        self.stream_s += part.stream_s
+        self.verify_s += part.verify_s
+        self.bytes_delivered += part.bytes_delivered
+        self.bytes_read += part.bytes_read
+        self.requests += part.requests
+        self.workers = part.workers
+        self.verified_chunks += part.verified_chunks
 
     def as_dict(self) -> dict[str, float | int]:
         """The report as plain JSON-able numbers."""
@@ -139,7 +152,7 @@ def _run(
 
 def _check(request: ReadRequest, view: memoryview, report: StreamReport) -> None:
     started = time.perf_counter()
-    actual = xxhash.xxh3_128_hexdigest(view)
+    actual = chunk_digest(view)
     elapsed = time.perf_counter() - started
     with report._lock:
         report.verify_s += elapsed

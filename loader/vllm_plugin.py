@@ -130,7 +130,7 @@ def open_rank_session(
     options: dict[str, Any], *, tp_size: int, rank: int, device: torch.device
 ) -> Any:
     """The rank's leased session (manifest and byte source) from the loader's options."""
-    from loader.load import RankSession
+    from loader.session import RankSession
 
     local_dir = options.get("local_dir")
     return RankSession(
@@ -150,7 +150,7 @@ def fill_from_manifest(
     """Fill ``model`` from the session's manifest (the rank shard, or full tensors through
     ``model.load_weights``); returns how, in words."""
     from loader.devices import model_device
-    from loader.load import iter_tensors, stream_into, tensor_keys
+    from loader.manifest_stream import iter_tensors, stream_into, tensor_keys
     from loader.vllm_weights import (
         check_all_filled,
         check_layout,

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from loader.errors import LoaderError
+from loader.errors import WeightMismatch
 
 __all__ = [
     "ENGINE_LAYOUT",
@@ -58,17 +57,6 @@ _PARTS_OF = {
 #: Checkpoint tensors vLLM's Llama-family ``load_weights`` skips: rotary caches some old
 #: checkpoints carry. vLLM computes them; they are buffers, not parameters.
 _SKIPPED_BY_VLLM = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
-
-class WeightMismatch(LoaderError, ValueError):
-    """A shard tensor has no home in the model, does not fit it, or a parameter stays empty.
-
-    ``code``: ``no_parameter``, ``shape_mismatch``, ``fused_rows``, ``unfilled``,
-    ``not_contiguous``, ``misaligned`` or ``layout``.
-    """
-
-    def __init__(self, message: str, *, code: str, **details: Any) -> None:
-        super().__init__(f"{message} [{code}]", code=code, **details)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,12 @@ import pytest
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Fixtures that start real servers, available to every test module.
-pytest_plugins = ["tests.fixtures.hf_hub", "tests.fixtures.seaweed"]
+pytest_plugins = [
+    "tests.fixtures.browser",
+    "tests.fixtures.hf_hub",
+    "tests.fixtures.redis_server",
+    "tests.fixtures.seaweed",
+]
 
 
 @pytest.fixture

@@ -218,7 +218,14 @@ class CacheMachine(RuleBasedStateMachine):
                 if state == "evicted" and before.get(p, ("",))[0] != "evicted"
             }
             assert not newly, f"a 507 evicted {newly}"
-            if before.get(pipeline, ("",))[0] == "warm":  # the new spec failed beside it
+            # A fill that was about to finish may finish on the loop's turn that runs the
+            # registration: then the pipeline was warm when the node looked, and the new spec
+            # failed beside it (same generation), as if it had been warm before.
+            was_warm = before.get(pipeline, ("",))[0] == "warm" or (
+                after[pipeline][0] == "warm"
+                and after[pipeline][2] == before.get(pipeline, ("", None, -1))[2]
+            )
+            if was_warm:  # the new spec failed beside it
                 assert after[pipeline][0] == "warm"
                 status = pipeline_status(self.node, self.node.record(DEFAULT_TENANT, pipeline))
                 assert status.last_attempt is not None
@@ -467,7 +474,11 @@ class CacheMachine(RuleBasedStateMachine):
 @pytest.mark.timeout(900)  # a few minutes on two cores; more when they are shared
 def test_cache_state_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """≥ 2,000 steps of random operations with every invariant checked after each."""
-    _run_machine(tmp_path, monkeypatch, examples=EXAMPLES, min_steps=MIN_STEPS)
+    # The same examples every run (CI must not pass or fail by the draw); the long run below
+    # explores new ones each time.
+    _run_machine(
+        tmp_path, monkeypatch, examples=EXAMPLES, min_steps=MIN_STEPS, derandomize=True
+    )
 
 
 @pytest.mark.slow
@@ -478,7 +489,12 @@ def test_cache_state_machine_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def _run_machine(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, examples: int, min_steps: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    examples: int,
+    min_steps: int,
+    derandomize: bool = False,
 ) -> None:
     monkeypatch.setattr(anyio.to_thread, "run_sync", _inline_run_sync)
     pool = _build_pool(tmp_path / "pool")
@@ -497,6 +513,7 @@ def _run_machine(
             stateful_step_count=STEPS_PER_EXAMPLE,
             deadline=None,
             database=None,
+            derandomize=derandomize,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )

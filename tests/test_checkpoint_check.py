@@ -20,7 +20,7 @@ import pytest
 from clients.cli import main as cli_main
 from clients.seaweed import SeaweedServer
 from loader.errors import NoWeightsError
-from loader.load import load
+from loader.loading import load
 from tests.fixtures.counting_proxy import CountingProxy
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import running_node, wait_for_state

@@ -86,6 +86,31 @@ def test_launch_arguments_after_the_separator_belong_to_the_engine() -> None:
     assert args.command == ["vllm", "serve"]
 
 
+def test_the_cli_imports_server_code_only_inside_serve_and_demo() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clients.cli\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', "
+        "'uvicorn', 'aiohttp', 'diskcache', 'boto3', 'botocore', 'aiobotocore', 'cache_node'})\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_a_file_outside_the_destination_is_refused(tmp_path: Path) -> None:
+    from clients.client import Client
+    from clients.errors import ClientError
+    from clients.pull import fetch_file
+
+    with Client("http://127.0.0.1:9") as client:  # refused before any request
+        for relative in ("../escape", "/etc/passwd", "a/../../b"):
+            with pytest.raises(ClientError, match="unsafe path"):
+                fetch_file(client, tmp_path / "dest", relative, blob="0" * 64, size=0)
+    assert not (tmp_path / "escape").exists()
+
+
 def test_unreachable_node_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--url", "http://127.0.0.1:9", "status"]) == EXIT_FAILURE
     assert "unreachable: cannot reach the node" in capsys.readouterr().err

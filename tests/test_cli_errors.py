@@ -5,6 +5,8 @@ The CLI runs as users run it: the ``weightcache`` module in a subprocess, its st
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +28,8 @@ from clients.errors import (
     NotWarmError,
     RateLimitedError,
     ServerError,
+    UsageError,
+    WarmFailed,
     raise_for_status,
 )
 from loader import errors as loader_errors
@@ -42,12 +46,14 @@ def weightcache(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    """The command ended with ``code`` and said why in exactly one line, ``error: CODE: ...``."""
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines, "no message at all"
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
     for word in words:
-        assert word in result.stderr, result.stderr
+        assert word in lines[0], result.stderr
 
 
 @pytest.mark.parametrize(
@@ -57,10 +63,13 @@ def assert_one_clear_line(result: subprocess.CompletedProcess[str], code: int, *
         (["load", "p", "--device", "cuda:0"], ["--device cuda:0", "no cuda device"]),
         (["load", "p", "--device", "nonsense:x"], ["--device"]),
         (["launch", "p"], ["launch needs the engine command", "vllm serve"]),
+        (["launch", "p", "--"], ["launch needs the engine command", "launch --help"]),
+        (["status", "--", "x"], ["unexpected arguments after --"]),
         (["serve", "--capacity", "10XB", "--data-dir", "/nonexistent/x"], ["--capacity"]),
         (["register", "p", "--model", "no-equals"], ["NAME=SOURCE"]),
         (["register", "p", "--model", "m=s3://b/k", "--tp", "x"], ["--tp"]),
         (["no-such-command"], ["invalid choice"]),
+        ([], ["required"]),
     ],
 )
 def test_usage_errors(argv: list[str], words: list[str]) -> None:
@@ -77,6 +86,8 @@ def test_version() -> None:
     result = weightcache("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("weightcache ")
+    assert len(result.stdout.splitlines()) == 1
+    assert not result.stderr
 
 
 def test_help_documents_the_exit_codes() -> None:
@@ -104,9 +115,35 @@ def test_url_and_token_before_or_after_the_subcommand(tmp_path: Path) -> None:
         assert_one_clear_line(missing, EXIT_REFUSED, "not_found")
 
 
-def test_unreachable_node_is_a_failure() -> None:
-    result = weightcache("status", "--url", "http://127.0.0.1:9")
+@pytest.mark.parametrize("command", [["status"], ["load", "p"], ["pull", "p", "--dest", "d"]])
+def test_unreachable_node_is_a_failure(command: list[str]) -> None:
+    result = weightcache(*command, "--url", "http://127.0.0.1:9")
     assert_one_clear_line(result, EXIT_FAILURE, "unreachable", "127.0.0.1:9")
+
+
+def test_a_refusing_node_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({
+        "tokens": {"tok-a": "team-a"},
+        "tenants": {"team-a": {"sources": [f"file://{models}/"]}},
+    }))
+    with running_node(data_dir=tmp_path / "data", tokens_file=tokens) as node:
+        connect = ["--url", node.url, "--token", "tok-a"]
+        # a permanent failure (the source is not there), so the pipeline stays not warm
+        gone = weightcache(*connect, "register", "gone", "--model",
+                           f"llm=file://{models / 'missing'}", "--wait")
+        assert gone.returncode == EXIT_FAILURE, gone.stderr
+        for argv, words in (
+            (["status", "--token", "wrong"], ["unauthorized"]),  # 401
+            (["register", "p", "--model", f"llm=file://{tmp_path / 'other'}"],  # 403
+             ["source_not_allowed"]),
+            (["load", "nope"], ["not_found", "nope"]),  # 404
+            (["load", "gone"], ["origin_not_found", "gone"]),  # 409 not_warm: why it is not
+        ):
+            result = weightcache(*connect, *argv)
+            assert_one_clear_line(result, EXIT_REFUSED, *words)
 
 
 def _answer(status: int, code: str = "", **extra: object) -> httpx.Response:
@@ -145,6 +182,8 @@ def test_the_loader_raises_the_same_classes() -> None:
     # one tree: the loader's names are the client's classes, not look-alikes
     assert loader_errors.NotWarmError is NotWarmError
     assert loader_errors.ServerError is ServerError
+    assert issubclass(loader_errors.LaunchError, UsageError)
+    assert WarmFailed.exit_code == EXIT_FAILURE
     with pytest.raises(NotWarmError) as caught:
         raise_for_status(_answer(409, "not_warm", state="cold"))
     assert caught.value.state == "cold"
@@ -160,3 +199,20 @@ def test_a_data_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
         result = weightcache("serve", "--data-dir", str(tmp_path / "d"), "--port", "0",
                              "--data-port", str(port), "--data-workers", "1")
     assert_one_clear_line(result, EXIT_FAILURE, "data plane", str(port), "--data-port")
+
+
+def test_every_client_side_error_class_is_in_an_errors_module() -> None:
+    # One tree per package, drawn in its errors.py: an error class defined anywhere else in
+    # clients/ or loader/ would be a second world (a look-alike NotWarmError, say).
+    defined: dict[str, list[str]] = {}
+    for package in ("clients", "loader"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.name.endswith(
+                    ("Error", "Failed", "Mismatch")
+                ):
+                    defined.setdefault(node.name, []).append(f"{package}/{path.name}")
+    assert defined
+    for name, where in defined.items():
+        assert len(where) == 1, (name, where)
+        assert where[0].endswith("/errors.py"), (name, where)

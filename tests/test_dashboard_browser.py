@@ -11,54 +11,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import torch
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page
 
 from api.schema import CaptureKey
 from loader.captures import CaptureClient, CapturePayload
-from loader.load import load
+from loader.loading import load
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 from tests.fixtures.tiny_llama import make_tiny_llama
 from tests.fixtures.weights import safetensors_bytes
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TOKENS = {"tok-a": "team-a", "tok-b": "team-b"}
 KiB = 1024
 STALLED_FILES = 16
 STALL_S = 1.5
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: the dashboard test needs Debian's chromium "
-            "(`make system-deps` installs it: apt-get install -y chromium)"
-        )
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
 
 
 def _hub_repos(hub: FixtureHub) -> None:
@@ -255,7 +227,7 @@ def test_dashboard_shows_states_progress_and_failures_for_one_tenant(
             assert page.locator(".card").count() == 1
             # "Warm now" re-warms it by hand, whatever its retry_at says: the origin is asked
             asked = hub.requests("model-fault-500.safetensors")
-            summarizer.locator("button[data-warm]").click()
+            summarizer.locator('button[data-action="warm"]').click()
             _wait_until(lambda: hub.requests("model-fault-500.safetensors") > asked,
                         "Warm now did not reach the origin")
             page.click('[data-filter="all"]')

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loader.load import load, load_all_ranks
+from loader.loading import load, load_all_ranks
 from tests.fixtures.node_server import running_node, wait_for_state
 from tests.fixtures.tiny_llama import make_tiny_llama
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from loader.launcher import LaunchError, launch, launch_command
+from loader.errors import LaunchError
+from loader.launcher import launch, launch_command
 from tests.fixtures.node_server import running_node, wait_for_state
 from tests.fixtures.tiny_llama import make_tiny_llama
 

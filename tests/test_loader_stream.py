@@ -16,7 +16,7 @@ import xxhash
 from api.schema import Manifest, ManifestBlob, ManifestTensor
 from loader.errors import IntegrityError, SourceError
 from loader.layout import plan_layout, tensor_view
-from loader.load import load_manifest, tensor_keys
+from loader.manifest_stream import load_manifest, tensor_keys
 from loader.ranges import BlobDigests, ByteRange, plan_requests
 from loader.safetensors_format import read_header
 from loader.sinks import RingSink, staging_pool
@@ -376,7 +376,7 @@ def test_verify_catches_a_bit_flipped_in_transit(
 
 def test_loader_imports_without_server_dependencies() -> None:
     code = (
-        "import sys, loader, loader.load\n"
+        "import sys, loader, loader.loading\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', "
         "'uvicorn', 'diskcache', 'boto3', 'botocore', 'aiobotocore', 'cache_node', "
         "'safetensors'})\n"

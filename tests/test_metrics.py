@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loader.load import load
+from loader.loading import load
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import running_node, wait_for_state
 

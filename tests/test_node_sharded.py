@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from loader.load import load
+from loader.loading import load
 from tests.fixtures.node_server import running_node, wait_for_state
 from tests.fixtures.tiny_llama import make_tiny_llama
 

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from cache_node.errors import IntegrityError, OriginError, OriginNotFound, OriginUnauthorized
 from cache_node.origins.base import OriginFile, Snapshot, SourceRef, parse_source
-from cache_node.origins.s3 import CHUNK_SIZE, S3Origin
+from cache_node.origins.s3 import PIECE_SIZE, S3Origin
 from cache_node.settings import S3Settings
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.seaweed import SeaweedServer, free_ports
@@ -201,7 +201,7 @@ async def test_malformed_manifest_fails_resolve(
 async def test_read_range_returns_exactly_the_asked_bytes(
     seaweed: SeaweedServer, bucket: str, open_origin: MakeOrigin, proxy: CountingProxy
 ) -> None:
-    data = os.urandom(2 * CHUNK_SIZE + 12345)
+    data = os.urandom(2 * PIECE_SIZE + 12345)
     seaweed.put(bucket, "r/w.safetensors", data)
     origin = open_origin(f"s3://{bucket}/r")
     (file,) = (await origin.resolve()).files
@@ -211,7 +211,7 @@ async def test_read_range_returns_exactly_the_asked_bytes(
         proxy.reset_counts()
         chunks = await read(origin, file, start, end)
         assert b"".join(chunks) == data[start:end]
-        assert all(0 < len(chunk) <= CHUNK_SIZE for chunk in chunks)
+        assert all(0 < len(chunk) <= PIECE_SIZE for chunk in chunks)
         assert proxy.gets(f"/{bucket}/r/w.safetensors") == 1
         assert proxy.bytes_sent(f"/{bucket}/r/w.safetensors") == end - start
 
@@ -351,18 +351,18 @@ async def test_server_errors_are_retryable_with_retry_after(
 async def test_a_reset_mid_body_is_retryable_and_never_overshoots(
     seaweed: SeaweedServer, bucket: str, open_origin: MakeOrigin, proxy: CountingProxy
 ) -> None:
-    data = os.urandom(3 * CHUNK_SIZE)
+    data = os.urandom(3 * PIECE_SIZE)
     seaweed.put(bucket, "x/w.safetensors", data)
     origin = open_origin(f"s3://{bucket}/x")
     (file,) = (await origin.resolve()).files
 
-    proxy.add_fault(Fault(match="x/w.safetensors", reset_after=CHUNK_SIZE + 100))
+    proxy.add_fault(Fault(match="x/w.safetensors", reset_after=PIECE_SIZE + 100))
     received: list[bytes] = []
     with pytest.raises(OriginError) as caught:
         await read_into(origin, file, 0, file.size, received)
     assert caught.value.retryable
     got = b"".join(received)
-    assert len(got) <= CHUNK_SIZE + 100
+    assert len(got) <= PIECE_SIZE + 100
     assert got == data[: len(got)]
 
     # Resuming where it stopped gives the rest.

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loader.load import load_manifest, stream_into
+from loader.manifest_stream import load_manifest, stream_into
 from loader.sources import LocalFileSource
 from loader.vllm_plugin import load_rank_into
 from tests.fixtures.node_server import running_node, wait_for_state

@@ -49,7 +49,8 @@ from api.embedded import free_port
 from clients.errors import ClientError
 from clients.seaweed import SeaweedServer
 from loader.errors import IntegrityError as LoaderIntegrityError
-from loader.load import load, tensor_keys
+from loader.loading import load
+from loader.manifest_stream import tensor_keys
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.tiny_llama import make_tiny_llama
 

@@ -12,7 +12,8 @@ import pytest
 
 from cache_node.errors import InsufficientStorage, IntegrityError, NotFound
 from cache_node.metadata import DiskcacheKeyValue
-from cache_node.store import BlobStore, chunk_digests
+from cache_node.store import BlobStore
+from loader.digests import chunk_digests
 
 KiB = 1024
 

@@ -11,29 +11,38 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.blob_stream import BlobBody, StreamSlots
-from api.deps import Node, Tenant
+from api.deps import BlobReader, Node
 from api.errors import error_response
 from api.ranges import plan_blob_response
+from cache_node.region.peer_auth import Peer
 from cache_node.store import check_sha256
 
 router = APIRouter(tags=["blobs"])
 
 
 @router.get("/v1/blobs/{sha256}", response_model=None)
-async def get_blob(sha256: str, request: Request, node: Node, tenant: Tenant) -> Response:
-    """The blob's bytes, 200 or 206; 404 unless a pipeline of the caller's tenant holds it."""
-    return await _answer(sha256, request, node, tenant)
+async def get_blob(sha256: str, request: Request, node: Node, reader: BlobReader) -> Response:
+    """The blob's bytes, 200 or 206; 404 unless a pipeline of the caller's tenant holds it
+    (a region peer, authenticated by the region secret, reads any blob this node holds)."""
+    return await _answer(sha256, request, node, reader)
 
 
 @router.head("/v1/blobs/{sha256}", response_model=None)
-async def head_blob(sha256: str, request: Request, node: Node, tenant: Tenant) -> Response:
+async def head_blob(sha256: str, request: Request, node: Node, reader: BlobReader) -> Response:
     """The headers ``GET`` would send (without applying a Range), and no body."""
-    return await _answer(sha256, request, node, tenant)
+    return await _answer(sha256, request, node, reader)
 
 
-async def _answer(sha256: str, request: Request, node: Node, tenant: str) -> Response:
+async def _answer(sha256: str, request: Request, node: Node, reader: str | Peer) -> Response:
     # the registry's blob index and the store's record: metadata reads, in a worker thread
-    record = await run_in_threadpool(node.authorize_blob, tenant, check_sha256(sha256))
+    check_sha256(sha256)
+    if isinstance(reader, Peer):
+        assert node.region is not None  # a Peer is authenticated only by a node's region
+        record = await run_in_threadpool(node.region.blob_for_peer, sha256)
+        tenant = f"peer {reader.node_id}"  # its stream slots (not a tenant: a space in it)
+    else:
+        tenant = reader
+        record = await run_in_threadpool(node.authorize_blob, tenant, sha256)
     answer = plan_blob_response(
         method=request.method,
         range_fields=request.headers.getlist("range"),

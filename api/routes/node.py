@@ -40,17 +40,26 @@ async def readyz(request: Request, node: Node) -> dict[str, Any] | JSONResponse:
 
     The reasons come from the node itself (its disk) and from ``app.state.readiness_checks``
     (callables returning None or a ``{"code", "message"}`` dict), so each part adds its own.
+    ``warnings`` (same shape, from ``app.state.readiness_warnings``) name what an operator
+    should fix while the node keeps serving, such as a tokens file that does not parse
+    (``tokens_file_invalid``); the key is there only when there are some.
     """
     checks: list[Callable[[], dict[str, Any] | None]] = request.app.state.readiness_checks
+    warn: list[Callable[[], dict[str, Any] | None]] = request.app.state.readiness_warnings
     reasons = [
         {"code": code, "message": _READINESS_MESSAGES.get(code, code)}
         for code in await anyio.to_thread.run_sync(node.readiness_problems)
     ]
     reasons += [reason for check in checks if (reason := check()) is not None]
+    warnings = await anyio.to_thread.run_sync(  # they may read files
+        lambda: [w for check in warn if (w := check()) is not None]
+    )
+    body: dict[str, Any] = {"node_id": node.settings.node_id}
+    if warnings:
+        body["warnings"] = warnings
     if reasons:
-        body = {"status": "degraded", "node_id": node.settings.node_id, "reasons": reasons}
-        return JSONResponse(body, status_code=503)
-    return {"status": "ready", "node_id": node.settings.node_id}
+        return JSONResponse({"status": "degraded", **body, "reasons": reasons}, status_code=503)
+    return {"status": "ready", **body}
 
 
 @router.get("/metrics")

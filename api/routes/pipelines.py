@@ -1,4 +1,4 @@
-"""``/v1/pipelines``: register, list, show, warm, evict, delete.
+"""``/v1/pipelines``: register, list, show, warm, evict, delete, pin and unpin.
 
 Reads are plain ``def`` handlers (worker threads: a status reads metadata and stats blobs);
 the async ones await the node and build their answer in a thread too."""
@@ -50,6 +50,23 @@ async def evict(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> Pipeline
     return await anyio.to_thread.run_sync(
         lambda: pipeline_status(node, node.record(tenant, pipeline_id))
     )
+
+
+@router.post("/{pipeline_id}/pin", response_model=PipelineStatus)
+async def pin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Never evict this pipeline (its spec's ``pinned``, set in place: nothing re-fetched).
+
+    On the event loop, like the warm jobs' saves: a pin read and written in a worker thread
+    could land between a job's read of the stored record and its write, and be lost."""
+    record = node.set_pinned(tenant, pipeline_id, pinned=True)
+    return await anyio.to_thread.run_sync(pipeline_status, node, record)
+
+
+@router.post("/{pipeline_id}/unpin", response_model=PipelineStatus)
+async def unpin(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> PipelineStatus:
+    """Let the eviction policy consider this pipeline again (on the loop, as ``pin``)."""
+    record = node.set_pinned(tenant, pipeline_id, pinned=False)
+    return await anyio.to_thread.run_sync(pipeline_status, node, record)
 
 
 @router.delete("/{pipeline_id}", status_code=204)

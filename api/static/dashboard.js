@@ -1,4 +1,5 @@
-// weightcache dashboard: polls the node's JSON API once a second and renders it.
+// weightcache dashboard: polls the node's JSON API once a second, renders it, and acts on one
+// pipeline at a time (warm, pin, unpin, evict, delete) through the same API, as the token's tenant.
 // Plain browser JavaScript, no dependencies. Every string from the API goes through esc().
 (() => {
   "use strict";
@@ -19,8 +20,12 @@
 
   const $ = (id) => document.getElementById(id);
 
+  // The token lives in this tab's session storage only: it goes when the tab closes. A copy an
+  // older version of this page left in local storage is removed, never read.
+  localStorage.removeItem(TOKEN_KEY);
+
   const view = {
-    token: localStorage.getItem(TOKEN_KEY) || "",
+    token: sessionStorage.getItem(TOKEN_KEY) || "",
     filter: "all",
     query: "",
     node: null,
@@ -28,7 +33,11 @@
     loads: [],
     lastOk: 0,
     waitingForToken: false,
+    authError: null, // the node's answer to a request without a (good) token: {status, code, message}
+    busy: new Set(), // pipeline keys with an action in flight
+    actionErrors: new Map(), // pipeline key -> {verb, status, code, message}
     timer: 0,
+    toastTimer: 0,
     cards: new Map(), // pipeline key -> {el, head, rest, fill, meta, html}
   };
 
@@ -111,67 +120,196 @@
 
   // ------------------------------------------------------------------ API
 
+  // An answer that is not 2xx, with the code and message of the node's JSON error body
+  // ({"error": {"code", "message", ...}}), or what the answer itself says when it has none.
   class HttpError extends Error {
-    constructor(status, body) {
-      super((body && body.error && body.error.message) || `HTTP ${status}`);
+    constructor(status, body, statusText) {
+      const error = body && typeof body === "object" && body.error && typeof body.error === "object" ? body.error : {};
+      super(String(error.message || statusText || `HTTP ${status}`));
       this.status = status;
+      this.code = String(error.code || `http_${status}`);
     }
   }
 
-  async function api(path) {
+  // A request that got no answer at all (network down, node gone, too slow).
+  function unreachable(error) {
+    const timedOut = error && error.name === "AbortError";
+    const failure = new Error(timedOut ? `no answer within ${TIMEOUT_MS / 1000} s` : `the node did not answer (${error && error.message ? error.message : error})`);
+    failure.status = 0;
+    failure.code = timedOut ? "timeout" : "unreachable";
+    return failure;
+  }
+
+  async function request(method, path) {
     const headers = { Accept: "application/json" };
     if (view.token) headers.Authorization = `Bearer ${view.token}`;
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(), TIMEOUT_MS);
+    let response;
     try {
-      const response = await fetch(path, { headers, signal: controller.signal, cache: "no-store" });
-      if (!response.ok) {
-        throw new HttpError(response.status, await response.json().catch(() => null));
-      }
-      return await response.json();
+      response = await fetch(path, { method, headers, signal: controller.signal, cache: "no-store" });
+    } catch (error) {
+      throw unreachable(error);
     } finally {
       clearTimeout(timer);
     }
-  }
-
-  async function post(path) {
-    const headers = { Accept: "application/json" };
-    if (view.token) headers.Authorization = `Bearer ${view.token}`;
-    const response = await fetch(path, { method: "POST", headers, cache: "no-store" });
-    if (!response.ok) throw new HttpError(response.status, await response.json().catch(() => null));
+    if (!response.ok) {
+      throw new HttpError(response.status, await response.json().catch(() => null), response.statusText);
+    }
+    if (response.status === 204) return null;
     return response.json().catch(() => null);
   }
 
-  // "Warm now": after an eviction or a failure (whatever retry_at says), or a failed new spec
-  async function warmNow(button) {
-    button.disabled = true;
-    try {
-      await post(`/v1/pipelines/${encodeURIComponent(button.dataset.warm)}/warm`);
-    } catch (error) {
-      button.title = String(error && error.message ? error.message : error);
+  const api = (path) => request("GET", path);
+
+  // ------------------------------------------------------------------ actions
+
+  const ACTIONS = {
+    warm: { method: "POST", suffix: "/warm", label: "Warm now", done: "warming" },
+    pin: { method: "POST", suffix: "/pin", label: "Pin", done: "pinned" },
+    unpin: { method: "POST", suffix: "/unpin", label: "Unpin", done: "unpinned" },
+    evict: {
+      method: "POST", suffix: "/evict", label: "Evict", done: "evicted", danger: true,
+      confirm: (id) => [`Evict ${id}?`, `This frees the bytes of pipeline ${id} on this node. It stays registered (evicted) and warms again on request; replicas starting meanwhile wait for it.`],
+    },
+    delete: {
+      method: "DELETE", suffix: "", label: "Delete", done: "deleted", danger: true,
+      confirm: (id) => [`Delete ${id}?`, `This forgets pipeline ${id}: its registration, its history and every byte no other pipeline holds. Registering it again fetches it again.`],
+    },
+  };
+
+  function actionPath(verb, id, tenant) {
+    return `/v1/pipelines/${encodeURIComponent(id)}${ACTIONS[verb].suffix}?tenant=${encodeURIComponent(tenant)}`;
+  }
+
+  // Resolves true when the person confirms, false on Cancel or Escape.
+  function confirmAction(title, text, label) {
+    const dialog = $("confirm-dialog");
+    $("confirm-title").textContent = title;
+    $("confirm-text").textContent = text;
+    $("confirm-ok").textContent = label;
+    return new Promise((resolve) => {
+      const finish = (answer) => {
+        $("confirm-form").removeEventListener("submit", onSubmit);
+        $("confirm-cancel").removeEventListener("click", onCancel);
+        dialog.removeEventListener("close", onClose);
+        if (dialog.open) dialog.close();
+        resolve(answer);
+      };
+      const onSubmit = (event) => { event.preventDefault(); finish(true); };
+      const onCancel = () => finish(false);
+      const onClose = () => finish(false);
+      $("confirm-form").addEventListener("submit", onSubmit);
+      $("confirm-cancel").addEventListener("click", onCancel);
+      dialog.addEventListener("close", onClose);
+      dialog.showModal();
+      $("confirm-cancel").focus(); // the safe answer is the default one
+    });
+  }
+
+  async function runAction(button) {
+    const { action: verb, id, tenant } = button.dataset;
+    const spec = ACTIONS[verb];
+    const key = `${tenant}/${id}`;
+    if (!spec || view.busy.has(key)) return;
+    if (spec.confirm) {
+      const [title, text] = spec.confirm(id);
+      if (!(await confirmAction(title, text, spec.label))) return;
     }
-    poll();
+    view.busy.add(key);
+    view.actionErrors.delete(key);
+    renderCards();
+    try {
+      await request(spec.method, actionPath(verb, id, tenant));
+      toast(`${id}: ${spec.done}`);
+    } catch (error) {
+      // never silent: the node's own code and message stay on the card until dismissed
+      view.actionErrors.set(key, { verb, status: error.status || 0, code: error.code || "error", message: error.message });
+      if (error.status === 401) showAuthError(error);
+    } finally {
+      view.busy.delete(key);
+    }
+    renderCards();
+    if (!view.waitingForToken) poll();
+  }
+
+  function toast(text) {
+    const el = $("toast");
+    el.textContent = text;
+    el.hidden = false;
+    clearTimeout(view.toastTimer);
+    view.toastTimer = setTimeout(() => { el.hidden = true; }, 4000);
+  }
+
+  // ------------------------------------------------------------------ auth
+
+  function forgetTenantData() {
+    for (const card of view.cards.values()) card.el.remove();
+    view.cards.clear();
+    view.pipelines = [];
+    view.loads = [];
+    view.actionErrors.clear();
+    // the figures drawn from them go too: they were the last tenant's
+    for (const id of ["st-warm", "st-leases"]) $(id).textContent = "–";
+    renderFilters();
+    renderChart();
+  }
+
+  // The node would not say (a 401): its figures are not shown from an earlier answer either.
+  function forgetNodeData() {
+    view.node = null;
+    for (const id of ["node-id", "node-region", "node-version"]) $(id).textContent = "…";
+    for (const id of ["st-used", "st-reserved", "st-free", "st-capacity", "st-inflight", "st-partials", "st-quarantined"]) {
+      $(id).textContent = "–";
+      delete $(id).dataset.bytes;
+    }
+    for (const id of ["seg-used", "seg-reserved"]) $(id).style.width = "0";
+    for (const id of ["wm-low", "wm-high"]) $(id).hidden = true;
+    $("storage-note").textContent = "";
+  }
+
+  // The node refused the token (or the lack of one): show its answer, show nothing of a tenant.
+  function showAuthError(error) {
+    view.authError = { status: error.status, code: error.code, message: error.message };
+    forgetTenantData();
+    forgetNodeData();
+    $("banner-title").textContent = view.token
+      ? "This node did not accept the token: nothing can be shown or done with it."
+      : "This node needs a token: without one, nothing can be shown or done.";
+    $("banner-code").textContent = `${error.code} (HTTP ${error.status})`;
+    $("banner-message").textContent = error.message;
+    $("banner").hidden = false;
+    $("empty").hidden = true;
+  }
+
+  function clearAuthError() {
+    view.authError = null;
+    $("banner").hidden = true;
   }
 
   async function poll() {
     clearTimeout(view.timer);
     try {
-      const [node, list, loads] = await Promise.all([
+      const [node, list, loads, region] = await Promise.all([
         api("/v1/node"),
         api("/v1/pipelines"),
         api(`/v1/loads?limit=${CHART_BARS + 20}`).catch((error) => {
           if (error instanceof HttpError && error.status === 401) throw error;
           return { loads: [] }; // history is a nicety: never let it blank the page
         }),
+        api("/v1/region").catch(() => null), // an older node has no region view
       ]);
+      view.region = region;
       view.node = node;
       view.pipelines = list.pipelines || [];
       view.loads = loads.loads || [];
       view.lastOk = Date.now();
+      clearAuthError();
       render();
       setLive("ok");
     } catch (error) {
       if (error instanceof HttpError && error.status === 401) {
+        showAuthError(error);
         askForToken(view.token ? "That token was not accepted by this node." : null);
         setLive("auth");
         return; // polling resumes when a token is saved
@@ -220,7 +358,11 @@
     $("st-reserved").textContent = fmtBytes(node.reserved);
     $("st-free").textContent = fmtBytes(node.free);
     $("st-capacity").textContent = fmtBytes(cap);
-    $("st-temp").textContent = fmtBytes(node.temp || 0);
+    // in flight: what running fills wrote so far; idle partials are leftovers kept to resume
+    for (const [id, bytes] of [["st-inflight", node.in_flight || 0], ["st-partials", node.temp || 0]]) {
+      $(id).textContent = fmtBytes(bytes);
+      $(id).dataset.bytes = String(bytes);
+    }
     $("st-quarantined").textContent = fmtBytes(node.quarantined || 0);
     $("st-quarantined").classList.toggle("alarm", Boolean(node.quarantined));
     const warm = view.pipelines.filter((p) => p.state === "warm").length;
@@ -400,11 +542,64 @@
     return `<table class="loads"><thead><tr><th>when</th><th>shard</th><th class="col-device">device</th><th class="col-via">via</th><th class="num">bytes</th><th class="num">total</th><th class="num">speed</th><th class="stages">stages</th></tr></thead><tbody>${rows}</tbody></table>`;
   }
 
+  // A model with no files yet is being resolved only while the pipeline warms; a failed (or
+  // evicted) one never got that far, and saying "resolving…" there would be a lie.
+  function unresolved(state) {
+    return state === "warming" ? "resolving…" : "not resolved";
+  }
+
+  // The node sets retry_at only when it will retry (a failed pipeline, retries on); a time in
+  // the past means the retry is starting now.
+  function retrying(error, state) {
+    return state === "failed" && Boolean(error.retry_at);
+  }
+
+  function retryText(error, state) {
+    if (retrying(error, state)) {
+      const when = fmtClock(error.retry_at);
+      return error.retry_at * 1000 > Date.now()
+        ? `retries ${fmtRelative(error.retry_at)} (${when})`
+        : `retry due now (${when})`;
+    }
+    return `no automatic retry: ${error.action || "fix the cause, then warm it again"}`;
+  }
+
+  function actionButton(p, verb, disabled) {
+    const spec = ACTIONS[verb];
+    return `<button type="button" class="action${spec.danger ? " danger" : ""}" data-action="${verb}" data-id="${esc(p.id)}" data-tenant="${esc(p.tenant)}"${disabled ? " disabled" : ""}>${esc(spec.label)}</button>`;
+  }
+
+  function actionsRow(p) {
+    const busy = view.busy.has(cardKey(p));
+    const disabled = busy || Boolean(view.authError);
+    const verbs = [];
+    if (["failed", "evicted", "cold"].includes(p.state) || (p.last_attempt && p.state === "warm")) verbs.push("warm");
+    verbs.push(p.pinned ? "unpin" : "pin");
+    if (p.state !== "evicted") verbs.push("evict");
+    verbs.push("delete");
+    const working = busy ? '<span class="action-busy">working…</span>' : "";
+    return `<div class="actions">${verbs.map((verb) => actionButton(p, verb, disabled)).join("")}${working}</div>`;
+  }
+
+  function actionError(p) {
+    const failure = view.actionErrors.get(cardKey(p));
+    if (!failure) return "";
+    const status = failure.status ? `HTTP ${failure.status}` : "no answer";
+    return `<div class="error-box action-error" role="alert" data-action="${esc(failure.verb)}">
+        <div class="action-error-head">
+          <span class="error-title">${esc(ACTIONS[failure.verb].label)} refused (${esc(status)})</span>
+          <button type="button" class="action dismiss" data-dismiss="${esc(cardKey(p))}" title="Dismiss">Dismiss</button>
+        </div>
+        <div class="error-code">${esc(failure.code)}</div>
+        <div class="error-message">${esc(failure.message)}</div>
+      </div>`;
+  }
+
   function cardRest(p) {
     const models = p.models.map((m) => `<div class="model">
         <span class="model-name">${esc(m.name)}</span>
         <span class="model-source" title="${esc(m.source)}${m.revision ? ` @ ${esc(m.revision)}` : ""}">${esc(shortSource(m.source))}${m.revision ? `<span class="rev">${esc(shortRevision(m.revision))}</span>` : ""}</span>
-        <span class="model-size">${m.files ? `${m.files} file${m.files === 1 ? "" : "s"} · ${esc(fmtBytes(m.bytes_total))}` : "resolving…"}</span>
+        <span class="model-size">${m.files ? `${m.files} file${m.files === 1 ? "" : "s"} · ${esc(fmtBytes(m.bytes_total))}` : unresolved(p.state)}</span>
       </div>`).join("");
     const shards = p.tp_sizes.map((tp) => {
       const ready = (p.shards && p.shards[String(tp)]) || "pending";
@@ -413,13 +608,10 @@
     const captures = capturesList(p);
     let error = "";
     if (p.error) {
-      const retry = p.error.retry_at
-        ? `retries ${esc(fmtRelative(p.error.retry_at))} (${esc(fmtClock(p.error.retry_at))})`
-        : "no automatic retry: fix the cause, then warm it again";
       error = `<div class="error-box" role="alert">
           <div class="error-code">${esc(p.error.code)}</div>
           <div class="error-message">${esc(p.error.message)}</div>
-          <div class="error-retry">${retry}</div>
+          <div class="error-retry"${retrying(p.error, p.state) ? ` data-retry-at="${esc(p.error.retry_at)}"` : ""}>${esc(retryText(p.error, p.state))}</div>
         </div>`;
     }
     const attempt = p.pending || p.last_attempt;
@@ -429,14 +621,10 @@
         ? `<div class="error-box" role="alert">
             <div class="error-code">new spec failed: ${esc(attempt.error.code)}</div>
             <div class="error-message">${esc(attempt.error.message)}</div>
-            <div class="error-retry">${spec}; the version above keeps serving${attempt.error.retry_at ? `, retries ${esc(fmtRelative(attempt.error.retry_at))}` : ""}</div>
+            <div class="error-retry">${spec}; the version above keeps serving. ${esc(retryText(attempt.error, attempt.state))}</div>
           </div>`
         : `<div class="note-box">New spec filling (${Math.round(pct(attempt.progress, 1))}%): ${spec}. The version above keeps serving until it is warm.</div>`;
     }
-    const canWarm = ["failed", "evicted", "cold"].includes(p.state) || (p.last_attempt && p.state === "warm");
-    const actions = canWarm
-      ? `<div class="actions"><button type="button" class="action" data-warm="${esc(p.id)}">Warm now</button></div>`
-      : "";
     let note = "";
     if (p.state === "evicted") note = `<div class="note-box">Evicted${p.evicted_reason ? ` (${esc(p.evicted_reason)})` : ""}: its bytes were freed; it warms again on request.</div>`;
     const unverified = p.unverified_files
@@ -449,7 +637,7 @@
         ${fact("Active leases", String(p.active_leases || 0), !p.active_leases)}
         ${fact("Flags", badges(p) ? `<span class="badges">${badges(p)}</span>` : "none", !badges(p))}
       </div>
-      ${error}${note}${actions}
+      ${error}${note}${actionsRow(p)}${actionError(p)}
       <div class="section"><div class="section-title">Models</div><div class="models">${models}</div>${unverified}</div>
       <div class="section"><div class="section-title">Tensor-parallel shards</div><div class="shards">${shards}</div></div>
       ${captures}
@@ -536,7 +724,9 @@
       }
     }
     const empty = $("empty");
-    if (view.pipelines.length === 0) {
+    if (view.authError) {
+      empty.hidden = true; // the banner says why there is nothing
+    } else if (view.pipelines.length === 0) {
       empty.innerHTML = "No pipelines on this node yet. Register one:<br><br><code>weightcache register chat --model llm=hf://org/model --tp 1,2 --wait</code>";
       empty.hidden = false;
     } else if (shown.length === 0) {
@@ -551,7 +741,34 @@
     if (view.node) renderNode(view.node);
     renderFilters();
     renderChart();
+    renderRegion();
     renderCards();
+  }
+
+  // The region panel: shown on a node of a region (--redis), hidden on a node on its own.
+  function renderRegion() {
+    const region = view.region;
+    $("region-panel").hidden = !region || region.connected === false;
+    if ($("region-panel").hidden) return;
+    $("region-note").textContent = region.connected
+      ? `${region.region} · ${region.nodes.length} node(s)`
+      : `${region.region} · Redis unreachable`;
+    const body = $("region-nodes");
+    body.replaceChildren();
+    for (const node of region.nodes) {
+      const row = document.createElement("tr");
+      const beat = node.last_heartbeat
+        ? `${Math.max(0, Math.round(Date.now() / 1000 - node.last_heartbeat))}s ago` : "–";
+      for (const text of [node.node_id, node.state, fmtBytes(node.used), fmtBytes(node.free), beat]) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        row.append(cell);
+      }
+      row.title = node.data_url || node.url;
+      body.append(row);
+    }
+    $("region-copies").textContent = region.pipelines.length
+      ? "copies: " + region.pipelines.map((p) => `${p.id} ×${p.copies}` + (p.nodes && p.nodes.length ? ` (${p.nodes.join(" ")})` : "")).join(", ") : "";
   }
 
   // ------------------------------------------------------------------ token and JSON dialogs
@@ -565,14 +782,19 @@
     $("token-input").focus();
   }
 
+  function renderTokenButton() {
+    const button = $("token-button");
+    button.dataset.token = view.token ? "set" : "none";
+    button.textContent = view.token ? "Token ✓" : "Token";
+    button.title = view.token ? "A token is set for this tab: replace or forget it" : "Set the API token";
+  }
+
   function saveToken(token) {
     view.token = token;
-    if (token) localStorage.setItem(TOKEN_KEY, token);
-    else localStorage.removeItem(TOKEN_KEY);
-    for (const card of view.cards.values()) card.el.remove();
-    view.cards.clear();
-    view.pipelines = [];
-    view.loads = [];
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    forgetTenantData(); // another token is another tenant: nothing of the last one stays
+    renderTokenButton();
     $("token-dialog").close();
     view.waitingForToken = false;
     poll();
@@ -631,8 +853,10 @@
       }
     });
     document.addEventListener("click", (event) => {
-      const warm = event.target.closest("[data-warm]");
-      if (warm) { warmNow(warm); return; }
+      const action = event.target.closest("button[data-action]");
+      if (action) { if (!action.disabled) runAction(action); return; }
+      const dismiss = event.target.closest("[data-dismiss]");
+      if (dismiss) { view.actionErrors.delete(dismiss.dataset.dismiss); renderCards(); return; }
       const link = event.target.closest("[data-json-path]");
       // a modified click opens the raw JSON (works as is when auth is off)
       if (!link || event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
@@ -646,6 +870,8 @@
       saveToken($("token-input").value.trim());
     });
     $("token-clear").addEventListener("click", () => saveToken(""));
+    $("banner-token").addEventListener("click", () => askForToken(view.token ? "That token was not accepted by this node." : null));
+    renderTokenButton();
     $("token-cancel").addEventListener("click", () => {
       $("token-dialog").close();
       if (view.waitingForToken) setLive("auth");

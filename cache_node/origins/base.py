@@ -1,8 +1,9 @@
 """The origin protocol: resolve a source to an immutable snapshot, then read byte ranges.
 
 Every origin (Hugging Face, S3, a local directory) implements :class:`Origin`. The fetcher
-(``cache_node.fetch``) owns parallelism, retries, hashing and publishing; an origin only speaks
-its protocol and translates its errors into ``cache_node.errors.OriginError`` and kin.
+(``cache_node.fetch``, one transfer in ``cache_node.transfer``) owns parallelism, retries,
+hashing and publishing; an origin only speaks its protocol and translates its errors into
+``cache_node.errors.OriginError`` and kin.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from pydantic import BaseModel, ConfigDict
+
 from cache_node.errors import InvalidInput
 
 
-@dataclass(frozen=True)
-class OriginFile:
-    """One file of a snapshot, with whatever digests the origin declares."""
+class OriginFile(BaseModel):
+    """One file of a snapshot, with whatever digests the origin declares (the registry's
+    ``FileEntry`` is this, plus the blob that holds it)."""
+
+    model_config = ConfigDict(frozen=True)
 
     path: str  # relative POSIX path inside the snapshot, validated by ``safe_relative_path``
     size: int

@@ -36,16 +36,16 @@ from cache_node.origins.base import OriginFile, Snapshot, SourceRef, safe_relati
 from cache_node.origins.patterns import select_files
 from cache_node.origins.retry_after import parse_retry_after
 from cache_node.settings import HFSettings
+from loader.content_range import parse_content_range, parse_unsatisfied_range
 
 __all__ = ["HFOrigin", "parse_retry_after"]
 
 DEFAULT_REVISION = "main"
 MAX_REDIRECTS = 5
-CHUNK_SIZE = 1024 * 1024
+#: Bytes read from a response body at a time (not the store's digest chunk).
+PIECE_SIZE = 1024 * 1024
 _SMALL_BODY = 64 * 1024  # a wrong body up to this size is read whole to name its digest
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _T = TypeVar("_T")
@@ -209,9 +209,8 @@ class HFOrigin:
         try:
             async with self._open(url, headers=headers) as response:
                 if response.status_code == 416:
-                    match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-                    if match is not None and int(match.group(1)) != file.size:
-                        served = int(match.group(1))
+                    served = parse_unsatisfied_range(response.headers.get("Content-Range"))
+                    if served is not None and served != file.size:
                         raise await _not_the_file(response, file, served_size=served, whole=False)
                 self._raise_for_status(response, file, start=start)
                 if response.status_code == 416:
@@ -238,16 +237,16 @@ class HFOrigin:
                     retryable=True,
                 )
             position = await self._range_start(response, file, start, end)
-            chunks = response.aiter_raw(CHUNK_SIZE)
+            chunks = response.aiter_raw(PIECE_SIZE)
         else:  # 200: the whole file from byte 0
             position = 0
             if encoding == "identity":
                 length = _int_or_none(response.headers.get("Content-Length"))
                 if length is not None and length != file.size:
                     raise await _not_the_file(response, file, served_size=length, whole=True)
-                chunks = response.aiter_raw(CHUNK_SIZE)
+                chunks = response.aiter_raw(PIECE_SIZE)
             else:
-                chunks = response.aiter_bytes(CHUNK_SIZE)  # httpx decodes gzip and deflate
+                chunks = response.aiter_bytes(PIECE_SIZE)  # httpx decodes gzip and deflate
         async for chunk in chunks:
             chunk_end = position + len(chunk)
             if chunk_end > start:
@@ -266,16 +265,15 @@ class HFOrigin:
             if _int_or_none(response.headers.get("Content-Length")) == end - start:
                 return start
             raise OriginError(f"{file.path}: 206 without Content-Range", status=206, retryable=True)
-        match = _CONTENT_RANGE.fullmatch(content_range.strip())
-        if match is None:
+        served = parse_content_range(content_range)
+        if served is None:
             raise OriginError(
                 f"{file.path}: unreadable Content-Range {content_range!r}", status=206
             )
-        first, last = int(match.group(1)), int(match.group(2))
-        if match.group(3) != "*" and int(match.group(3)) != file.size:
-            total = int(match.group(3))
-            whole = first == 0 and last + 1 == total
-            raise await _not_the_file(response, file, served_size=total, whole=whole)
+        first, last = served.first, served.last
+        if served.size is not None and served.size != file.size:
+            whole = first == 0 and last + 1 == served.size
+            raise await _not_the_file(response, file, served_size=served.size, whole=whole)
         if first > start or last < first:
             raise OriginError(
                 f"{file.path}: asked for bytes from {start}, the origin sent {first}-{last}",

@@ -12,6 +12,7 @@ import anyio
 from cache_node.errors import OriginError, OriginNotFound
 from cache_node.origins.base import OriginFile, Snapshot, SourceRef, safe_relative_path
 from cache_node.origins.patterns import select_files
+from loader.preads import read_at
 
 _READ_BLOCK = 4 * 1024 * 1024
 
@@ -67,7 +68,7 @@ class LocalOrigin:
             position = start
             while position < end:
                 data = await anyio.to_thread.run_sync(
-                    os.pread, fd, min(_READ_BLOCK, end - position), position
+                    read_at, fd, min(_READ_BLOCK, end - position), position
                 )
                 if not data:
                     return

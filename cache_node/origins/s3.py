@@ -52,10 +52,11 @@ from cache_node.origins.manifest import MANIFEST_NAME, parse_sha256sums
 from cache_node.origins.patterns import select_files
 from cache_node.origins.retry_after import parse_retry_after
 from cache_node.settings import S3Settings
+from loader.content_range import parse_content_range
 
-#: Bytes handed to the fetcher per chunk: large enough that per-chunk costs (hash update,
+#: Bytes handed to the fetcher per piece: large enough that per-piece costs (hash update,
 #: a disk write in a thread) vanish, small enough to keep memory flat across many streams.
-CHUNK_SIZE = 2 * 1024 * 1024
+PIECE_SIZE = 2 * 1024 * 1024
 _MANIFEST_MAX_BYTES = 16 * 1024 * 1024
 _HEAD_CONCURRENCY = 16
 _SINGLE_PART_ETAG = re.compile(r"[0-9a-fA-F]{32}")
@@ -183,7 +184,7 @@ class S3Origin:
             pieces: list[bytes] = []
             buffered = 0
             while remaining > 0:
-                piece = await body.read(min(skip or remaining, CHUNK_SIZE - buffered))
+                piece = await body.read(min(skip or remaining, PIECE_SIZE - buffered))
                 if not piece:
                     break  # a short body: the fetcher resumes from what it got
                 if skip:  # the origin ignored Range and sent the whole object
@@ -192,7 +193,7 @@ class S3Origin:
                 pieces.append(piece)
                 buffered += len(piece)
                 remaining -= len(piece)
-                if buffered >= CHUNK_SIZE:
+                if buffered >= PIECE_SIZE:
                     yield b"".join(pieces)
                     pieces.clear()
                     buffered = 0
@@ -387,8 +388,8 @@ def _body_offset(response: Mapping[str, Any], start: int, *, target: str) -> int
     content_range = str(response.get("ContentRange") or "")
     if status == 200 and not content_range:
         return start  # the whole object
-    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
-    if match is None or int(match[1]) != start:
+    served = parse_content_range(content_range)
+    if served is None or served.first != start:
         raise OriginError(
             f"GET {target}: asked for bytes from {start}, got Content-Range "
             f"{content_range or 'missing'!r} (HTTP {status})",

@@ -1,32 +1,9 @@
-"""Tensor-parallel rank shards for the Llama family: a pure plan, then one file per rank.
+"""The shard plan: what slice of every tensor each rank holds, decided without touching a byte.
 
-``plan_rank_shards(config, headers, tp_size)`` decides, without touching a byte, what slice of
-every tensor each rank holds (the rules of ARCHITECTURE.md, "TP sharding rules"):
-
-==================================================  ===========================================
-tensor                                              each rank holds
-==================================================  ===========================================
-``embed_tokens.weight``, ``lm_head.weight`` [V, H]   ``Vp/N`` rows in vLLM's layout (see below)
-``q_proj`` weight [nH·d, H] and bias                 the rows of its ``nH/N`` query heads
-``k_proj``, ``v_proj`` [nKV·d, H] and biases         its ``nKV/N`` KV heads; when N > nKV, the
-                                                     rows of KV head ``rank·nKV // N`` (copied)
-``o_proj`` [H, nH·d], ``down_proj`` [H, I]           its columns (written contiguous)
-``gate_proj``, ``up_proj`` [I, H] and biases         its ``I/N`` rows
-``o_proj.bias``, ``down_proj.bias``, norms, 1-D      everything (added once, after the reduce)
-anything else                                        everything, and the plan names it
-==================================================  ===========================================
-
-Vocab-parallel tensors follow the engine exactly (vLLM's ``VocabParallelEmbedding`` and
-``ParallelLMHead``): the vocabulary is padded to ``Vp``, the next multiple of
-:data:`VOCAB_PADDING` (64), and rank ``r`` holds rows ``[r·Vp/N, (r+1)·Vp/N) ∩ [0, V)`` followed
-by zero rows, so its piece has exactly ``Vp/N`` rows: the shape of the engine's parameter. vLLM
-asserts that ``N`` divides ``Vp``; so does the plan. The rule is named by :data:`SHARD_LAYOUT`,
-written into every rank file's metadata (with ``V`` and ``Vp``) and into the shard set, so shards
-cut by another rule are never served as if they were cut by this one.
-
-``write_rank_shards(plan, sources, out_dir)`` then reads each source tensor once (a bounded
-block at a time) and writes every rank's slice of it, so one pass over the model writes all N
-safetensors files, hashing them while they are written.
+``plan_rank_shards(config, headers, tp_size)`` applies the Llama-family rules (the table in
+``cache_node.sharding``) to the tensors the safetensors headers list, and returns a frozen
+:class:`ShardPlan`: per rank, the pieces in file order and the file's ``__metadata__``. The
+writer (``cache_node.sharding.writer``) then carries the plan out; nothing here does I/O.
 
 When a model cannot be split: TP size 1 and unknown (or quantized) architectures give a plan in
 ``"full"`` mode with the reason, and nothing is written: manifests point into the original files
@@ -37,48 +14,27 @@ for that TP size and reports the message.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
-import numpy as np
-import xxhash
-
-from cache_node.errors import IntegrityError, InvalidInput
-from loader.safetensors_format import DTYPE_SIZES, SafetensorsHeader, encode_header
+from cache_node.errors import InvalidInput, ShardingUnsupported
+from cache_node.sharding.vocab import SHARD_LAYOUT, VOCAB_PADDING, padded_vocab_size, vocab_rows
+from loader.safetensors_format import DTYPE_SIZES, SafetensorsHeader
 
 __all__ = [
-    "CHUNK_SIZE",
     "LLAMA_ARCHITECTURES",
     "LLAMA_MODEL_TYPES",
-    "SHARD_LAYOUT",
-    "VOCAB_PADDING",
     "RankPlan",
-    "RankShardFile",
     "RankTensor",
     "ShardPlan",
-    "ShardTensorEntry",
-    "ShardingUnsupported",
     "SourceTensor",
     "detect_family",
-    "padded_vocab_size",
     "plan_rank_shards",
-    "vocab_rows",
-    "write_rank_shards",
+    "source_tensors",
 ]
-
-#: Blobs carry one xxh3-128 digest per chunk of this many bytes (the last chunk may be shorter).
-CHUNK_SIZE = 64 * 1024 * 1024
-#: How many source bytes are read at once while writing: memory stays bounded by about this
-#: (plus one row when a single row is larger), whatever the model's size.
-_BLOCK_SIZE = 16 * 1024 * 1024
 
 #: ``model_type`` values whose checkpoints use Llama's names and layouts (and nothing fused).
 LLAMA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -88,20 +44,8 @@ LLAMA_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
 
-#: vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``: vocab-parallel layers pad V up to a multiple of this.
-VOCAB_PADDING = 64
-#: The name of the layout rank shards are cut in. Part of every shard set and rank file: a shard
-#: set written under another name (an older rule, another engine) is rebuilt, never served.
-SHARD_LAYOUT = f"vllm-vocab-pad{VOCAB_PADDING}"
-
 ShardMode = Literal["full", "sharded"]
 Split = Literal["replicated", "rows", "columns"]
-
-
-class ShardingUnsupported(InvalidInput):
-    """This model cannot be split for this TP size; serve it in full-tensor mode instead."""
-
-    code = "unshardable"
 
 
 @dataclass(frozen=True)
@@ -195,55 +139,6 @@ class ShardPlan:
     def vocab_padded(self) -> int | None:
         """The engine's padded vocabulary ``Vp`` (None when the model has no vocab tensor)."""
         return None if self.vocab_size is None else padded_vocab_size(self.vocab_size)
-
-
-def padded_vocab_size(vocab_size: int, pad_to: int = VOCAB_PADDING) -> int:
-    """``V`` rounded up to a multiple of ``pad_to``, as vLLM's ``pad_vocab_size`` does."""
-    return -(-vocab_size // pad_to) * pad_to
-
-
-def vocab_rows(vocab_size: int, tp_size: int, rank: int) -> tuple[int, int, int]:
-    """Rank ``rank``'s vocab rows as ``(start, stop, pad_rows)``: real rows ``[start, stop)``,
-    then ``pad_rows`` zero rows, ``Vp/N`` rows in all (vLLM's ``VocabParallelEmbedding``).
-
-    Raises ``ShardingUnsupported`` when ``N`` does not divide ``Vp`` (vLLM asserts the same).
-    """
-    padded = padded_vocab_size(vocab_size)
-    if padded % tp_size:
-        raise ShardingUnsupported(
-            f"the padded vocabulary ({vocab_size} rows padded to {padded}, a multiple of "
-            f"{VOCAB_PADDING}) does not split evenly over tp_size {tp_size}",
-            tp_size=tp_size,
-        )
-    per_rank = padded // tp_size
-    start = min(rank * per_rank, vocab_size)
-    stop = min((rank + 1) * per_rank, vocab_size)
-    return start, stop, per_rank - (stop - start)
-
-
-@dataclass(frozen=True)
-class ShardTensorEntry:
-    """A tensor of a written rank file: ``length`` bytes at absolute ``offset``."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class RankShardFile:
-    """A rank's safetensors file as written (under a temporary name, fsynced, not published)."""
-
-    rank: int
-    tp_size: int
-    path: Path
-    size: int
-    sha256: str
-    chunk_size: int
-    chunk_xxh3_128: tuple[str, ...]
-    tensors: tuple[ShardTensorEntry, ...]
 
 
 def detect_family(config: Mapping[str, Any]) -> Literal["llama"] | None:
@@ -458,199 +353,3 @@ class _Geometry:
             raise ShardingUnsupported(
                 f"tensor {tensor.name!r}: cannot split a sub-byte {tensor.dtype} tensor"
             )
-
-
-def write_rank_shards(
-    plan: ShardPlan,
-    sources: Mapping[str, Path],
-    out_dir: Path,
-    *,
-    chunk_size: int = CHUNK_SIZE,
-    block_size: int = _BLOCK_SIZE,
-) -> list[RankShardFile]:
-    """Write one safetensors file per rank of ``plan`` into ``out_dir``; ``[]`` in full mode.
-
-    ``sources`` maps each safetensors file name the plan uses to its path. Files get unique
-    temporary names and are fsynced; the caller verifies, renames and records them. On any
-    error every file this call created is removed.
-    """
-    if plan.mode == "full":
-        return []
-    missing = {t.source.file for t in plan.ranks[0].tensors} - sources.keys()
-    if missing:
-        raise InvalidInput(f"no path given for source files {sorted(missing)}")
-    writers: list[_HashingWriter] = []
-    inputs: dict[str, BinaryIO] = {}
-    # Each source file is opened on its first use and stays open until every rank is written.
-    with contextlib.ExitStack() as opened:
-        try:
-            for rank_plan in plan.ranks:
-                writers.append(
-                    _HashingWriter.create(out_dir, plan.tp_size, rank_plan.rank, chunk_size)
-                )
-            headers = []
-            for rank_plan, writer in zip(plan.ranks, writers, strict=True):
-                header, starts = encode_header(
-                    [(t.name, t.dtype, t.shape, t.nbytes) for t in rank_plan.tensors],
-                    rank_plan.metadata,
-                )
-                writer.write(header)
-                headers.append((len(header), starts))
-            # Every rank lists the same source tensors in the same order (the plan builds them so):
-            # one read of each source tensor feeds all the ranks' files.
-            for pieces in zip(*(rank_plan.tensors for rank_plan in plan.ranks), strict=True):
-                source = pieces[0].source
-                if source.file not in inputs:
-                    inputs[source.file] = opened.enter_context(
-                        Path(sources[source.file]).open("rb")
-                    )
-                _copy_pieces(inputs[source.file], pieces, writers, block_size)
-            results = []
-            for rank_plan, writer, (header_len, starts) in zip(
-                plan.ranks, writers, headers, strict=True
-            ):
-                writer.finish()
-                entries = tuple(
-                    ShardTensorEntry(t.name, t.dtype, t.shape, header_len + start, t.nbytes)
-                    for t, start in zip(rank_plan.tensors, starts, strict=True)
-                )
-                results.append(writer.result(rank_plan.rank, plan.tp_size, entries))
-            return results
-        except BaseException:
-            for writer in writers:
-                writer.discard()
-            raise
-
-
-def _copy_pieces(
-    source_file: BinaryIO,
-    pieces: Sequence[RankTensor],
-    writers: Sequence[_HashingWriter],
-    block_size: int,
-) -> None:
-    source = pieces[0].source
-    if all(piece.split == "replicated" for piece in pieces):
-        for block in _read_blocks(source_file, source.offset, source.nbytes, block_size):
-            for writer in writers:
-                writer.write(block)
-        return
-    # Split tensors are viewed as [rows, row_bytes] of raw bytes: slicing bytes is the same for
-    # every whole-byte dtype, so bf16, fp8 and fp32 need no conversion.
-    rows = source.shape[0]
-    row_bytes = source.nbytes // rows if rows else 0
-    col_bytes = row_bytes // source.shape[1] if len(source.shape) > 1 and source.shape[1] else 0
-    rows_per_block = max(1, block_size // max(row_bytes, 1))
-    first = 0
-    for block in _read_blocks(
-        source_file, source.offset, source.nbytes, rows_per_block * row_bytes
-    ):
-        last = first + len(block) // row_bytes
-        for piece, writer in zip(pieces, writers, strict=True):
-            if piece.split == "replicated":
-                writer.write(block)
-            elif piece.split == "rows":
-                lo, hi = max(first, piece.start), min(last, piece.stop)
-                if lo < hi:
-                    writer.write(block[(lo - first) * row_bytes : (hi - first) * row_bytes])
-            else:
-                grid = np.frombuffer(block, dtype=np.uint8).reshape(last - first, row_bytes)
-                columns = grid[:, piece.start * col_bytes : piece.stop * col_bytes]
-                writer.write(np.ascontiguousarray(columns).data)
-        first = last
-    for piece, writer in zip(pieces, writers, strict=True):
-        writer.write_zeros(piece.pad_rows * row_bytes)
-
-
-def _read_blocks(
-    handle: BinaryIO, offset: int, length: int, block_size: int
-) -> Iterator[memoryview]:
-    """``length`` bytes from ``offset`` in blocks of at most ``block_size``, by positioned reads."""
-    fd = handle.fileno()
-    end = offset + length
-    while offset < end:
-        want = min(max(block_size, 1), end - offset)
-        view = memoryview(bytearray(want))
-        got = 0
-        while got < want:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:
-                # The plan came from this file's header: a shorter file is a damaged blob.
-                raise IntegrityError(
-                    f"source file ends at byte {offset + got}; a tensor needs bytes up to {end}"
-                )
-            got += n
-        offset += want
-        yield view
-
-
-class _HashingWriter:
-    """A temp file that hashes (sha256 and per-chunk xxh3-128) everything written to it."""
-
-    _ZEROS = bytes(1024 * 1024)
-
-    def __init__(self, path: Path, handle: BinaryIO, chunk_size: int) -> None:
-        self.path = path
-        self._handle = handle
-        self._chunk_size = chunk_size
-        self._sha256 = hashlib.sha256()
-        self._chunk = xxhash.xxh3_128()
-        self._chunk_used = 0
-        self._chunks: list[str] = []
-        self.size = 0
-
-    @classmethod
-    def create(cls, out_dir: Path, tp_size: int, rank: int, chunk_size: int) -> _HashingWriter:
-        # A unique name per writer: two shard jobs for one model never write the same file.
-        fd, name = tempfile.mkstemp(
-            dir=out_dir, prefix=f".tp{tp_size}-rank{rank}-", suffix=".safetensors.tmp"
-        )
-        return cls(Path(name), os.fdopen(fd, "wb"), chunk_size)
-
-    def write(self, data: bytes | memoryview) -> None:
-        # Flat bytes: a numpy buffer's memoryview is n-dimensional and len() counts its rows.
-        view = memoryview(data).cast("B")
-        self._handle.write(view)
-        self._sha256.update(view)
-        self.size += len(view)
-        while len(view):
-            take = min(len(view), self._chunk_size - self._chunk_used)
-            self._chunk.update(view[:take])
-            self._chunk_used += take
-            view = view[take:]
-            if self._chunk_used == self._chunk_size:
-                self._chunks.append(self._chunk.hexdigest())
-                self._chunk = xxhash.xxh3_128()
-                self._chunk_used = 0
-
-    def write_zeros(self, count: int) -> None:
-        while count > 0:
-            take = min(count, len(self._ZEROS))
-            self.write(self._ZEROS[:take])
-            count -= take
-
-    def finish(self) -> None:
-        """Flush and fsync: the bytes are on disk before anyone hashes or publishes them."""
-        if self._chunk_used:
-            self._chunks.append(self._chunk.hexdigest())
-            self._chunk_used = 0
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-
-    def discard(self) -> None:
-        self._handle.close()
-        self.path.unlink(missing_ok=True)
-
-    def result(
-        self, rank: int, tp_size: int, tensors: tuple[ShardTensorEntry, ...]
-    ) -> RankShardFile:
-        return RankShardFile(
-            rank=rank,
-            tp_size=tp_size,
-            path=self.path,
-            size=self.size,
-            sha256=self._sha256.hexdigest(),
-            chunk_size=self._chunk_size,
-            chunk_xxh3_128=tuple(self._chunks),
-            tensors=tensors,
-        )

@@ -1,0 +1,107 @@
+"""Bytes from a peer are verified exactly as from any origin (I1): a peer that sends other
+bytes is logged and skipped for the next peer, and nothing wrong is ever committed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from cache_node.region.placement import rank
+from tests.fixtures.node_server import CLOSED_ENDPOINT
+from tests.fixtures.redis_server import RedisServer
+from tests.fixtures.region_nodes import REGION, add_node, get, region_nodes, wait_state
+from tests.fixtures.weights import safetensors_bytes
+
+
+class _Liar(BaseHTTPRequestHandler):
+    """A "peer" that answers every range with as many random bytes."""
+
+    def do_GET(self) -> None:
+        first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+        body = os.urandom(int(last) - int(first) + 1)
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def lying_peer() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_peer_sending_other_bytes_is_skipped_for_the_next_one(
+    tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    weights = safetensors_bytes(256 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    sha = hashlib.sha256(weights).hexdigest()
+    # a liar that every node asks before n0 (rendezvous order for this blob)
+    liar_id = next(f"liar{i}" for i in range(1000) if rank(sha, {"n0", f"liar{i}"})[0] != "n0")
+    prefix = f"weightcache:{{{REGION}}}:"
+    with lying_peer() as liar_url, region_nodes(redis_server.url, tmp_path, 1) as (stack, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        wait_state(nodes[0], "p", "warm")
+        client = redis_server.client()
+        client.set(f"{prefix}node:{liar_id}", json.dumps({
+            "node_id": liar_id, "url": liar_url, "region": REGION, "capacity": 1, "used": 1,
+            "free": 0, "last_heartbeat": time.time()}))
+        client.sadd(f"{prefix}nodes", liar_id)
+        client.sadd(f"{prefix}blob:{sha}", liar_id)
+        client.close()
+
+        with caplog.at_level(logging.WARNING, logger="weightcache.events"):
+            late = add_node(stack, redis_server.url, tmp_path, 1)
+            wait_state(late, "p", "warm")
+        assert get(f"{late.url}/v1/blobs/{sha}").content == weights
+        metrics = late.node.metrics
+        assert metrics.region_fills.labels("peer_failed")._value.get() >= 1
+        assert metrics.region_fills.labels("peer")._value.get() >= 1
+        assert metrics.origin_bytes._value.get() == 0
+        assert metrics.digest_mismatches.labels("ingest")._value.get() >= 1
+        assert any("region.peer_fill_failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_peer_whose_data_plane_cannot_be_reached_fills_from_its_api(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    weights = safetensors_bytes(256 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    sha = hashlib.sha256(weights).hexdigest()
+    # n0 advertises a data plane no node reaches (as a compose file publishes it on the host)
+    with region_nodes(redis_server.url, tmp_path, 1, data_url=CLOSED_ENDPOINT) as (stack, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        wait_state(nodes[0], "p", "warm")
+        late = add_node(stack, redis_server.url, tmp_path, 1)
+        wait_state(late, "p", "warm")
+        assert get(f"{late.url}/v1/blobs/{sha}").content == weights
+        metrics = late.node.metrics
+        assert metrics.region_fills.labels("peer_failed")._value.get() >= 1
+        assert metrics.region_fills.labels("peer")._value.get() >= 1
+        assert metrics.origin_bytes._value.get() == 0

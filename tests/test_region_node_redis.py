@@ -1,0 +1,81 @@
+"""A region whose Redis goes away: the nodes keep serving what they hold and say
+``region_unreachable`` on ``/readyz``; when Redis returns (restarted empty) they register
+again: themselves, their blobs, the origin objects they committed, and their pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from tests.fixtures.node_server import RunningNode
+from tests.fixtures.redis_server import RedisServer
+from tests.fixtures.region_nodes import REGION, get, region_nodes, state, until, wait_state
+from tests.fixtures.weights import safetensors_bytes
+
+
+def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    weights = safetensors_bytes(512 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    sha = hashlib.sha256(weights).hexdigest()
+    prefix = f"weightcache:{{{REGION}}}:"
+    with region_nodes(redis_server.url, tmp_path, 2) as (_, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        for node in nodes:
+            wait_state(node, "p", "warm")
+        for node in nodes:
+            assert get(f"{node.url}/readyz").status_code == 200
+
+        redis_server.stop()  # empty when it comes back
+        for node in nodes:
+            def unreachable(node: RunningNode = node) -> bool:
+                answer = get(f"{node.url}/readyz")
+                codes = [r["code"] for r in answer.json().get("reasons", [])]
+                return answer.status_code == 503 and "region_unreachable" in codes
+
+            until(unreachable, timeout_s=10, what="readyz region_unreachable")
+            until(lambda node=node: "weightcache_region_reachable 0.0" in  # type: ignore[misc]
+                  get(f"{node.url}/metrics").text, timeout_s=5, what="the gauge says so")
+            # still serving what it holds
+            assert get(f"{node.url}/v1/blobs/{sha}").content == weights
+            with node.client() as c:
+                assert c.get("/v1/pipelines/p/manifest").status_code == 200
+
+        # registered while Redis is away: at once, on this node; the region's when it is back
+        with nodes[0].client() as c:
+            started = time.monotonic()
+            assert c.put("/v1/pipelines/q", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]}
+            ).status_code == 202
+            assert time.monotonic() - started < 1
+        wait_state(nodes[0], "q", "warm")
+        assert state(nodes[1], "q") is None
+
+        redis_server.start()
+        client = redis_server.client()
+
+        def registered_again() -> bool:
+            return (
+                client.smembers(f"{prefix}nodes") == {"n0", "n1"}
+                and client.smembers(f"{prefix}blob:{sha}") == {"n0", "n1"}
+                and client.hexists(f"{prefix}pipelines", "default/p")
+                and sha in client.hvals(f"{prefix}objects")
+            )
+
+        until(registered_again, timeout_s=10, what="nodes, blobs, objects and pipelines again")
+        wait_state(nodes[1], "q", "warm")
+        for node in nodes:
+            ready = f"{node.url}/readyz"
+            until(lambda ready=ready: get(ready).status_code == 200,  # type: ignore[misc]
+                  timeout_s=10, what="ready again")
+            with node.client() as c:
+                blobs = c.get("/v1/pipelines/p/manifest").json()["blobs"]
+            assert len(blobs[0]["nodes"]) == 2
+            until(lambda node=node: "weightcache_region_reachable 1.0" in  # type: ignore[misc]
+                  get(f"{node.url}/metrics").text, timeout_s=5, what="reachable again")
+        client.close()
