@@ -148,11 +148,17 @@ class PipelineRecord(BaseModel):
         """The key of this version's warm job (a staged re-registration has its own)."""
         return staged_job_key(self.key) if self.staged else self.key
 
-    def own_blobs(self) -> dict[str, int]:
-        """The blobs of this version (files, shards and captures), with sizes."""
+    def weight_blobs(self) -> dict[str, int]:
+        """The blobs a replica needs of this version (files and shards), with sizes: a node
+        holds the pipeline whole when it holds these. Captures are extras of one node."""
         referenced = {f.blob: f.size for m in self.models for f in m.files if f.blob}
         for shard_set in self.shards.values():
             referenced.update({r.blob: r.size for r in shard_set.ranks})
+        return referenced
+
+    def own_blobs(self) -> dict[str, int]:
+        """The blobs of this version (files, shards and captures), with sizes."""
+        referenced = self.weight_blobs()
         referenced.update({c.blob: c.size for c in self.captures.values()})
         return referenced
 

@@ -40,7 +40,7 @@ from api.schema import (
     capture_id,
 )
 from clients.errors import raise_for_status
-from loader.errors import LoaderError
+from loader.errors import CaptureMismatch, LoaderError
 from loader.layout import dtype_code
 from loader.safetensors_format import encode_header
 from loader.sources import Source
@@ -58,14 +58,6 @@ __all__ = [
 ]
 
 _PIECE = 8 << 20
-
-
-class CaptureMismatch(LoaderError):
-    """A capture does not fit the model (a name, shape or dtype): nothing was read into it."""
-
-    @property
-    def code(self) -> str:
-        return "capture_mismatch"
 
 
 def device_kind(device: torch.device) -> str:

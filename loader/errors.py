@@ -10,8 +10,10 @@ The tree::
     │   └── RangeResponseError           a server answered a range request wrongly (status,
     │                                    Content-Range, length)
     ├── IntegrityError(ValueError)       bytes that do not match the manifest's chunk digests
-    └── WeightMismatch(ValueError)       a shard tensor has no home in the engine's model, does
-                                         not fit it, or a parameter stays empty (``code``)
+    ├── WeightMismatch(ValueError)       a shard tensor has no home in the engine's model, does
+    │                                    not fit it, or a parameter stays empty (``code``)
+    └── CaptureMismatch                  an engine shard set does not fit the model (a name,
+                                         shape or dtype): nothing was read into it
 
     LaunchError(clients.errors.UsageError)  ``weightcache launch`` cannot start
 
@@ -28,6 +30,7 @@ from typing import Any
 from clients.errors import ClientError, NotWarmError, ServerError, UsageError
 
 __all__ = [
+    "CaptureMismatch",
     "HeaderError",
     "IntegrityError",
     "LaunchError",
@@ -86,6 +89,11 @@ class WeightMismatch(LoaderError, ValueError):
         super().__init__(f"{message} [{code}]", code=code, **details)
 
 
+class CaptureMismatch(LoaderError):
+    """An engine shard set does not fit the model (a name, shape or dtype): nothing was read
+    into it."""
+
+
 class LaunchError(UsageError):
     """The launch cannot start: no command, or a model name the pipeline does not have."""
 
@@ -96,4 +104,5 @@ _CODES = {
     "RangeResponseError": "bad_range_response",
     "IntegrityError": "integrity_error",
     "NoWeightsError": "no_weights",
+    "CaptureMismatch": "capture_mismatch",
 }

@@ -8,11 +8,15 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import torch
 
+from api.schema import CaptureKey
 from cache_node.region.placement import rank
 from clients.cli import main
 from clients.seaweed import SeaweedServer
+from loader.captures import CaptureClient, CapturePayload
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.region_nodes import add_node, get, peer_headers, region_nodes, until, wait_state
@@ -39,6 +43,18 @@ def _upload(seaweed: SeaweedServer, bucket: str) -> dict[str, bytes]:
     sums = "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in files.items())
     seaweed.put(bucket, "m/SHA256SUMS", sums.encode())
     return files
+
+
+def _upload_capture(url: str) -> None:
+    with CaptureClient(url, "p", token=None) as captures, httpx.Client(base_url=url) as http:
+        snapshot = http.get("/v1/pipelines/p/manifest").json()["snapshots"]["m"]
+        key = CaptureKey(kind="weights", model="m", engine="vllm", engine_version="0.32.0",
+                         tp_size=1, rank=0, pp_size=1, pp_rank=0, dtype="float32",
+                         quantization="none", device="cpu-x86_64-avx2", snapshot=snapshot)
+        captures.upload_payload(key, CapturePayload.build({"w": torch.ones(8, 8)},
+                                                          stage="loaded"))
+        assert http.get("/v1/pipelines/p").json()["captures"][0]["key"] == key.model_dump(
+            mode="json")
 
 
 def test_registering_on_one_node_warms_the_region_with_one_origin_pull_and_a_later_node_fills_from_peers(  # noqa: E501
@@ -89,6 +105,14 @@ def test_registering_on_one_node_warms_the_region_with_one_origin_pull_and_a_lat
         assert all(n["capacity"] > 0 and n["used"] > 0 for n in region["nodes"])
         assert region["pipelines"] == [
             {"tenant": "default", "id": "p", "copies": 3, "nodes": ["n0", "n1", "n2"]}]
+        # an engine shard set uploaded to one node is that node's extra: the others still
+        # hold the pipeline whole
+        _upload_capture(nodes[0].url)
+        with nodes[1].client() as c:
+            assert c.get("/v1/pipelines/p").json()["captures"] == []
+        for node in nodes:
+            with node.client() as c:
+                assert c.get("/v1/region").json()["pipelines"][0]["copies"] == 3, node.url
         capsys.readouterr()
         assert main(["--url", nodes[1].url, "status"]) == 0
         shown = capsys.readouterr().out

@@ -344,13 +344,13 @@ class NodeRegion:
         """``GET /v1/region`` for ``tenant``: live nodes, and where its pipelines are whole."""
         records = await anyio.to_thread.run_sync(lambda: self.node.records(tenant))
         try:
-            blobs = sorted({b for r in records for b in r.own_blobs()})
+            blobs = sorted({b for r in records for b in r.weight_blobs()})
             holders, live = await self.holder_ids(blobs)
         except RegionError:
             return await single_node_info(self.node, tenant, connected=None)
         pipelines = []
         for record in records:
-            own = list(record.own_blobs())
+            own = list(record.weight_blobs())
             whole = set.intersection(*(set(holders[b]) for b in own)) if own else set()
             pipelines.append(RegionPipeline(tenant=record.tenant, id=record.id,
                                             copies=len(whole), nodes=sorted(whole)))
@@ -367,7 +367,7 @@ async def single_node_info(
         usage = node.store.usage()
         settings = node.settings
         whole = [
-            (r, bool(r.own_blobs()) and all(node.store.has(b) for b in r.own_blobs()))
+            (r, bool(r.weight_blobs()) and all(node.store.has(b) for b in r.weight_blobs()))
             for r in node.records(tenant)
         ]
         pipelines = [
