@@ -44,9 +44,11 @@ from cache_node.errors import (
     NotFound,
     NotWarm,
     TooLarge,
+    WeightCacheError,
 )
 from cache_node.events import emit
 from cache_node.evictor import Evictor
+from cache_node.metrics import NodeMetrics
 from cache_node.pipelines import PipelineBook
 from cache_node.registry import CaptureRecord, PipelineRecord, Registry
 from cache_node.settings import CaptureSettings
@@ -65,15 +67,23 @@ log = logging.getLogger("weightcache.node")
 class PendingCapture:
     """An upload under way: its key, the pipeline it is for, and the bytes so far."""
 
-    def __init__(self, *, tenant: str, pipeline: str, key: CaptureKey, upload: BlobUpload):
+    def __init__(
+        self, *, tenant: str, pipeline: str, key: CaptureKey, upload: BlobUpload,
+        on_refused: Callable[[CaptureKey, WeightCacheError], None],
+    ) -> None:
         self.tenant = tenant
         self.pipeline = pipeline
         self.key = key
         self.id = capture_id(key)
         self.upload = upload
+        self.on_refused = on_refused
 
     def write(self, data: bytes) -> None:
-        self.upload.write(data)
+        try:
+            self.upload.write(data)
+        except WeightCacheError as exc:  # more bytes than declared, a full disk
+            self.on_refused(self.key, exc)
+            raise
 
     def abort(self) -> None:
         self.upload.abort()
@@ -91,6 +101,7 @@ class Captures:
         collector: Collector,
         evictor: Evictor,
         settings: CaptureSettings,
+        metrics: NodeMetrics,
         on_change: Callable[[], None],
     ) -> None:
         self.book = book
@@ -99,6 +110,7 @@ class Captures:
         self.collector = collector
         self.evictor = evictor
         self.settings = settings
+        self.metrics = metrics
         self.on_change = on_change
 
     # ------------------------------------------------------------------ reading
@@ -132,6 +144,16 @@ class Captures:
         or a key of another version of the model), NotWarm, TooLarge, or
         InsufficientStorage (no room even after evicting others by the policy).
         """
+        try:
+            return self._begin(tenant, pipeline_id, capture_id_, key, size=size, sha256=sha256)
+        except WeightCacheError as exc:
+            self.refused(key, exc)
+            raise
+
+    def _begin(
+        self, tenant: str, pipeline_id: str, capture_id_: str, key: CaptureKey, *,
+        size: int, sha256: str,
+    ) -> PendingCapture:
         if not self.settings.enabled:
             raise Conflict("this node takes no captures (WEIGHTCACHE_CAPTURES_ENABLED=false)",
                            reason="captures_disabled")
@@ -163,7 +185,14 @@ class Captures:
         except BaseException:
             reservation.release()
             raise
-        return PendingCapture(tenant=record.tenant, pipeline=record.id, key=key, upload=upload)
+        return PendingCapture(tenant=record.tenant, pipeline=record.id, key=key, upload=upload,
+                              on_refused=self.refused)
+
+    def refused(self, key: CaptureKey, error: WeightCacheError) -> None:
+        """Count and log an upload the node did not take (the client gets the error)."""
+        self.metrics.capture_uploads.labels(key.kind, error.code).inc()
+        emit("capture.refused", level=logging.WARNING, kind=key.kind, model=key.model,
+             tp_size=key.tp_size, rank=key.rank, code=error.code, error=str(error))
 
     def commit(self, pending: PendingCapture) -> tuple[CaptureRecord, BlobRecord]:
         """Check the bytes (size, sha256, and for weights a safetensors file of its stage),
@@ -174,8 +203,10 @@ class Captures:
                 _weights_contents(pending.upload) if pending.key.kind == "weights" else (None, [])
             )
             blob = pending.upload.publish()
-        except BaseException:
+        except BaseException as exc:
             pending.abort()
+            if isinstance(exc, WeightCacheError):  # not the bytes declared, not a capture
+                self.refused(pending.key, exc)
             raise
         capture = CaptureRecord(
             id=pending.id,
@@ -186,7 +217,7 @@ class Captures:
             tensors=tensors,
         )
         replaced: CaptureRecord | None = None
-        refused: Exception | None = None
+        refused: WeightCacheError | None = None
         with self.registry.lock:
             record = self.registry.get(pending.tenant, pending.pipeline)
             try:
@@ -203,10 +234,12 @@ class Captures:
                 self.registry.put(record)
         if refused is not None:
             self.collector.free_unreferenced({blob.sha256: blob.size})
+            self.refused(pending.key, refused)
             raise refused
         if replaced is not None and replaced.blob != capture.blob:
             self.collector.free_unreferenced({replaced.blob: replaced.size})
         self.on_change()
+        self.metrics.capture_uploads.labels(pending.key.kind, "stored").inc()
         emit("capture.stored", tenant=pending.tenant, pipeline=pending.pipeline,
              capture=capture.id, kind=pending.key.kind, model=pending.key.model,
              tp_size=pending.key.tp_size, rank=pending.key.rank, stage=stage, bytes=blob.size)
@@ -241,6 +274,7 @@ class Captures:
                     self.registry.put(record)
                     dropped += len(gone)
             for cid in gone:
+                self.metrics.captures_dropped.labels("failed_verification").inc()
                 emit("capture.dropped", level=logging.ERROR, tenant=tenant, pipeline=pipeline_id,
                      capture=cid, reason="its blob failed verification")
         return dropped
@@ -259,6 +293,10 @@ class Captures:
                 if gone:
                     self.registry.put(record)
                     dropped += len(gone)
+            for cid in gone:
+                self.metrics.captures_dropped.labels("missing_on_disk").inc()
+                emit("capture.dropped", level=logging.ERROR, tenant=found.tenant,
+                     pipeline=found.id, capture=cid, reason="its blob is not on disk")
         return dropped
 
     # ------------------------------------------------------------------ rules

@@ -100,3 +100,7 @@ class LoadHistory:
         for stage in STAGES:
             self.metrics.cold_start_stage_seconds.labels(stage).observe(stages[stage])
         self.metrics.load_throughput.observe(report.gbps * 1e9)  # base units: bytes/s
+        if report.capture is not None:
+            self.metrics.capture_replays.labels(
+                "replayed" if report.capture.used else "missed"
+            ).inc()

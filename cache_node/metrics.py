@@ -104,6 +104,26 @@ class NodeMetrics:
             registry=r,
         )
         self.loads = Counter("weightcache_loads", "Replica loads reported", registry=r)
+        self.capture_uploads = Counter(
+            "weightcache_capture_uploads",
+            "Capture uploads (engine shard sets, compile caches) by kind and outcome (stored, "
+            "or the error code that refused one)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.captures_dropped = Counter(
+            "weightcache_captures_dropped",
+            "Captures dropped by the node, by reason (failed_verification, missing_on_disk)",
+            ["reason"],
+            registry=r,
+        )
+        self.capture_replays = Counter(
+            "weightcache_capture_replays",
+            "Replica loads that reported on a capture, by result (replayed, or missed: the "
+            "normal load ran)",
+            ["result"],
+            registry=r,
+        )
         self.cold_start_stage_seconds = Histogram(
             "weightcache_cold_start_stage_seconds",
             "Replica cold-start time by stage",

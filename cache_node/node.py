@@ -100,6 +100,7 @@ class CacheNode:
             collector=self.collector,
             evictor=self.evictor,
             settings=settings.captures,
+            metrics=self.metrics,
             on_change=self.refresh_gauges,
         )
         self.warming = WarmJobs(

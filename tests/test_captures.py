@@ -23,6 +23,7 @@ from clients.errors import ApiError, InsufficientStorageError, NotFoundError
 from loader.captures import CaptureClient, CapturePayload, plan_replay, replay_capture
 from loader.errors import IntegrityError, SourceError
 from loader.sources import HttpRangeSource
+from tests.fixtures.metrics import metric_value
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 from tests.fixtures.weights import safetensors_bytes
 
@@ -148,6 +149,8 @@ def test_an_upload_is_verified_stored_listed_and_replayed(
         assert again.blob.sha256 != info.blob.sha256
         assert c.get(f"/v1/blobs/{info.blob.sha256}").status_code == 404
         assert _used(c) == used + again.bytes
+        assert metric_value(c, "weightcache_capture_uploads_total", kind="weights",
+                            outcome="stored") == 2
 
 
 def test_bytes_that_are_not_what_the_sender_declared_are_not_stored(
@@ -191,6 +194,11 @@ def test_bytes_that_are_not_what_the_sender_declared_are_not_stored(
         assert captures.list() == []
         assert _used(c) == used
         assert c.get("/v1/node").json()["reserved"] == 0
+        # each refusal counted by its code (a malformed key is a bad request, not an upload)
+        for code, count in (("integrity_error", 2), ("invalid_capture", 1),
+                            ("capture_key_mismatch", 2), ("stored", 0)):
+            assert metric_value(c, "weightcache_capture_uploads_total", kind="weights",
+                                outcome=code) == count, code
         assert _tmp_files(node) == []
 
 
@@ -312,6 +320,8 @@ def test_a_capture_corrupted_on_the_node_is_caught_on_read_and_dropped(
         assert status["state"] == "warm"  # a bad capture costs the pipeline nothing
         assert status["captures"] == []
         assert (node.settings.data_dir / "quarantine" / info.blob.sha256).exists()
+        assert metric_value(c, "weightcache_captures_dropped_total",
+                            reason="failed_verification") == 1
 
 
 def test_a_reregistration_drops_the_captures_of_the_model_it_changed(

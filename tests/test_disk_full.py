@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy, Fault
+from tests.fixtures.metrics import metric_value
 from tests.fixtures.node_server import running_node, wait_for_state
 from tests.fixtures.small_fs import fill_up, small_filesystem
 from tests.fixtures.weights import safetensors_of_size
@@ -57,13 +57,6 @@ def events() -> Iterator[list[str]]:
 
 def _temps(data_dir: Path) -> list[str]:
     return sorted(p.name for p in (data_dir / "tmp").iterdir())
-
-
-def _metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 def _blobs_on_disk(data_dir: Path) -> int:
@@ -163,7 +156,7 @@ def test_a_filler_process_eating_the_disk_mid_fill_fails_the_fill_cleanly(
         assert ready.status_code == 503
         assert ready.json()["status"] == "degraded"
         assert "disk_full" in [r["code"] for r in ready.json()["reasons"]]
-        assert _metric(c, "weightcache_disk_full_total") >= 1
+        assert metric_value(c, "weightcache_disk_full_total") >= 1
         assert "disk.full" in events
 
         # still serving, still accounting, still taking deletions while the disk is full

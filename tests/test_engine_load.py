@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from loader.captures import CaptureMismatch
 from loader.engine_load import EngineFacts, load_engine_model
+from tests.fixtures.metrics import metric_value
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 
 HIDDEN, OUT, TP = 16, 8, 2
@@ -148,6 +149,10 @@ def test_a_load_uploads_its_loaded_tensors_and_the_next_one_replays_them(
     assert sorted(c["key"]["rank"] for c in captures) == list(range(TP))
     # post-processing took proj.weight out of its parameter: the capture is what it was before
     assert {c["stage"] for c in captures} == {"loaded"}
+    with httpx.Client(base_url=node.url) as c:  # the node counts both outcomes
+        assert metric_value(c, "weightcache_capture_replays_total", result="missed") == TP
+        assert metric_value(c, "weightcache_capture_uploads_total", kind="weights",
+                            outcome="stored") == TP
     for rank in range(TP):
         assert _last_report(node, rank)["capture"]["used"] is False
         engine = ToyEngine(rank, packs=True)
@@ -160,6 +165,8 @@ def test_a_load_uploads_its_loaded_tensors_and_the_next_one_replays_them(
         checkpoint = sum(t.numel() * 4 for t in _checkpoint().values())
         assert _last_report(node, rank)["bytes"] < checkpoint
     assert len(_captures(node, TP)) == TP  # a replay uploads nothing
+    with httpx.Client(base_url=node.url) as c:
+        assert metric_value(c, "weightcache_capture_replays_total", result="replayed") == TP
 
 
 def test_a_processed_capture_is_replayed_without_post_processing(node: RunningNode) -> None:

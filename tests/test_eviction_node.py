@@ -16,13 +16,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save_file
 
 from cache_node.tenants import DEFAULT_TENANT
 from clients import cli
 from clients.client import Client
 from clients.errors import EXIT_REFUSED
+from tests.fixtures.metrics import metric_value
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
 
 MiB = 1024 * 1024
@@ -86,16 +86,6 @@ def _load(c: httpx.Client, pipeline_id: str) -> dict[str, Any]:
     return manifest
 
 
-def _metric(c: httpx.Client, name: str, **labels: str) -> float:
-    """The value of one sample on ``/metrics``; 0 when the sample is not there."""
-    text = c.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
 def _du(data_dir: Path) -> dict[str, int]:
     """Every blob file on disk with its size."""
     return {p.name: p.stat().st_size for p in (data_dir / "blobs").rglob("*") if p.is_file()}
@@ -147,9 +137,9 @@ def test_room_is_made_from_cold_pipelines_in_lru_order_never_hot_pinned_or_lease
             assert states[name]["bytes_cached"] == states[name]["bytes_total"]
 
         evicted_bytes = _pipeline_bytes(sizes["cold-old"]) + _pipeline_bytes(sizes["cold-busy"])
-        assert _metric(c, "weightcache_evictions_total", reason="cold") == 2
-        assert _metric(c, "weightcache_evicted_bytes_total", reason="cold") == evicted_bytes
-        assert _metric(c, "weightcache_evictions_total", reason="hot-window") == 0
+        assert metric_value(c, "weightcache_evictions_total", reason="cold") == 2
+        assert metric_value(c, "weightcache_evicted_bytes_total", reason="cold") == evicted_bytes
+        assert metric_value(c, "weightcache_evictions_total", reason="hot-window") == 0
 
         kept = sum(_pipeline_bytes(sizes[n]) for n in ("pinned", "leased", "hot"))
         kept += _pipeline_bytes(newcomer)
@@ -160,7 +150,7 @@ def test_room_is_made_from_cold_pipelines_in_lru_order_never_hot_pinned_or_lease
         assert info["reserved"] == 0
         assert info["free"] == info["capacity"] - info["used"] - info["reserved"] - info["temp"]
         assert (info["high_watermark"], info["low_watermark"]) == (0.99, 0.95)
-        assert _metric(c, "weightcache_bytes", state="committed") == kept
+        assert metric_value(c, "weightcache_bytes", state="committed") == kept
 
 
 def test_with_every_pipeline_cold_the_least_recently_loaded_one_goes(tmp_path: Path) -> None:
@@ -215,9 +205,9 @@ def test_nothing_evictable_is_507_and_nothing_is_evicted(
         info = c.get("/v1/node").json()
         assert info["used"] == before_used
         assert info["reserved"] == 0
-        assert _metric(c, "weightcache_evictions_total", reason="cold") == 0
-        assert _metric(c, "weightcache_evicted_bytes_total", reason="cold") == 0
-        assert _metric(c, "weightcache_insufficient_storage_total") == 1
+        assert metric_value(c, "weightcache_evictions_total", reason="cold") == 0
+        assert metric_value(c, "weightcache_evicted_bytes_total", reason="cold") == 0
+        assert metric_value(c, "weightcache_insufficient_storage_total") == 1
 
 
 def test_a_pipeline_that_cannot_fit_as_a_whole_evicts_nothing(tmp_path: Path) -> None:
@@ -242,7 +232,7 @@ def test_a_pipeline_that_cannot_fit_as_a_whole_evicts_nothing(tmp_path: Path) ->
         assert c.get("/v1/pipelines/cold").json()["state"] == "warm"
         assert _du(tmp_path / "data") == before_disk
         assert c.get("/v1/node").json()["used"] == sum(before_disk.values())
-        assert _metric(c, "weightcache_evictions_total", reason="cold") == 0
+        assert metric_value(c, "weightcache_evictions_total", reason="cold") == 0
         assert _pipeline_bytes(cold) == c.get("/v1/pipelines/cold").json()["bytes_cached"]
 
 
@@ -331,13 +321,13 @@ def test_cli_evict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert capsys.readouterr().out.strip() == "free: evicted"
         status = c.get("/v1/pipelines/free").json()
         assert (status["state"], status["evicted_reason"]) == ("evicted", "manual")
-        assert _metric(c, "weightcache_evictions_total", reason="manual") == 1
+        assert metric_value(c, "weightcache_evictions_total", reason="manual") == 1
         freed = _pipeline_bytes(files["free"])
-        assert _metric(c, "weightcache_evicted_bytes_total", reason="manual") == freed
+        assert metric_value(c, "weightcache_evicted_bytes_total", reason="manual") == freed
 
         # a leased pipeline is being loaded by a replica: refused, and it stays warm
         assert cli.main(["--url", node.url, "evict", "held"]) == EXIT_REFUSED
         assert "conflict" in capsys.readouterr().err
         assert c.get("/v1/pipelines/held").json()["state"] == "warm"
-        assert _metric(c, "weightcache_evictions_total", reason="manual") == 1
+        assert metric_value(c, "weightcache_evictions_total", reason="manual") == 1
         assert c.get("/v1/node").json()["used"] == _pipeline_bytes(files["held"])

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.fixtures.hf_hub import FixtureHub
+from tests.fixtures.metrics import metric_value
 from tests.fixtures.node_server import running_node, wait_for_state
 from tests.fixtures.weights import safetensors_bytes, write_weights
 
@@ -33,13 +34,6 @@ def _local(root: Path, name: str, nbytes: int) -> dict[str, Any]:
     write_weights(root / name, nbytes=nbytes)
     (root / name / "config.json").write_bytes(CONFIG)
     return {"models": [{"name": "m", "source": f"file://{root / name}"}]}
-
-
-def _metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} is not exported")
 
 
 def _until(condition: Any, what: str, *, timeout_s: float = 30) -> None:
@@ -185,7 +179,7 @@ def test_fills_in_flight_are_not_leftover_partials(tmp_path: Path) -> None:
             info = c.get("/v1/node").json()
             assert info["temp"] == 96 * KiB  # the leftover: idle, counted as temp ...
             assert info["in_flight"] == 0  # ... and not as a fill in flight
-            assert _metric(c, "weightcache_fill_bytes_in_flight") == 0
+            assert metric_value(c, "weightcache_fill_bytes_in_flight") == 0
 
             c.put("/v1/pipelines/p", json={"models": [{"name": "m", "source": "hf://org/slow"}]})
             # the fill stalls halfway for 4 s: what it wrote so far is in flight
@@ -199,7 +193,7 @@ def test_fills_in_flight_are_not_leftover_partials(tmp_path: Path) -> None:
             during = seen[-1]  # the answer that saw it: a second one may come after the stall
             assert 0 < during["in_flight"] <= during["reserved"]
             assert during["temp"] == 96 * KiB
-            _until(lambda: _metric(c, "weightcache_fill_bytes_in_flight") > 0,
+            _until(lambda: metric_value(c, "weightcache_fill_bytes_in_flight") > 0,
                    "the gauge never showed the fill in flight")
 
             assert wait_for_state(c, "p", {"warm", "failed"})["state"] == "warm"
