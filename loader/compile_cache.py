@@ -146,24 +146,50 @@ def cache_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in base.rglob("*") if p.is_file()}
 
 
-def fetch(client: CaptureClient, key: CaptureKey, root: Path) -> tuple[int, str]:
+def fetch(
+    client: CaptureClient, key: CaptureKey, root: Path, *, max_unpacked: int = 8 << 30
+) -> tuple[int, str]:
     """Unpack the node's compile cache of ``key`` into ``root``: (bytes fetched, what
-    happened). Members that would land outside ``root`` (absolute paths, ``..``, links out)
-    or that are not plain files and directories stop the unpacking (tarfile's data filter)."""
+    happened). A tarball that would put anything outside ``root/torch_compile_cache``
+    (absolute paths, ``..``, links out: tarfile's data filter), holds anything but plain files
+    and directories, or unpacks to more than ``max_unpacked`` bytes is refused whole
+    (LoaderError, or tarfile's error): it is unpacked beside ``root`` first and moved in only
+    once all of it is out, so a refused one leaves nothing in the engine's cache."""
     found = client.find(key)
     if found is None:
         return 0, explain_miss(key, client.list())
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="weightcache-cc-") as scratch:
+    # on root's filesystem, so that moving the files in is a rename
+    with tempfile.TemporaryDirectory(prefix=".weightcache-cc-", dir=root) as scratch:
         tarball = Path(scratch) / "cache.tar.gz"
         client.download(found, tarball)
+        unpacked = Path(scratch) / "unpacked"
         with tarfile.open(tarball, "r:gz") as archive:
-            for member in archive.getmembers():
-                if not member.name.startswith(f"{CACHE_DIR}/") and member.name != CACHE_DIR:
-                    raise LoaderError(f"compile cache {found.id[:12]}: {member.name!r} is "
-                                      f"outside {CACHE_DIR}/")
-            archive.extractall(root, filter="data")
+            members = archive.getmembers()
+            _check_members(members, label=f"compile cache {found.id[:12]}",
+                           max_unpacked=max_unpacked)
+            archive.extractall(unpacked, members=members, filter="data")
+        _move_in(unpacked / CACHE_DIR, root / CACHE_DIR)
     return found.bytes, f"capture {found.id[:12]}"
+
+
+def _check_members(members: list[tarfile.TarInfo], *, label: str, max_unpacked: int) -> None:
+    total = 0
+    for member in members:
+        if not member.name.startswith(f"{CACHE_DIR}/") and member.name != CACHE_DIR:
+            raise LoaderError(f"{label}: {member.name!r} is outside {CACHE_DIR}/")
+        total += member.size if member.isfile() else 0
+        if total > max_unpacked:
+            raise LoaderError(f"{label}: unpacks to more than {max_unpacked / 1e6:.0f} MB")
+
+
+def _move_in(source: Path, dest: Path) -> None:
+    """Every file under ``source`` to the same place under ``dest`` (renames, replacing)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            target = dest / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
 
 
 def pack(root: Path, *, limit: int, into: Path) -> tuple[Path | None, str]:
@@ -237,7 +263,8 @@ class CompileCache:
             return None
         client = CaptureClient(url, pipeline, token=token, timeout=300)
         try:
-            fetched, note = fetch(client, key, root)
+            # compiled code packs about 3:1; 8x the upload limit bounds a tarball bomb
+            fetched, note = fetch(client, key, root, max_unpacked=8 * limit)
         except Exception as exc:  # a cache is an optimisation: the engine compiles instead
             fetched, note = 0, f"could not be fetched: {getattr(exc, 'code', '')} {exc}"
         if fetched:

@@ -152,7 +152,29 @@ def test_a_tarball_that_reaches_outside_the_cache_is_never_unpacked(
         with pytest.raises((LoaderError, tarfile.TarError)):
             fetch(client, key, root)
     assert not (tmp_path / "escaped").exists()
-    assert not list(root.rglob("link"))
+    assert list(root.rglob("*")) == []  # refused whole: not even its harmless members
+
+
+def test_a_tarball_that_unpacks_past_the_bound_is_refused_before_a_byte_lands(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    import hashlib
+
+    key = compile_cache_key(_manifest(node), model=None, tp_size=1, version="0.32.0",
+                            settings="3" * 64)
+    assert key is not None
+    # 4 MiB of zeros packs into a few KiB: the bound is on what it unpacks to
+    data = _tarball({f"{CACHE_DIR}/a": b"x", f"{CACHE_DIR}/zeros": bytes(4 << 20)})
+    assert len(data) < 64 << 10
+    root = tmp_path / "root"
+    with CaptureClient(node.url, "p") as client:
+        client.upload(key, [data], size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        with pytest.raises(LoaderError, match="unpacks to more than"):
+            fetch(client, key, root, max_unpacked=1 << 20)
+        assert list(root.rglob("*")) == []
+        fetched, _ = fetch(client, key, root, max_unpacked=8 << 20)
+    assert fetched == len(data)
+    assert (root / CACHE_DIR / "zeros").stat().st_size == 4 << 20
 
 
 def test_no_compile_cache_without_compilation_or_a_version(
