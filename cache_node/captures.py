@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from api.schema import (
     CAPTURE_BUFFERS_METADATA,
@@ -261,42 +261,39 @@ class Captures:
     def forget_blob(self, sha256: str) -> int:
         """Drop every capture whose blob is ``sha256`` (it was quarantined: it failed its
         digests). The pipelines stay warm; their next replica loads the normal way."""
+        return self._drop(
+            self.registry.blob_pipelines(sha256), lambda c: c.blob == sha256,
+            reason="failed_verification", says="its blob failed verification",
+        )
+
+    def prune_missing(self) -> int:
+        """Drop the captures whose blob is not on disk (at start-up, after the reconcile)."""
+        return self._drop(
+            [(r.tenant, r.id) for r in self.registry.all()], lambda c: not self.store.has(c.blob),
+            reason="missing_on_disk", says="its blob is not on disk",
+        )
+
+    def _drop(
+        self, pipelines: Iterable[tuple[str, str]], doomed: Callable[[CaptureRecord], bool], *,
+        reason: str, says: str,
+    ) -> int:
+        """Drop the captures of ``pipelines`` that are ``doomed``; each one counted and logged."""
         dropped = 0
-        for tenant, pipeline_id in self.registry.blob_pipelines(sha256):
+        for tenant, pipeline_id in list(pipelines):
             with self.registry.lock:
                 record = self.registry.get(tenant, pipeline_id)
                 if record is None:
                     continue
-                gone = [cid for cid, c in record.captures.items() if c.blob == sha256]
+                gone = [cid for cid, c in record.captures.items() if doomed(c)]
                 for cid in gone:
                     del record.captures[cid]
                 if gone:
                     self.registry.put(record)
-                    dropped += len(gone)
             for cid in gone:
-                self.metrics.captures_dropped.labels("failed_verification").inc()
+                dropped += 1
+                self.metrics.captures_dropped.labels(reason).inc()
                 emit("capture.dropped", level=logging.ERROR, tenant=tenant, pipeline=pipeline_id,
-                     capture=cid, reason="its blob failed verification")
-        return dropped
-
-    def prune_missing(self) -> int:
-        """Drop the captures whose blob is not on disk (at start-up, after the reconcile)."""
-        dropped = 0
-        for found in list(self.registry.all()):
-            with self.registry.lock:
-                record = self.registry.get(found.tenant, found.id)
-                if record is None:
-                    continue
-                gone = [cid for cid, c in record.captures.items() if not self.store.has(c.blob)]
-                for cid in gone:
-                    del record.captures[cid]
-                if gone:
-                    self.registry.put(record)
-                    dropped += len(gone)
-            for cid in gone:
-                self.metrics.captures_dropped.labels("missing_on_disk").inc()
-                emit("capture.dropped", level=logging.ERROR, tenant=found.tenant,
-                     pipeline=found.id, capture=cid, reason="its blob is not on disk")
+                     capture=cid, reason=says)
         return dropped
 
     # ------------------------------------------------------------------ rules

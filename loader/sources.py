@@ -14,18 +14,23 @@ import queue
 import threading
 import urllib.parse
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from clients.client import auth_headers
 from loader.content_range import parse_content_range
-from loader.errors import RangeResponseError, SourceError
+from loader.errors import IntegrityError, RangeResponseError, SourceError
 from loader.preads import read_into_at
 
-__all__ = ["HttpRangeSource", "LocalFileSource", "RoutingSource", "Source", "blob_path"]
+__all__ = ["Check", "HttpRangeSource", "LocalFileSource", "RoutingSource", "Source", "blob_path"]
 
 log = logging.getLogger("weightcache.loader")
+
+
+#: Checks the bytes a read delivered (a chunk's digest): raises IntegrityError when they are
+#: wrong. A source that can read the range elsewhere does so; the others let the error go.
+Check = Callable[[memoryview], None]
 
 
 class Source(Protocol):
@@ -34,8 +39,11 @@ class Source(Protocol):
     def prepare(self, blobs: Iterable[str]) -> None:
         """Open what the reads of ``blobs`` need (files, connections); timed as 'connect'."""
 
-    def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
-        """Fill ``buffer`` with the bytes at ``offset`` of ``blob``, or raise SourceError."""
+    def read_into(
+        self, blob: str, offset: int, buffer: memoryview, *, check: Check | None = None
+    ) -> None:
+        """Fill ``buffer`` with the bytes at ``offset`` of ``blob`` that pass ``check``, or
+        raise SourceError (or the check's IntegrityError)."""
 
     def close(self) -> None:
         """Release files and connections."""
@@ -75,7 +83,9 @@ class LocalFileSource:
                 self._fds[blob] = fd
             return fd
 
-    def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
+    def read_into(
+        self, blob: str, offset: int, buffer: memoryview, *, check: Check | None = None
+    ) -> None:
         fd = self._fd(blob)
         total = len(buffer)
         try:
@@ -87,6 +97,8 @@ class LocalFileSource:
                 f"blob {blob} is short: no bytes at offset {offset + done} "
                 f"({total - done} of {total} still wanted)"
             )
+        if check is not None:  # one copy here: a bad one is an error, nothing to re-read
+            check(buffer)
 
     def close(self) -> None:
         with self._lock:
@@ -116,11 +128,13 @@ class RoutingSource:
                 raise SourceError(f"blobs {remote[:3]} are not in {self.local.data_dir}")
             self.remote.prepare(remote)
 
-    def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
+    def read_into(
+        self, blob: str, offset: int, buffer: memoryview, *, check: Check | None = None
+    ) -> None:
         if blob in self._local_blobs:
-            self.local.read_into(blob, offset, buffer)
+            self.local.read_into(blob, offset, buffer, check=check)
         elif self.remote is not None:
-            self.remote.read_into(blob, offset, buffer)
+            self.remote.read_into(blob, offset, buffer, check=check)
         else:
             raise SourceError(f"blob {blob} is not in {self.local.data_dir}")
 
@@ -190,8 +204,12 @@ class HttpRangeSource:
 
     When a read fails (refused, reset, 5xx, a wrong ``Content-Range``, a short body) the same
     range is asked of the next node: a node that dies mid-load costs only the ranges it had in
-    flight, re-read elsewhere, and it leaves the rotation for the rest of the load. A 4xx answer
-    (the node does not hold the blob, or refuses it) leaves the rotation for that blob only.
+    flight, re-read elsewhere, and it leaves the rotation for the rest of the load. A node that
+    sends nothing for ``timeout`` seconds (a host gone without closing its connections) has
+    failed that read: the stall costs one timeout, not the load. A 4xx answer
+    (the node does not hold the blob, or refuses it) or bytes that fail the read's ``check``
+    (a bad copy of the blob) leave the rotation for that blob only; when every node failed and
+    one of them sent bad bytes, the check's IntegrityError is raised, not a SourceError.
     Every failover is logged with the nodes involved and the reason; ``bytes_by_node()``,
     ``failed_nodes()`` and ``failovers`` say what happened. ``fallback_reads`` counts the
     ranges the ``fallback_urls`` served and ``fallback_reason`` says why they were needed.
@@ -207,7 +225,7 @@ class HttpRangeSource:
         base_urls: Sequence[str],
         *,
         token: str | None = None,
-        timeout: float = 60.0,
+        timeout: float = 15.0,
         connections: int = 8,
         fallback_urls: Sequence[str] = (),
         holders: Mapping[str, Sequence[str]] | None = None,
@@ -301,7 +319,8 @@ class HttpRangeSource:
     def _fail(self, endpoint: _Endpoint, blob: str | None, error: BaseException) -> str:
         """Take ``endpoint`` out of the rotation (for ``blob`` only on a 4xx); the reason."""
         status = error.details.get("status") if isinstance(error, RangeResponseError) else None
-        refused = blob if isinstance(status, int) and 400 <= status < 500 else None
+        bad_copy = isinstance(error, IntegrityError)
+        refused = blob if bad_copy or (isinstance(status, int) and 400 <= status < 500) else None
         reason = f"{endpoint.base_url}: {error}"
         with self._lock:
             if refused is not None:
@@ -314,15 +333,24 @@ class HttpRangeSource:
                 self.fallback_reason = reason
         return reason
 
-    def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
+    def read_into(
+        self, blob: str, offset: int, buffer: memoryview, *, check: Check | None = None
+    ) -> None:
         if not buffer:
             return
         tried: list[_Endpoint] = []
         failures: list[str] = []
+        bad_copy: IntegrityError | None = None
         while (endpoint := self._next(blob, offset, tried)) is not None:
             tried.append(endpoint)
             try:
                 self._read_from(endpoint, blob, offset, buffer)
+                if check is not None:
+                    check(buffer)
+            except IntegrityError as error:
+                bad_copy = bad_copy or error
+                failures.append(self._fail(endpoint, blob, error))
+                continue
             except (OSError, http.client.HTTPException) as error:
                 failures.append(self._fail(endpoint, blob, error))
                 continue
@@ -340,10 +368,11 @@ class HttpRangeSource:
                 log.warning("blob %s bytes %d-%d re-read from %s after %s", blob, offset,
                             offset + len(buffer) - 1, endpoint.base_url, "; ".join(failures))
             return
-        raise SourceError(
-            f"blob {blob} bytes {offset}-{offset + len(buffer) - 1}: every cache node failed: "
-            + "; ".join(failures)
-        )
+        message = (f"blob {blob} bytes {offset}-{offset + len(buffer) - 1}: every cache node "
+                   "failed: " + "; ".join(failures))
+        if bad_copy is not None:  # bytes came, and were wrong: an integrity failure
+            raise IntegrityError(message, **bad_copy.details)
+        raise SourceError(message)
 
     def bytes_by_node(self) -> dict[str, int]:
         """Bytes each node served to this source (whole digest chunks when verifying)."""

@@ -20,7 +20,7 @@ from loader.manifest_stream import load_manifest, tensor_keys
 from loader.ranges import BlobDigests, ByteRange, plan_requests
 from loader.safetensors_format import read_header
 from loader.sinks import RingSink, staging_pool
-from loader.sources import HttpRangeSource, LocalFileSource, blob_path
+from loader.sources import Check, HttpRangeSource, LocalFileSource, blob_path
 from loader.stream import stream
 from tests.fixtures.blob_server import BlobServer
 
@@ -245,8 +245,12 @@ class _NullSource:
     def prepare(self, blobs: object) -> None:
         return None
 
-    def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
+    def read_into(
+        self, blob: str, offset: int, buffer: memoryview, *, check: Check | None = None
+    ) -> None:
         buffer[:] = bytes(len(buffer))
+        if check is not None:
+            check(buffer)
 
     def close(self) -> None:
         return None

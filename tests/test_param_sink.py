@@ -13,6 +13,7 @@ import torch
 
 from api.schema import Manifest, ManifestTensor
 from loader.param_sink import ParamSink, plan_param_stream
+from loader.sources import Check
 from loader.stream import stream
 from loader.vllm_weights import WeightMismatch
 from tests.fixtures.param_memory import row_values
@@ -31,8 +32,12 @@ class BytesSource:
     def prepare(self, blobs: object) -> None:
         return None
 
-    def read_into(self, blob: str, offset: int, buffer: memoryview) -> None:
+    def read_into(
+        self, blob: str, offset: int, buffer: memoryview, *, check: Check | None = None
+    ) -> None:
         buffer[:] = self.blobs[blob][offset : offset + len(buffer)]
+        if check is not None:
+            check(buffer)
 
     def close(self) -> None:
         return None

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from api.schema import Manifest, ManifestBlob, ManifestTensor
 from clients.load_cli import print_stage_table
 from loader import load
-from loader.errors import SourceError
+from loader.errors import IntegrityError, SourceError
 from loader.manifest_stream import load_manifest
 from loader.sinks import staging_pool
 from loader.sources import HttpRangeSource, blob_path
@@ -167,6 +168,66 @@ def test_a_holder_missing_a_blob_is_skipped_for_that_blob_only(
     assert stale in source.failed_nodes()[one.url]
     assert source.failovers >= 1
     assert any(f"re-read from {two.url}" in r.getMessage() for r in caplog.records)
+
+
+def _bad_copy(data_dir: Path, manifest: Manifest, dest: Path) -> str:
+    """Every blob of ``data_dir`` in ``dest``, the first with one bit flipped in a tensor."""
+    for blob in manifest.blobs:
+        blob_path(dest, blob.sha256).parent.mkdir(parents=True, exist_ok=True)
+        blob_path(dest, blob.sha256).write_bytes(blob_path(data_dir, blob.sha256).read_bytes())
+    first = manifest.tensors[0]
+    path = blob_path(dest, first.blob)
+    data = bytearray(path.read_bytes())
+    data[first.offset + first.length // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return first.blob
+
+
+def test_a_holder_with_a_bad_copy_is_skipped_for_that_blob_and_its_chunks_re_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir, manifest, expected = _store(tmp_path)
+    corrupted = _bad_copy(data_dir, manifest, tmp_path / "bad")
+    caplog.set_level(logging.WARNING, logger="weightcache.loader")
+    with BlobServer(tmp_path / "bad") as bad, BlobServer(data_dir) as good:
+        source = HttpRangeSource([good.url], holders=_holders(manifest, [bad.url, good.url]))
+        tensors, _ = load_manifest(manifest, source=source, verify=True, request_size=4096,
+                                   workers=4)
+        _same(tensors, expected)
+    failure = source.failed_nodes()[bad.url]
+    assert "hashes to" in failure
+    assert corrupted in failure
+    assert source.bytes_by_node()[bad.url] > 0  # still in the rotation for its good blob
+    assert source.failovers >= 1
+    assert any(f"re-read from {good.url}" in r.getMessage() for r in caplog.records)
+
+
+def test_a_holder_that_goes_silent_costs_one_timeout_not_the_load(tmp_path: Path) -> None:
+    # a host that died without closing its sockets: connections are accepted (the listen
+    # backlog) and never answered
+    data_dir, manifest, expected = _store(tmp_path)
+    with socket.socket() as silent, BlobServer(data_dir) as good:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        source = HttpRangeSource([good.url], holders=_holders(manifest, [silent_url, good.url]),
+                                 timeout=0.5)
+        tensors, report = load_manifest(manifest, source=source, verify=True,
+                                        request_size=4096, workers=4)
+        _same(tensors, expected)
+    assert "timed out" in source.failed_nodes()[silent_url]
+    assert source.bytes_by_node() == {good.url: report.bytes_read}
+
+
+def test_bad_bytes_from_every_holder_are_an_integrity_error(tmp_path: Path) -> None:
+    data_dir, manifest, _ = _store(tmp_path)
+    _bad_copy(data_dir, manifest, tmp_path / "bad")
+    with BlobServer(tmp_path / "bad") as one, BlobServer(tmp_path / "bad") as two:
+        source = HttpRangeSource([one.url], holders=_holders(manifest, [one.url, two.url]))
+        with pytest.raises(IntegrityError, match="every cache node failed") as failed:
+            load_manifest(manifest, source=source, verify=True, request_size=4096)
+    assert failed.value.code == "integrity_error"
+    assert set(source.failed_nodes()) == {one.url, two.url}
 
 
 def test_every_holder_down_leaves_the_answering_node_then_its_api(tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 The engine tests put this directory on ``PYTHONPATH`` with ``WEIGHTCACHE_MEMPROBE_OUT`` set, so
 Python imports it at start-up in every vLLM process, spawned workers included. When vLLM imports
-its ``BaseModelLoader``, every loader's ``load_weights`` call is wrapped: the model's parameters
-are first written (so their own pages are resident before the measurement starts), the process's
-peak RSS is reset (``/proc/self/clear_refs``), and after the load the peak above the start
-(``VmHWM``) is appended as one JSON line to the file. That is the memory a loader needs beyond the
-parameters it fills: a staging ring, a second copy of the weights, or (vLLM's own loader) the
-checkpoint pages it maps.
+its ``BaseModelLoader``, every loader's ``load_weights`` call is wrapped, and so is weightcache's
+fill (``fill_from_manifest`` as ``loader.engine_load`` calls it: that loader has a
+``load_model`` of its own). Around each: the model's parameters are first written (so their own
+pages are resident before the measurement starts), the process's peak RSS is reset
+(``/proc/self/clear_refs``), and after the load the peak above the start (``VmHWM``) is appended
+as one JSON line to the file. That is the memory a loader needs beyond the parameters it fills:
+a staging ring, a second copy of the weights, or (vLLM's own loader) the checkpoint pages it
+maps.
 
 Only loads are measured; vLLM's CPU post-processing, which repacks the weights for oneDNN
 and briefly holds two copies whatever the loader, comes after and is not counted.
@@ -20,11 +22,9 @@ import importlib.machinery
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
-
-_TARGET = "vllm.model_executor.model_loader.base_loader"
 
 
 def _status_kib(field: str) -> int:
@@ -35,43 +35,47 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _measured(loader: Any, inner: Any) -> Any:
-    def load_weights(model: Any, model_config: Any) -> Any:
-        import torch
+def _measure(loader: str, model: Any, fill: Callable[[], Any]) -> Any:
+    """Run ``fill`` (a load into ``model``) and record its peak RSS above the start."""
+    import torch
 
-        seen: set[int] = set()
-        param_bytes = 0
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.data_ptr() in seen:
-                    continue
-                seen.add(param.data_ptr())
-                param.zero_()
-                param_bytes += param.numel() * param.element_size()
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # VmHWM := VmRSS
-        start = _status_kib("VmRSS")
-        result = inner(model, model_config)
-        peak = _status_kib("VmHWM")
-        record = {
-            "pid": os.getpid(),
-            "loader": type(loader).__name__,
-            "param_bytes": param_bytes,
-            "extra_bytes": (peak - start) * 1024,
-        }
-        with open(os.environ["WEIGHTCACHE_MEMPROBE_OUT"], "a") as out:
-            out.write(json.dumps(record) + "\n")
-        return result
-
-    return load_weights
+    seen: set[int] = set()
+    param_bytes = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.data_ptr() in seen:
+                continue
+            seen.add(param.data_ptr())
+            param.zero_()
+            param_bytes += param.numel() * param.element_size()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # VmHWM := VmRSS
+    start = _status_kib("VmRSS")
+    result = fill()
+    peak = _status_kib("VmHWM")
+    record = {
+        "pid": os.getpid(),
+        "loader": loader,
+        "param_bytes": param_bytes,
+        "extra_bytes": (peak - start) * 1024,
+    }
+    with open(os.environ["WEIGHTCACHE_MEMPROBE_OUT"], "a") as out:
+        out.write(json.dumps(record) + "\n")
+    return result
 
 
-def _wrap(module: ModuleType) -> None:
+def _wrap_base_loader(module: ModuleType) -> None:
+    """vLLM's loaders: ``load_model`` builds the model and calls ``self.load_weights``."""
     cls = module.BaseModelLoader
     load_model = cls.load_model
 
     def measured_load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self.load_weights = _measured(self, self.load_weights)
+        inner = self.load_weights
+
+        def load_weights(model: Any, model_config: Any) -> Any:
+            return _measure(type(self).__name__, model, lambda: inner(model, model_config))
+
+        self.load_weights = load_weights
         try:
             return load_model(self, *args, **kwargs)
         finally:
@@ -80,11 +84,29 @@ def _wrap(module: ModuleType) -> None:
     cls.load_model = measured_load_model
 
 
+def _wrap_engine_load(module: ModuleType) -> None:
+    """weightcache's loader has a ``load_model`` of its own (engine shard sets): its fill is
+    ``fill_from_manifest`` as ``loader.engine_load`` calls it."""
+    fill = module.fill_from_manifest
+
+    def measured_fill(model: Any, *args: Any, **kwargs: Any) -> Any:
+        return _measure("WeightcacheModelLoader", model, lambda: fill(model, *args, **kwargs))
+
+    setattr(module, "fill_from_manifest", measured_fill)  # noqa: B010 (a module, typed loosely)
+
+
+_TARGETS: dict[str, Callable[[ModuleType], None]] = {
+    "vllm.model_executor.model_loader.base_loader": _wrap_base_loader,
+    "loader.engine_load": _wrap_engine_load,
+}
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if name != _TARGET:
+        wrap = _TARGETS.get(name)
+        if wrap is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -93,7 +115,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
         def exec_and_wrap(module: ModuleType) -> None:
             exec_module(module)
-            _wrap(module)
+            wrap(module)
 
         spec.loader.exec_module = exec_and_wrap  # type: ignore[method-assign]
         return spec
