@@ -30,6 +30,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -487,9 +488,11 @@ def check(figures: Figures) -> None:
         early_rss = max(figures.final_phase_rss_mib[:half])
         late_rss = max(figures.final_phase_rss_mib[half:])
         assert late_rss <= early_rss * 1.25 + 32, (early_rss, late_rss)
-        early_fds = max(figures.final_phase_fds[:half])
-        late_fds = max(figures.final_phase_fds[half:])
-        assert late_fds <= early_fds + 16, (early_fds, late_fds)
+        # descriptors by the median: fills still run in this stretch, and one sample taken
+        # while a transfer has its parts open is a spike, not a leak (a leak lifts them all)
+        early_fds = statistics.median(figures.final_phase_fds[:half])
+        late_fds = statistics.median(figures.final_phase_fds[half:])
+        assert late_fds <= early_fds + 16, (figures.final_phase_fds, early_fds, late_fds)
 
 
 def test_soak_one_minute(tmp_path: Path, seaweed: SeaweedServer, bucket: str,
