@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 
 from api.schema import (
     CAPTURE_BUFFERS_METADATA,
@@ -44,6 +45,7 @@ from cache_node.errors import (
     NotFound,
     NotWarm,
     TooLarge,
+    TooManyUploads,
     WeightCacheError,
 )
 from cache_node.events import emit
@@ -62,6 +64,10 @@ __all__ = ["Captures", "PendingCapture"]
 
 log = logging.getLogger("weightcache.node")
 
+#: The largest safetensors header a weights capture may have (about 100,000 tensors): its
+#: tensor table is kept in the pipeline's record, read on every status.
+MAX_CAPTURE_HEADER_BYTES = 16 << 20
+
 
 
 class PendingCapture:
@@ -70,6 +76,7 @@ class PendingCapture:
     def __init__(
         self, *, tenant: str, pipeline: str, key: CaptureKey, upload: BlobUpload,
         on_refused: Callable[[CaptureKey, WeightCacheError], None],
+        on_done: Callable[[], None],
     ) -> None:
         self.tenant = tenant
         self.pipeline = pipeline
@@ -77,16 +84,33 @@ class PendingCapture:
         self.id = capture_id(key)
         self.upload = upload
         self.on_refused = on_refused
+        self._refused = False
+        self._on_done: Callable[[], None] | None = on_done
+
+    def done(self) -> None:
+        """The upload is over (stored or dropped): its tenant's slot is free (once)."""
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
     def write(self, data: bytes) -> None:
         try:
             self.upload.write(data)
         except WeightCacheError as exc:  # more bytes than declared, a full disk
-            self.on_refused(self.key, exc)
+            self.refuse(exc)
             raise
 
+    def refuse(self, error: WeightCacheError) -> None:
+        """Count and log why the node did not take this upload (once)."""
+        if not self._refused:
+            self._refused = True
+            self.on_refused(self.key, error)
+
     def abort(self) -> None:
-        self.upload.abort()
+        try:
+            self.upload.abort()
+        finally:
+            self.done()
 
 
 class Captures:
@@ -112,6 +136,14 @@ class Captures:
         self.settings = settings
         self.metrics = metrics
         self.on_change = on_change
+        self._committing = 0  # uploads between their blob's publish and their record
+        self._open: dict[str, int] = {}  # uploads open per tenant
+        self._lock = threading.Lock()
+
+    @property
+    def committing(self) -> int:
+        """Uploads whose blob is published but not yet recorded (orphan collection waits)."""
+        return self._committing
 
     # ------------------------------------------------------------------ reading
     def list(self, tenant: str, pipeline_id: str) -> list[CaptureRecord]:
@@ -179,14 +211,40 @@ class Captures:
             self.evictor.make_room(size, keep=frozenset(record.blobs()))
             if self.store.usage().free < size:
                 raise self.store.not_enough_space(size)
-        reservation = self.store.reserve(size)
+        self._take_upload_slot(record.tenant)
         try:
-            upload = BlobUpload(self.store, size=size, sha256=sha256, reservation=reservation)
+            reservation = self.store.reserve(size)
+            try:
+                upload = BlobUpload(self.store, size=size, sha256=sha256,
+                                    reservation=reservation)
+            except BaseException:
+                reservation.release()
+                raise
         except BaseException:
-            reservation.release()
+            self._free_upload_slot(record.tenant)
             raise
         return PendingCapture(tenant=record.tenant, pipeline=record.id, key=key, upload=upload,
-                              on_refused=self.refused)
+                              on_refused=self.refused,
+                              on_done=lambda: self._free_upload_slot(record.tenant))
+
+    def _take_upload_slot(self, tenant: str) -> None:
+        limit = self.settings.uploads_per_tenant
+        with self._lock:
+            if self._open.get(tenant, 0) >= limit:
+                raise TooManyUploads(
+                    f"{limit} uploads of this tenant are open already "
+                    "(WEIGHTCACHE_CAPTURES_UPLOADS_PER_TENANT)",
+                    retry_after_s=5.0, limit=limit,
+                )
+            self._open[tenant] = self._open.get(tenant, 0) + 1
+
+    def _free_upload_slot(self, tenant: str) -> None:
+        with self._lock:
+            left = self._open.get(tenant, 0) - 1
+            if left > 0:
+                self._open[tenant] = left
+            else:
+                self._open.pop(tenant, None)
 
     def refused(self, key: CaptureKey, error: WeightCacheError) -> None:
         """Count and log an upload the node did not take (the client gets the error)."""
@@ -197,6 +255,16 @@ class Captures:
     def commit(self, pending: PendingCapture) -> tuple[CaptureRecord, BlobRecord]:
         """Check the bytes (size, sha256, and for weights a safetensors file of its stage),
         publish them and record the capture; it replaces one of the same id."""
+        with self._lock:
+            self._committing += 1
+        try:
+            return self._commit(pending)
+        finally:
+            with self._lock:
+                self._committing -= 1
+            pending.done()
+
+    def _commit(self, pending: PendingCapture) -> tuple[CaptureRecord, BlobRecord]:
         try:
             pending.upload.finish()
             stage, tensors = (
@@ -206,7 +274,7 @@ class Captures:
         except BaseException as exc:
             pending.abort()
             if isinstance(exc, WeightCacheError):  # not the bytes declared, not a capture
-                self.refused(pending.key, exc)
+                pending.refuse(exc)
             raise
         capture = CaptureRecord(
             id=pending.id,
@@ -217,6 +285,7 @@ class Captures:
             tensors=tensors,
         )
         replaced: CaptureRecord | None = None
+        superseded: Sequence[CaptureRecord] = ()
         refused: WeightCacheError | None = None
         with self.registry.lock:
             record = self.registry.get(pending.tenant, pending.pipeline)
@@ -231,13 +300,24 @@ class Captures:
             else:
                 replaced = record.captures.get(capture.id)
                 record.captures[capture.id] = capture
+                superseded = self._past_slot(record, capture)
+                for old in superseded:
+                    del record.captures[old.id]
                 self.registry.put(record)
         if refused is not None:
             self.collector.free_unreferenced({blob.sha256: blob.size})
-            self.refused(pending.key, refused)
+            pending.refuse(refused)
             raise refused
+        freed = {c.blob: c.size for c in superseded}
         if replaced is not None and replaced.blob != capture.blob:
-            self.collector.free_unreferenced({replaced.blob: replaced.size})
+            freed[replaced.blob] = replaced.size
+        if freed:
+            self.collector.free_unreferenced(freed)
+        for old in superseded:
+            self.metrics.captures_dropped.labels("superseded").inc()
+            emit("capture.dropped", tenant=pending.tenant, pipeline=pending.pipeline,
+                 capture=old.id, reason=f"superseded by {capture.id} (at most "
+                 f"{self.settings.per_slot} per model, TP size and rank)")
         self.on_change()
         self.metrics.capture_uploads.labels(pending.key.kind, "stored").inc()
         emit("capture.stored", tenant=pending.tenant, pipeline=pending.pipeline,
@@ -297,6 +377,15 @@ class Captures:
         return dropped
 
     # ------------------------------------------------------------------ rules
+    def _past_slot(
+        self, record: PipelineRecord, newest: CaptureRecord
+    ) -> Sequence[CaptureRecord]:
+        """The captures of ``newest``'s slot past ``per_slot``, oldest first out."""
+        slot = _slot(newest.key)
+        same = [c for c in record.captures.values() if _slot(c.key) == slot]
+        same.sort(key=lambda c: (c.id == newest.id, c.created_at))  # the newest stays last
+        return same[: max(0, len(same) - self.settings.per_slot)]
+
     def _check_key(self, record: PipelineRecord, key: CaptureKey) -> None:
         model = next((m for m in record.models if m.name == key.model), None)
         if model is None:
@@ -324,10 +413,21 @@ class Captures:
         return int(model.bytes_total * self.settings.weights_factor) + self.settings.weights_slack
 
 
+def _slot(key: CaptureKey) -> tuple[object, ...]:
+    """What a capture stands for apart from engine, version, device and settings: a model's
+    rank at a TP size (weights), or a model at a TP size (compile caches)."""
+    return (key.kind, key.model, key.tp_size, key.rank, key.pp_size, key.pp_rank)
+
+
 def _weights_contents(upload: BlobUpload) -> tuple[CaptureStage, list[CaptureTensor]]:
     """The stage and tensors of an uploaded engine shard set; InvalidCapture when it is not
     a well-formed safetensors file that says its stage."""
     try:
+        with open(upload.path, "rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+        if length > MAX_CAPTURE_HEADER_BYTES:  # its tensors are kept in the pipeline's record
+            raise InvalidCapture(f"the capture's header is {length} bytes, over the "
+                                 f"{MAX_CAPTURE_HEADER_BYTES}-byte limit")
         header = read_header(upload.path)
     except (HeaderError, OSError) as exc:
         raise InvalidCapture(f"the capture is not a well-formed safetensors file: {exc}") from None

@@ -8,7 +8,8 @@ The tree::
     │   │                                    outside_local_roots / data_dir (file:// sources)
     │   ├── ShardingUnsupported          400 unshardable (that TP size is served in full-tensor
     │   │                                    mode instead)
-    │   └── TooLarge                     413 too_large (an upload over its limit)
+    │   ├── TooLarge                     413 too_large (an upload over its limit)
+    │   └── UploadStalled                408 upload_stalled (an upload that stopped sending)
     ├── Unauthorized                     401 unauthorized (missing or bad token)
     ├── SourceNotAllowed                 403 source_not_allowed (outside the tenant's sources)
     ├── NotFound(LookupError)            404 not_found (also: another tenant's pipeline or blob)
@@ -30,7 +31,8 @@ The tree::
     │   └── OriginNotFound               origin has no such repo, revision or object
     └── Overloaded                       503 overloaded, with Retry-After (retry_after_s)
         ├── NodeBusy                     503 node_busy (every blob stream slot taken)
-        └── TooManyRequests              429 a tenant's limit: too_many_streams, too_many_leases
+        └── TooManyRequests              429 a tenant's limit: too_many_streams, too_many_leases,
+                                             too_many_uploads
 
 The HTTP mapping lives in exactly one place: ``api.errors.install_error_handlers``.
 Foreign errors (botocore, httpx, OSError) are translated at the boundary that meets them.
@@ -92,6 +94,13 @@ class TooLarge(InvalidInput):
 
     code = "too_large"
     http_status = 413
+
+
+class UploadStalled(InvalidInput):
+    """An upload that sent nothing for too long: dropped, with its reservation."""
+
+    code = "upload_stalled"
+    http_status = 408
 
 
 class Unauthorized(WeightCacheError):
@@ -234,6 +243,10 @@ class TooManyStreams(TooManyRequests):
 
 class TooManyLeases(TooManyRequests):
     code = "too_many_leases"
+
+
+class TooManyUploads(TooManyRequests):
+    code = "too_many_uploads"
 
 
 def is_transient(error: WeightCacheError) -> bool:

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from api.schema import CaptureKey, Lease, Manifest, PipelineFile, PipelineSpec
+from api.schema import Lease, Manifest, PipelineFile, PipelineSpec
 from cache_node import restage
 from cache_node.access import TenantAccess
-from cache_node.captures import Captures, PendingCapture
+from cache_node.captures import Captures
 from cache_node.collector import Collector
 from cache_node.disk import DiskGuard
 from cache_node.errors import Conflict, NotFound, WeightCacheError
@@ -32,7 +32,7 @@ from cache_node.manifests import ManifestBuilder
 from cache_node.metadata import KeyValue, open_metadata
 from cache_node.metrics import NodeMetrics
 from cache_node.pipelines import PipelineBook, validate_spec
-from cache_node.registry import CaptureRecord, PipelineRecord, Registry, staged_job_key
+from cache_node.registry import PipelineRecord, Registry, staged_job_key
 from cache_node.settings import NodeSettings
 from cache_node.shard_sets import is_current as shard_set_is_current
 from cache_node.snapshots import snapshots
@@ -86,7 +86,8 @@ class CacheNode:
             registry=self.registry,
             store=self.store,
             fetcher=self.fetcher,
-            jobs_running=self.tasks.has_jobs,
+            # a capture's blob is unreferenced from its publish until its record is written
+            jobs_running=lambda: self.tasks.has_jobs() or self.captures.committing > 0,
             on_change=self.refresh_gauges,
         )
         self.evictor = Evictor(
@@ -343,6 +344,21 @@ class CacheNode:
     def _evict_record(self, record: PipelineRecord, reason: str) -> int:
         self.warming.cancel(record.key)
         self.warming.cancel(staged_job_key(record.key))
+        with self.registry.lock:  # a capture uploaded since the caller read the record counts
+            blobs = self._mark_evicted(record, reason)
+        freed = self.collector.free_unreferenced(blobs)
+        self.metrics.evictions.labels(reason).inc()
+        self.metrics.evicted_bytes.labels(reason).inc(freed)
+        self.refresh_gauges()
+        emit("pipeline.evicted", tenant=record.tenant, pipeline=record.id, reason=reason,
+             bytes_freed=freed)
+        return freed
+
+    def _mark_evicted(self, record: PipelineRecord, reason: str) -> dict[str, int]:
+        """Write ``record`` as evicted (blobs unset); returns the blobs it held."""
+        stored = self.registry.get(record.tenant, record.id)
+        if stored is not None:
+            record.captures = stored.captures
         blobs = record.blobs()
         restage.fold_pending(record)  # the newest registered spec is what a warm warms next
         record.retired_blobs, record.retired_leases = {}, []
@@ -359,13 +375,7 @@ class CacheNode:
         record.captures = {}  # engine artifacts go with the bytes they were made from
         # metadata first: nothing points at a blob we are about to unlink
         self.book.save(record, with_pending=True)
-        freed = self.collector.free_unreferenced(blobs)
-        self.metrics.evictions.labels(reason).inc()
-        self.metrics.evicted_bytes.labels(reason).inc(freed)
-        self.refresh_gauges()
-        emit("pipeline.evicted", tenant=record.tenant, pipeline=record.id, reason=reason,
-             bytes_freed=freed)
-        return freed
+        return blobs
 
     # ------------------------------------------------------------------ eviction
     def make_room(self, nbytes: int) -> int:
@@ -415,32 +425,6 @@ class CacheNode:
         record.loads += 1
         self.book.save(record)
         return manifest
-
-    # ------------------------------------------------------------------ captures
-    def captures_of(self, tenant: str, pipeline_id: str) -> list[CaptureRecord]:
-        """The engine shard sets and compile caches replicas uploaded for a pipeline."""
-        return self.captures.list(tenant, pipeline_id)
-
-    def capture(
-        self, tenant: str, pipeline_id: str, capture_id: str
-    ) -> tuple[CaptureRecord, BlobRecord]:
-        """One capture and its blob (NotFound, also for another tenant's, I7)."""
-        return self.captures.get(tenant, pipeline_id, capture_id)
-
-    def begin_capture(
-        self, tenant: str, pipeline_id: str, capture_id: str, key: CaptureKey, *,
-        size: int, sha256: str,
-    ) -> PendingCapture:
-        """Check and reserve an upload before its first byte (``cache_node.captures``)."""
-        return self.captures.begin(tenant, pipeline_id, capture_id, key, size=size,
-                                   sha256=sha256)
-
-    def commit_capture(self, pending: PendingCapture) -> tuple[CaptureRecord, BlobRecord]:
-        """Verify an upload's bytes and record the capture."""
-        return self.captures.commit(pending)
-
-    def delete_capture(self, tenant: str, pipeline_id: str, capture_id: str) -> None:
-        self.captures.delete(tenant, pipeline_id, capture_id)
 
     def files(self, tenant: str, pipeline_id: str) -> list[PipelineFile]:
         """Every origin file of a warm pipeline with its blob (to materialise it on disk)."""

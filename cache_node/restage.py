@@ -79,8 +79,10 @@ def promote(
     record.registered_at = main.registered_at
     record.last_used_at = main.last_used_at
     record.loads = main.loads
-    # engine artifacts of a model that did not change stay; those of a changed one go with it
-    record.captures = current_captures(main.model_copy(update={"models": record.models}))
+    # engine artifacts of a model (and TP size) that did not change stay; the others go
+    record.captures = current_captures(
+        main.model_copy(update={"models": record.models, "spec": record.spec})
+    )
     new_blobs = record.own_blobs()
     retired = {
         sha: size

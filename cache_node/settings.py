@@ -146,6 +146,14 @@ class CaptureSettings(BaseSettings):
     weights_slack: ByteSize = 64 * 1024**2
     #: An engine compile cache (a tarball of the engine's compiled code) at most this big.
     compile_cache_max: ByteSize = 2 * 1024**3
+    #: Captures kept per slot (a model's rank at a TP size for weights; a model at a TP size
+    #: for compile caches): a new one past this drops the oldest (an engine upgrade, other
+    #: settings), so a pipeline's captures stay bounded however many keys replicas try.
+    per_slot: int = Field(default=2, ge=1, le=16)
+    #: Uploads one tenant may have open at once (each holds a reservation of its size) ...
+    uploads_per_tenant: int = Field(default=8, ge=1, le=1024)
+    #: ... and how long an upload may send nothing before it is dropped (408).
+    upload_idle_s: float = Field(default=60.0, gt=0)
 
 
 class DataPlaneSettings(BaseSettings):

@@ -40,14 +40,15 @@ def config_blob(model: ModelEntry) -> str | None:
 
 def current_captures(record: PipelineRecord) -> dict[str, CaptureRecord]:
     """The captures of ``record`` still made for what its models are now: weights of the
-    same snapshot, compile caches of the same ``config.json``. A re-registration that changed
-    a model drops that model's captures and keeps the others'."""
+    same snapshot, compile caches of the same ``config.json``, both for a TP size still
+    registered. A re-registration that changed a model (or dropped a TP size) drops its
+    captures and keeps the others'."""
     models = {m.name: m for m in record.models}
     kept = {}
     for capture_id, capture in record.captures.items():
         model = models.get(capture.key.model)
-        if model is None:
-            continue
+        if model is None or capture.key.tp_size not in record.spec.tp_sizes:
+            continue  # a model or a TP size no longer served
         if capture.key.kind == "weights":
             valid = capture.key.snapshot == model_snapshot(model)
         else:

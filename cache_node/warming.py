@@ -319,10 +319,12 @@ class WarmJobs:
             ):
                 return
             self.cancel(main.key)  # a re-fill of the old version (after a quarantine)
-            record, free_now = restage.promote(
-                main, attempt, leases=self.registry.lease_ids(main.tenant, main.id)
-            )
-            self.book.save(record, with_pending=True)
+            with self.registry.lock:  # no capture recorded between this read and the write
+                main = self.registry.get(attempt.tenant, attempt.id) or main
+                record, free_now = restage.promote(
+                    main, attempt, leases=self.registry.lease_ids(main.tenant, main.id)
+                )
+                self.book.save(record, with_pending=True)
         self.metrics.swaps.inc()
         emit("warm.finished", tenant=record.tenant, pipeline=record.id, staged=True,
              generation=record.generation, retired_blobs=len(record.retired_blobs),

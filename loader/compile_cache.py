@@ -51,10 +51,14 @@ CACHE_DIR = "torch_compile_cache"
 #: wrong cache.
 _NOT_COMPILED = frozenset({
     "--host", "--port", "--api-key", "--served-model-name", "--uvicorn-log-level",
-    "--disable-log-requests", "--disable-log-stats", "--enable-log-requests", "--root-path",
-    "--allowed-origins", "--allowed-methods", "--allowed-headers", "--ssl-keyfile",
-    "--ssl-certfile", "--ssl-ca-certs", "--load-format", "--model-loader-extra-config",
-    "--middleware", "--disable-uvicorn-access-log", "--log-config-file",
+    "--root-path", "--allowed-origins", "--allowed-methods", "--allowed-headers",
+    "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--load-format",
+    "--model-loader-extra-config", "--middleware", "--log-config-file",
+})
+#: The same, for flags that take no value (the next word is another flag's).
+_NOT_COMPILED_SWITCHES = frozenset({
+    "--disable-log-requests", "--disable-log-stats", "--enable-log-requests",
+    "--disable-uvicorn-access-log",
 })
 #: Environment variables of vLLM's that are not about compiled code (or are secrets).
 _ENV_NOT_COMPILED = frozenset({
@@ -105,10 +109,13 @@ def settings_digest(
     flags: list[str] = []
     skip = False
     for word in argv[1:]:
-        if skip:
+        if skip and not word.startswith("--"):  # the value of a flag left out
             skip = False
             continue
+        skip = False
         name = word.split("=", 1)[0]
+        if name in _NOT_COMPILED_SWITCHES:
+            continue
         if name in _NOT_COMPILED:
             skip = "=" not in word
             continue
@@ -150,9 +157,9 @@ def fetch(
     client: CaptureClient, key: CaptureKey, root: Path, *, max_unpacked: int = 8 << 30
 ) -> tuple[int, str]:
     """Unpack the node's compile cache of ``key`` into ``root``: (bytes fetched, what
-    happened). A tarball that would put anything outside ``root/torch_compile_cache``
-    (absolute paths, ``..``, links out: tarfile's data filter), holds anything but plain files
-    and directories, or unpacks to more than ``max_unpacked`` bytes is refused whole
+    happened). A tarball with a member outside ``root/torch_compile_cache`` (an absolute path,
+    a ``..``), anything but plain files and directories (links, devices), or that unpacks to
+    more than ``max_unpacked`` bytes is refused whole
     (LoaderError, or tarfile's error): it is unpacked beside ``root`` first and moved in only
     once all of it is out, so a refused one leaves nothing in the engine's cache."""
     found = client.find(key)
@@ -174,10 +181,15 @@ def fetch(
 
 
 def _check_members(members: list[tarfile.TarInfo], *, label: str, max_unpacked: int) -> None:
+    """Only plain files and directories, each under ``CACHE_DIR`` by a path of plain names
+    (no ``..``, no ``.``, not absolute), and at most ``max_unpacked`` bytes in all."""
     total = 0
     for member in members:
-        if not member.name.startswith(f"{CACHE_DIR}/") and member.name != CACHE_DIR:
-            raise LoaderError(f"{label}: {member.name!r} is outside {CACHE_DIR}/")
+        parts = member.name.split("/")
+        if parts[0] != CACHE_DIR or any(p in ("", ".", "..") for p in parts[1:]):
+            raise LoaderError(f"{label}: {member.name!r} is not a path under {CACHE_DIR}/")
+        if not (member.isfile() or member.isdir()):
+            raise LoaderError(f"{label}: {member.name!r} is not a plain file or directory")
         total += member.size if member.isfile() else 0
         if total > max_unpacked:
             raise LoaderError(f"{label}: unpacks to more than {max_unpacked / 1e6:.0f} MB")

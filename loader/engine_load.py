@@ -40,7 +40,7 @@ import httpx
 import torch
 
 from api.schema import CaptureKey, CaptureUse, Manifest
-from clients.errors import ClientError
+from clients.errors import ClientError, RateLimitedError
 from loader.captures import (
     CaptureClient,
     CaptureMismatch,
@@ -289,6 +289,27 @@ class _Keeper:
         return payload, f"the loaded tensors: {reason}"
 
 
+#: How long a capture upload keeps asking while the node says the tenant's uploads are busy.
+_UPLOAD_TURN_WAIT_S = 600.0
+
+
+def _upload_waiting_turns(
+    client: CaptureClient, key: CaptureKey, payload: CapturePayload, *, who: str
+) -> Any:
+    """Upload, waiting for a turn while the node answers 429 (the tenant's other ranks and
+    replicas are uploading: each tenant has a few upload slots)."""
+    deadline = time.monotonic() + _UPLOAD_TURN_WAIT_S
+    while True:
+        try:
+            return client.upload_payload(key, payload)
+        except RateLimitedError as busy:
+            wait = busy.retry_after or 5.0
+            if time.monotonic() + wait > deadline:
+                raise
+            _say(f"{who} capture upload waits {wait:g} s for a turn: {busy}")
+            time.sleep(wait)
+
+
 def _upload_when_ready(
     payload: CapturePayload, key: CaptureKey, options: dict[str, Any], url: str,
     token: str | None, *, note: str,
@@ -304,7 +325,7 @@ def _upload_when_ready(
                 time.sleep(_READY_POLL_S)
             mark = time.perf_counter()
             with CaptureClient(url, options["pipeline"], token=token, timeout=600) as client:
-                info = client.upload_payload(key, payload)
+                info = _upload_waiting_turns(client, key, payload, who=who)
             _say(f"{who} capture stored: {info.bytes / 1e6:.1f} MB, {note}, in "
                  f"{time.perf_counter() - mark:.2f} s (id {info.id[:12]})")
         except Exception as exc:  # the engine is serving: a capture is never worth failing it

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -343,3 +345,85 @@ def test_a_reregistration_drops_the_captures_of_the_model_it_changed(
         assert c.get(f"/v1/blobs/{kept.blob.sha256}").status_code == 200
         # a replica of the tuned model asks with its own snapshot, and finds nothing
         assert captures.find(_key(c, "p", model="chat")) is None
+        # a re-registration without TP 2 drops the TP 2 captures: no engine asks for them now
+        _register(c, "p", {"base": base, "chat": tuned}, tp_sizes=[1])
+        while c.get("/v1/pipelines/p").json()["tp_sizes"] != [1]:
+            assert time.monotonic() < deadline + 60, "the re-registration never took over"
+            time.sleep(0.05)
+        assert captures.list() == []
+        assert c.get(f"/v1/blobs/{kept.blob.sha256}").status_code == 404
+
+
+def test_a_slot_keeps_its_newest_captures_however_many_keys_are_tried(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    with node.client("tok-a") as c, CaptureClient(node.url, "p", token="tok-a") as captures:
+        _register(c, "p", {"llm": _model_dir(tmp_path)})
+        used = _used(c)
+        stored = [captures.upload_payload(_key(c, "p", engine_version=f"0.{n}.0"), _payload(n))
+                  for n in range(1, 5)]
+        other_rank = captures.upload_payload(_key(c, "p", rank=1), _payload(9))
+        # rank 0 at TP 2 keeps its two newest (WEIGHTCACHE_CAPTURES_PER_SLOT); rank 1 its own
+        assert sorted(s.id for s in captures.list()) == sorted(
+            [stored[2].id, stored[3].id, other_rank.id])
+        for gone in stored[:2]:
+            assert c.get(f"/v1/blobs/{gone.blob.sha256}").status_code == 404
+        assert _used(c) == used + stored[2].bytes + stored[3].bytes + other_rank.bytes
+        assert metric_value(c, "weightcache_captures_dropped_total", reason="superseded") == 2
+
+
+def _response(connection: socket.socket) -> str:
+    """One whole HTTP response (head and Content-Length body) read from ``connection``."""
+    connection.settimeout(30)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += connection.recv(65536) or b"!"  # "!": closed early, fail below
+        assert not received.endswith(b"!"), received
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        more = connection.recv(65536)
+        assert more, received
+        body += more
+    return (head + b"\r\n\r\n" + body).decode()
+
+
+def test_a_stalled_upload_is_dropped_and_a_tenant_holds_few_uploads_open(
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    settings = {"upload_idle_s": 1.0, "uploads_per_tenant": 1}
+    with running_node(data_dir=tmp_path / "data", capacity="1GiB", tokens_file=tokens,
+                      captures=settings) as node, node.client("tok-a") as c:
+        _register(c, "p", {"llm": _model_dir(tmp_path)})
+        key, payload = _key(c, "p"), _payload()
+        data = b"".join(payload.pieces())
+        query = urlencode({**key.model_dump(mode="json", exclude_none=True),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        host, port = node.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as slow:
+            # declares the whole capture, sends 10 bytes, then nothing
+            slow.sendall(
+                f"PUT /v1/pipelines/p/captures/{capture_id(key)}?{query} HTTP/1.1\r\n"
+                f"Host: {host}\r\nAuthorization: Bearer tok-a\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:10])
+            deadline = time.monotonic() + 10
+            while c.get("/v1/node").json()["reserved"] == 0:  # its reservation is taken
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # the tenant's one upload slot is taken: another upload is told to come back
+            with CaptureClient(node.url, "p", token="tok-a") as captures:
+                with pytest.raises(ApiError) as busy:
+                    captures.upload_payload(_key(c, "p", rank=1), payload)
+                assert (busy.value.status, busy.value.code) == (429, "too_many_uploads")
+                answer = _response(slow)  # the node gives up on the stalled one
+                assert answer.startswith("HTTP/1.1 408"), answer
+                assert "upload_stalled" in answer
+                assert c.get("/v1/node").json()["reserved"] == 0
+                assert _tmp_files(node) == []
+                # and the slot is free again
+                assert captures.upload_payload(key, payload).id == capture_id(key)
+        assert metric_value(c, "weightcache_capture_uploads_total", kind="weights",
+                            outcome="upload_stalled") == 1

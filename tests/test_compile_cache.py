@@ -73,6 +73,13 @@ def test_the_settings_digest_keeps_what_changes_compiled_code_only() -> None:
         (ARGV, "/m", {**environ, "VLLM_CPU_KVCACHE_SPACE": "2"}),
     ):
         assert settings_digest(argv, model_dir=Path(model_dir), environ=env) != base
+    # the flag after a switch left out is kept (a switch takes no value), and so is a flag
+    # where a left-out flag's value would be
+    for left_out in (["--disable-log-stats"], ["--port"]):
+        one, other = (settings_digest([*ARGV, *left_out, flag, "fp8"], model_dir=Path("/m"),
+                                      environ=environ)
+                      for flag in ("--quantization", "--kv-cache-dtype"))
+        assert one != other, left_out
 
 
 def test_the_key_names_the_models_config_blob(node: RunningNode) -> None:
@@ -133,8 +140,13 @@ def _tarball(members: dict[str, bytes], *, link: tuple[str, str] | None = None) 
         ({"/etc/escaped": b"x"}, None),
         ({"elsewhere/file": b"x"}, None),
         ({f"{CACHE_DIR}/ok": b"x"}, (f"{CACHE_DIR}/link", "/etc/passwd")),
+        # a link that stays inside the root (the data filter allows it), to a file put beside
+        # the cache dir through a ".." that normalises back under the root
+        ({f"{CACHE_DIR}/../escaped": b"x"}, (f"{CACHE_DIR}/a", "../escaped")),
+        ({f"{CACHE_DIR}/ok": b"x"}, (f"{CACHE_DIR}/b", "ok")),
     ],
-    ids=["dotdot", "absolute", "outside-the-cache-dir", "link-out"],
+    ids=["dotdot", "absolute", "outside-the-cache-dir", "link-out", "dotdot-in-root",
+         "link-inside"],
 )
 def test_a_tarball_that_reaches_outside_the_cache_is_never_unpacked(
     node: RunningNode, tmp_path: Path, members: dict[str, bytes],

@@ -10,6 +10,7 @@ the upload streams the body on the event loop and writes it in worker threads.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
@@ -20,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from api import views
 from api.deps import Node, PipelineId, Tenant
 from api.schema import CaptureInfo, CaptureKey, CaptureList, is_sha256
-from cache_node.errors import InvalidInput
+from cache_node.errors import InvalidInput, UploadStalled, WeightCacheError
 
 router = APIRouter(prefix="/v1/pipelines/{pipeline_id}/captures", tags=["captures"])
 
@@ -62,7 +63,7 @@ def _content_length(request: Request) -> int:
 def list_captures(pipeline_id: PipelineId, node: Node, tenant: Tenant) -> CaptureList:
     """The pipeline's captures (404 for a pipeline the caller cannot see)."""
     return CaptureList(
-        captures=[views.capture_summary(c) for c in node.captures_of(tenant, pipeline_id)]
+        captures=[views.capture_summary(c) for c in node.captures.list(tenant, pipeline_id)]
     )
 
 
@@ -71,7 +72,7 @@ def show_capture(
     pipeline_id: PipelineId, capture_id: CaptureId, node: Node, tenant: Tenant
 ) -> CaptureInfo:
     """One capture: its key, stage, tensors and blob (read it with ``GET /v1/blobs``)."""
-    return views.capture_info(*node.capture(tenant, pipeline_id, capture_id))
+    return views.capture_info(*node.captures.get(tenant, pipeline_id, capture_id))
 
 
 @router.put("/{capture_id}", response_model=CaptureInfo, status_code=201)
@@ -89,28 +90,46 @@ async def upload_capture(
     key = _key_of(request)
     size = _content_length(request)
     pending = await run_in_threadpool(
-        lambda: node.begin_capture(tenant, pipeline_id, capture_id, key, size=size,
+        lambda: node.captures.begin(tenant, pipeline_id, capture_id, key, size=size,
                                    sha256=sha256)
     )
     try:
         batch = bytearray()
-        async for data in request.stream():
+        async for data in _stream(request, idle_s=node.settings.captures.upload_idle_s):
             batch += data
             if len(batch) >= _WRITE_BATCH:
                 await anyio.to_thread.run_sync(pending.write, bytes(batch))
                 batch.clear()
         if batch:
             await anyio.to_thread.run_sync(pending.write, bytes(batch))
-        capture, blob = await anyio.to_thread.run_sync(node.commit_capture, pending)
-    except BaseException:
+        capture, blob = await anyio.to_thread.run_sync(node.captures.commit, pending)
+    except BaseException as exc:
         await anyio.to_thread.run_sync(pending.abort)  # a client gone, a bad byte: nothing kept
+        if isinstance(exc, WeightCacheError):
+            pending.refuse(exc)  # counted and logged once, wherever it was found
         raise
     return views.capture_info(capture, blob)
+
+
+async def _stream(request: Request, *, idle_s: float) -> AsyncIterator[bytes]:
+    """The request body; UploadStalled when nothing arrives for ``idle_s`` (a sender that
+    holds its reservation open without sending is dropped, not waited on forever)."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            with anyio.fail_after(idle_s):
+                data = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadStalled(f"the upload sent nothing for {idle_s:g} s",
+                                idle_s=idle_s) from None
+        yield data
 
 
 @router.delete("/{capture_id}", status_code=204)
 def delete_capture(
     pipeline_id: PipelineId, capture_id: CaptureId, node: Node, tenant: Tenant
 ) -> Response:
-    node.delete_capture(tenant, pipeline_id, capture_id)
+    node.captures.delete(tenant, pipeline_id, capture_id)
     return Response(status_code=204)
