@@ -293,7 +293,7 @@ CaptureStage = Literal["processed", "loaded"]
 CAPTURE_STAGE_METADATA = "weightcache.capture_stage"
 CAPTURE_BUFFERS_METADATA = "weightcache.capture_buffers"
 #: Prefixes every capture id: a new key format never meets captures of the old one.
-_CAPTURE_ID_VERSION = b"weightcache-capture-v1\n"
+_CAPTURE_ID_VERSION = b"weightcache-capture-v2\n"
 
 
 class CaptureKey(_Wire):
@@ -303,9 +303,12 @@ class CaptureKey(_Wire):
     ``kind="weights"``: an engine shard set, one rank's final parameters, for the model's
     ``snapshot`` (a digest of the content of its source blobs, never of a path or a header),
     the engine and its version, TP size and rank, pipeline-parallel size and rank, dtype,
-    quantisation and device kind. ``kind="compile_cache"``: the engine's compile cache, for
-    the engine version, the model's ``config`` (the sha256 of its ``config.json``), TP size,
-    device kind and ``settings`` (a digest of the engine settings that change compiled code).
+    quantisation, device kind and ``settings`` (a digest of the engine settings that change
+    the parameters it ends with: the model config as the engine resolved it, overrides
+    included, the context length, expert parallelism, the KV cache dtype).
+    ``kind="compile_cache"``: the engine's compile cache, for the engine version, the model's
+    ``config`` (the sha256 of its ``config.json``), TP size, device kind and ``settings`` (a
+    digest of the engine settings that change compiled code).
     """
 
     kind: CaptureKind
@@ -326,8 +329,9 @@ class CaptureKey(_Wire):
     @model_validator(mode="after")
     def _fields_of_its_kind(self) -> CaptureKey:
         weights = ("snapshot", "rank", "pp_size", "pp_rank", "dtype", "quantization")
-        compiled = ("config", "settings")
-        needed, foreign = (weights, compiled) if self.kind == "weights" else (compiled, weights)
+        compiled = ("config",)
+        own, foreign = (weights, compiled) if self.kind == "weights" else (compiled, weights)
+        needed = (*own, "settings")
         missing = [name for name in needed if getattr(self, name) is None]
         extra = [name for name in foreign if getattr(self, name) is not None]
         if missing or extra:

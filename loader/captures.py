@@ -55,9 +55,28 @@ __all__ = [
     "explain_miss",
     "plan_replay",
     "replay_capture",
+    "weights_settings",
 ]
 
 _PIECE = 8 << 20
+
+
+#: Entries of a model config that say where it was read from or by which library, never what
+#: the parameters are: a replica staged elsewhere must find the same capture. (Private
+#: entries, ``_name_or_path`` and the like, are left out too.)
+_CONFIG_NOT_WEIGHTS = frozenset({"name_or_path", "transformers_version"})
+
+
+def weights_settings(model_config: Mapping[str, Any], **engine: Any) -> str:
+    """The ``settings`` of a weights key: a sha256 of the model config as the engine resolved
+    it (its overrides included; where it was read from left out) and of the ``engine``
+    settings that change the parameters a rank ends with (context length, expert parallelism,
+    KV cache dtype). Values that are not JSON count by their ``str``."""
+    config = {k: v for k, v in model_config.items()
+              if not k.startswith("_") and k not in _CONFIG_NOT_WEIGHTS}
+    document = {"model_config": config, "engine": engine}
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def device_kind(device: torch.device) -> str:

@@ -79,6 +79,9 @@ class EngineFacts:
     pp_rank: int
     dtype: str
     quantization: str | None
+    #: :func:`loader.captures.weights_settings` of the engine's resolved model config and
+    #: the settings that change the parameters it ends with.
+    settings: str
 
 
 class Engine(Protocol):
@@ -130,6 +133,7 @@ def capture_key(
         quantization=facts.quantization or "none",
         device=device_kind(device),
         snapshot=snapshot,
+        settings=facts.settings,
     )
     return key, ""
 

@@ -286,6 +286,7 @@ class _VllmEngine:
             get_tensor_model_parallel_world_size,
         )
 
+        from loader.captures import weights_settings
         from loader.engine_load import EngineFacts
 
         self.loader = loader
@@ -305,6 +306,13 @@ class _VllmEngine:
             pp_rank=pp.rank_in_group,
             dtype=str(model_config.dtype).removeprefix("torch."),
             quantization=str(quantization) if quantization else None,
+            settings=weights_settings(
+                model_config.hf_config.to_dict(),
+                max_model_len=model_config.max_model_len,
+                enable_expert_parallel=getattr(vllm_config.parallel_config,
+                                               "enable_expert_parallel", False),
+                kv_cache_dtype=getattr(vllm_config.cache_config, "cache_dtype", None),
+            ),
         )
 
     def create_model(self) -> torch.nn.Module:

@@ -71,7 +71,7 @@ def _key(client: httpx.Client, pipeline: str, *, model: str = "llm", rank: int =
         "kind": "weights", "model": model, "engine": "vllm", "engine_version": "0.32.0",
         "tp_size": tp_size, "rank": rank, "pp_size": 1, "pp_rank": 0, "dtype": "float32",
         "quantization": "none", "device": "cpu-x86_64-avx2",
-        "snapshot": manifest["snapshots"][model], **overrides,
+        "snapshot": manifest["snapshots"][model], "settings": "5" * 64, **overrides,
     }
     return CaptureKey.model_validate(fields)
 

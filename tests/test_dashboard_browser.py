@@ -114,7 +114,7 @@ def _upload_captures(node: RunningNode, pipeline_id: str) -> None:
             key = CaptureKey(kind="weights", model="llm", engine="vllm", engine_version="0.32.0",
                              tp_size=2, rank=rank, pp_size=1, pp_rank=0, dtype="float32",
                              quantization="none", device="cpu-x86_64-avx2",
-                             snapshot=manifest["snapshots"]["llm"])
+                             snapshot=manifest["snapshots"]["llm"], settings="5" * 64)
             tensors = {"w": torch.full((64, 64), float(rank))}
             captures.upload_payload(key, CapturePayload.build(tensors, stage="loaded"))
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loader.captures import CaptureMismatch
+from loader.captures import CaptureMismatch, weights_settings
 from loader.engine_load import EngineFacts, load_engine_model
 from tests.fixtures.metrics import metric_value
 from tests.fixtures.node_server import RunningNode, running_node, wait_for_state
@@ -76,9 +76,15 @@ class ToyEngine:
     """The hooks ``load_engine_model`` needs. ``packs``: post-processing moves ``proj.weight``
     out of its parameter (the CPU GEMM way); else it doubles ``scale`` in place."""
 
-    def __init__(self, rank: int, *, packs: bool, version: str = "1.0") -> None:
+    def __init__(
+        self, rank: int, *, packs: bool, version: str = "1.0", rope_theta: float = 1e4
+    ) -> None:
+        settings = weights_settings({"hidden_size": 16, "rope_theta": rope_theta,
+                                     "_name_or_path": f"/staged/on/host-{rank}"},
+                                    max_model_len=64)
         self.facts = EngineFacts(engine="toy", engine_version=version, tp_size=TP, rank=rank,
-                                 pp_size=1, pp_rank=0, dtype="float32", quantization=None)
+                                 pp_size=1, pp_rank=0, dtype="float32", quantization=None,
+                                 settings=settings)
         self.packs = packs
         self.post_processed: list[bool] = []
 
@@ -188,6 +194,11 @@ def test_a_key_that_differs_finds_nothing_and_says_which_field(node: RunningNode
     use = _last_report(node, 0)["capture"]
     assert use["used"] is False
     assert "engine_version '1.0' there, '2.0' here" in use["reason"]
+    # an override of the model config (another rope base: other buffers) is another key
+    _load(node, ToyEngine(0, packs=True, rope_theta=5e5), capture="replay-only")
+    use = _last_report(node, 0)["capture"]
+    assert use["used"] is False
+    assert "settings" in use["reason"]
     assert _same(model.state(), _load(node, ToyEngine(0, packs=True)).state())
     off = _load(node, ToyEngine(1, packs=True), capture=False)
     assert _last_report(node, 1)["capture"]["reason"].startswith("captures are off")

@@ -50,7 +50,8 @@ def _upload_capture(url: str) -> None:
         snapshot = http.get("/v1/pipelines/p/manifest").json()["snapshots"]["m"]
         key = CaptureKey(kind="weights", model="m", engine="vllm", engine_version="0.32.0",
                          tp_size=1, rank=0, pp_size=1, pp_rank=0, dtype="float32",
-                         quantization="none", device="cpu-x86_64-avx2", snapshot=snapshot)
+                         quantization="none", device="cpu-x86_64-avx2", snapshot=snapshot,
+                         settings="5" * 64)
         captures.upload_payload(key, CapturePayload.build({"w": torch.ones(8, 8)},
                                                           stage="loaded"))
         assert http.get("/v1/pipelines/p").json()["captures"][0]["key"] == key.model_dump(
