@@ -24,24 +24,16 @@ and write, so a capture is never lost to a concurrent save of the record (``Pipe
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from api.schema import (
-    CAPTURE_BUFFERS_METADATA,
-    CAPTURE_STAGE_METADATA,
-    CaptureKey,
-    CaptureStage,
-    CaptureTensor,
-    capture_id,
-)
+from api.schema import CaptureKey, capture_id
+from cache_node.capture_files import weights_contents
 from cache_node.collector import Collector
 from cache_node.errors import (
     CaptureKeyMismatch,
     Conflict,
-    InvalidCapture,
     NotFound,
     NotWarm,
     TooLarge,
@@ -57,16 +49,11 @@ from cache_node.settings import CaptureSettings
 from cache_node.snapshots import config_blob, model_snapshot
 from cache_node.store import BlobRecord, BlobStore
 from cache_node.uploads import BlobUpload
-from loader.errors import HeaderError
-from loader.safetensors_format import read_header
 
 __all__ = ["Captures", "PendingCapture"]
 
 log = logging.getLogger("weightcache.node")
 
-#: The largest safetensors header a weights capture may have (about 100,000 tensors): its
-#: tensor table is kept in the pipeline's record, read on every status.
-MAX_CAPTURE_HEADER_BYTES = 16 << 20
 
 
 
@@ -267,9 +254,8 @@ class Captures:
     def _commit(self, pending: PendingCapture) -> tuple[CaptureRecord, BlobRecord]:
         try:
             pending.upload.finish()
-            stage, tensors = (
-                _weights_contents(pending.upload) if pending.key.kind == "weights" else (None, [])
-            )
+            weights = pending.key.kind == "weights"
+            stage, tensors = weights_contents(pending.upload.path) if weights else (None, [])
             blob = pending.upload.publish()
         except BaseException as exc:
             pending.abort()
@@ -417,47 +403,3 @@ def _slot(key: CaptureKey) -> tuple[object, ...]:
     """What a capture stands for apart from engine, version, device and settings: a model's
     rank at a TP size (weights), or a model at a TP size (compile caches)."""
     return (key.kind, key.model, key.tp_size, key.rank, key.pp_size, key.pp_rank)
-
-
-def _weights_contents(upload: BlobUpload) -> tuple[CaptureStage, list[CaptureTensor]]:
-    """The stage and tensors of an uploaded engine shard set; InvalidCapture when it is not
-    a well-formed safetensors file that says its stage."""
-    try:
-        with open(upload.path, "rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-        if length > MAX_CAPTURE_HEADER_BYTES:  # its tensors are kept in the pipeline's record
-            raise InvalidCapture(f"the capture's header is {length} bytes, over the "
-                                 f"{MAX_CAPTURE_HEADER_BYTES}-byte limit")
-        header = read_header(upload.path)
-    except (HeaderError, OSError) as exc:
-        raise InvalidCapture(f"the capture is not a well-formed safetensors file: {exc}") from None
-    stage: CaptureStage
-    match (header.metadata or {}).get(CAPTURE_STAGE_METADATA):
-        case "processed":
-            stage = "processed"
-        case "loaded":
-            stage = "loaded"
-        case _:
-            raise InvalidCapture(
-                f"the capture's metadata must say {CAPTURE_STAGE_METADATA}: processed or loaded"
-            )
-    if not header.tensors:
-        raise InvalidCapture("the capture holds no tensors")
-    try:
-        buffers = json.loads((header.metadata or {}).get(CAPTURE_BUFFERS_METADATA, "[]"))
-    except ValueError:
-        buffers = None
-    if not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers):
-        raise InvalidCapture(f"{CAPTURE_BUFFERS_METADATA} must be a JSON list of tensor names")
-    tensors = [
-        CaptureTensor(
-            name=t.name,
-            dtype=t.dtype,
-            shape=list(t.shape),
-            offset=t.absolute_offset(header.data_offset),
-            length=t.nbytes,
-            buffer=t.name in buffers,
-        )
-        for t in header.tensors
-    ]
-    return stage, tensors
