@@ -344,8 +344,7 @@ class CacheNode:
     def _evict_record(self, record: PipelineRecord, reason: str) -> int:
         self.warming.cancel(record.key)
         self.warming.cancel(staged_job_key(record.key))
-        with self.registry.lock:  # a capture uploaded since the caller read the record counts
-            blobs = self._mark_evicted(record, reason)
+        blobs = self.book.mark_evicted(record, reason)
         freed = self.collector.free_unreferenced(blobs)
         self.metrics.evictions.labels(reason).inc()
         self.metrics.evicted_bytes.labels(reason).inc(freed)
@@ -353,29 +352,6 @@ class CacheNode:
         emit("pipeline.evicted", tenant=record.tenant, pipeline=record.id, reason=reason,
              bytes_freed=freed)
         return freed
-
-    def _mark_evicted(self, record: PipelineRecord, reason: str) -> dict[str, int]:
-        """Write ``record`` as evicted (blobs unset); returns the blobs it held."""
-        stored = self.registry.get(record.tenant, record.id)
-        if stored is not None:
-            record.captures = stored.captures
-        blobs = record.blobs()
-        restage.fold_pending(record)  # the newest registered spec is what a warm warms next
-        record.retired_blobs, record.retired_leases = {}, []
-        record.state = "evicted"
-        record.generation += 1  # a warm job still running must not write its record back
-        record.evicted_reason = reason
-        record.error = None
-        for model in record.models:
-            for file in model.files:
-                file.blob = None
-        for shard_set in record.shards.values():
-            shard_set.state = "pending"
-            shard_set.ranks = []
-        record.captures = {}  # engine artifacts go with the bytes they were made from
-        # metadata first: nothing points at a blob we are about to unlink
-        self.book.save(record, with_pending=True)
-        return blobs
 
     # ------------------------------------------------------------------ eviction
     def make_room(self, nbytes: int) -> int:

@@ -10,6 +10,7 @@ write it back (I7: another tenant's pipeline is indistinguishable from a missing
 from __future__ import annotations
 
 from api.schema import PipelineSpec
+from cache_node import restage
 from cache_node.errors import AmbiguousPipeline, InvalidInput, NotFound, NotWarm
 from cache_node.registry import PipelineRecord, Registry
 from cache_node.tenants import ADMIN_TENANT
@@ -73,6 +74,31 @@ class PipelineBook:
                 # manifests hold copies of the record: the stored ones are the current ones
                 record.captures = stored.captures
             self.registry.put(record)
+
+    def mark_evicted(self, record: PipelineRecord, reason: str) -> dict[str, int]:
+        """Write ``record`` as evicted (its blobs unset, its captures gone, the newest spec kept
+        to warm next); returns the blobs it held, for the caller to free."""
+        with self.registry.lock:  # a capture uploaded since the caller read the record counts
+            stored = self.registry.get(record.tenant, record.id)
+            if stored is not None:
+                record.captures = stored.captures
+            blobs = record.blobs()
+            restage.fold_pending(record)  # the newest registered spec is what a warm warms next
+            record.retired_blobs, record.retired_leases = {}, []
+            record.state = "evicted"
+            record.generation += 1  # a warm job still running must not write its record back
+            record.evicted_reason = reason
+            record.error = None
+            for model in record.models:
+                for file in model.files:
+                    file.blob = None
+            for shard_set in record.shards.values():
+                shard_set.state = "pending"
+                shard_set.ranks = []
+            record.captures = {}  # engine artifacts go with the bytes they were made from
+            # metadata first: nothing points at a blob the caller is about to unlink
+            self.save(record, with_pending=True)
+        return blobs
 
     def stored(self, record: PipelineRecord) -> PipelineRecord | None:
         """The registry's copy of ``record`` (its pipeline, or the staged re-registration
