@@ -8,6 +8,8 @@ import hashlib
 import time
 from pathlib import Path
 
+from clients.seaweed import SeaweedServer
+from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.node_server import RunningNode
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.region_nodes import REGION, get, region_nodes, state, until, wait_state
@@ -78,4 +80,37 @@ def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
             assert len(blobs[0]["nodes"]) == 2
             until(lambda node=node: "weightcache_region_reachable 1.0" in  # type: ignore[misc]
                   get(f"{node.url}/metrics").text, timeout_s=5, what="reachable again")
+        client.close()
+
+
+def test_a_leader_whose_lease_redis_lost_mid_fill_still_warms_its_pipeline(
+    tmp_path: Path, redis_server: RedisServer, seaweed: SeaweedServer, bucket: str,
+    proxy: CountingProxy,
+) -> None:
+    # Redis restarted empty (or flushed) while a node pulls from the origin as the region's
+    # leader: its lease is gone. The pull goes on without the region, not into a failure that
+    # waits for a person.
+    weights = safetensors_bytes(3 * 1024 * 1024)
+    seaweed.put(bucket, "m/model.safetensors", weights)
+    seaweed.put(bucket, "m/SHA256SUMS",
+                f"{hashlib.sha256(weights).hexdigest()}  model.safetensors\n".encode())
+    proxy.add_fault(Fault(match="model.safetensors", times=None, delay_s=1.0))
+    s3 = {"endpoint_url": proxy.endpoint_url, "access_key_id": seaweed.access_key,
+          "secret_access_key": seaweed.secret_key}
+    client = redis_server.client()
+    try:
+        with region_nodes(redis_server.url, tmp_path, 1, s3=s3) as (_, nodes):
+            with nodes[0].client() as c:
+                assert c.put("/v1/pipelines/p", json={
+                    "models": [{"name": "m", "source": f"s3://{bucket}/m"}]}).status_code == 202
+            until(lambda: any(client.scan_iter(match=f"weightcache:{{{REGION}}}:lease:*")),
+                  what="the fill's lease")
+            client.flushall()
+            until(lambda: state(nodes[0], "p") in ("warm", "failed"), timeout_s=60,
+                  what="the fill's end")
+            assert state(nodes[0], "p") == "warm"
+            metrics = get(f"{nodes[0].url}/metrics").text
+            assert 'weightcache_region_fills_total{source="origin_without_region"} 1.0' in metrics
+    finally:
+        proxy.clear_faults()
         client.close()

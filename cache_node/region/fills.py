@@ -30,7 +30,7 @@ from cache_node.blob_records import BlobRecord
 from cache_node.errors import IntegrityError, OriginError, WeightCacheError
 from cache_node.events import emit
 from cache_node.origins.base import Origin, OriginFile
-from cache_node.region.errors import RegionError
+from cache_node.region.errors import FlightTimeout, LeaseLost, RegionError
 from cache_node.region.flight import Lease
 
 if TYPE_CHECKING:
@@ -117,10 +117,14 @@ class RegionFills:
                 return {"sha256": record.sha256}
 
             result = await region.flight.run(key, lead, timeout_s=region.settings.flight_wait_s)
-        except RegionError as exc:
+        except (RegionError, LeaseLost, FlightTimeout) as exc:
+            # Redis failed, lost this leader's lease (it restarted empty, or was away past the
+            # lease's TTL), or another leader's fill outlasted the wait: the origin without
+            # the region rather than a failed pipeline (at worst the origin sends it twice)
             if led:  # committed here; only the flight's end did not reach Redis
                 return led[0]
-            return await self._without_region(key, origin, file, download, exc.message)
+            return await self._without_region(key, origin, file, download,
+                                              f"{exc.code}: {exc.message}")
         if led:
             return led[0]
         if not result.ok:
