@@ -170,9 +170,14 @@ class ManifestTensor(_Wire):
     length: int
 
 
+_NODE_URL = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
 #: A cache node's base URL as the manifest names it: ``http(s)://host[:port][/prefix]``.
-NodeUrl = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
-                                           max_length=2048)]
+NodeUrl = Annotated[str, StringConstraints(pattern=_NODE_URL, max_length=2048)]
+
+
+def is_node_url(text: str) -> bool:
+    """Whether ``text`` is a :data:`NodeUrl` (what a manifest may name as a blob's holder)."""
+    return len(text) <= 2048 and re.match(_NODE_URL, text) is not None
 
 
 class ManifestBlob(_Wire):

@@ -82,10 +82,16 @@ def _region_settings(settings: Any, args: argparse.Namespace) -> None:
     ``--region-secret-file``), refused unless it is long enough to guard the region."""
     from pydantic import SecretStr
 
+    from api.schema import is_node_url
     from cache_node.region.peer_auth import MIN_SECRET_LENGTH
 
     if args.advertise_url is not None:
         settings.regional.advertise_url = args.advertise_url
+    for flag, url in (("--advertise", settings.regional.advertise_url),
+                      ("WEIGHTCACHE_DATA_URL", settings.data_url)):
+        if url is not None and not is_node_url(url):
+            # peers and replicas are sent there: a URL they cannot use breaks the region's loads
+            raise UsageError(f"{flag}: {url!r} is not an http(s)://host[:port][/prefix] URL")
     if args.region_secret_file is not None:
         try:
             with open(args.region_secret_file, encoding="utf-8") as handle:

@@ -44,6 +44,22 @@ def test_serve_with_redis_refuses_to_start_without_a_long_enough_secret(tmp_path
         assert "too-short" not in stderr
 
 
+def test_serve_with_redis_refuses_an_advertised_url_replicas_could_not_use(
+    tmp_path: Path,
+) -> None:
+    # every manifest names the holders' URLs, and replicas send their token there: a URL
+    # without a scheme would break every load in the region
+    for bad in ("node-b:8470", "http://node b:8470", "ftp://node-b"):
+        process = serve("--redis", "redis://127.0.0.1:9/0", "--data-workers", "0",
+                        "--advertise", bad, data_dir=tmp_path / "d", secret=SECRET)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 2, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, stderr
+        assert "--advertise" in lines[0]
+        assert "http(s)://host[:port][/prefix]" in lines[0]
+
+
 def test_serve_joins_under_its_advertised_url_and_its_data_plane_serves_peers(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import httpx
 
-from api.schema import Manifest, PipelineSpec, RegionInfo, RegionNode, RegionPipeline
+from api.schema import (
+    Manifest,
+    PipelineSpec,
+    RegionInfo,
+    RegionNode,
+    RegionPipeline,
+    is_node_url,
+)
 from cache_node.blob_records import BlobRecord
 from cache_node.errors import NotFound, WeightCacheError
 from cache_node.events import emit
@@ -314,12 +321,20 @@ class NodeRegion:
         return answer, live
 
     async def holders(self, blobs: list[str]) -> dict[str, list[str]]:
-        """Blob URLs of the live nodes holding each blob, rendezvous order."""
+        """Blob URLs of the live nodes holding each blob, rendezvous order. A node whose
+        advertised URL is not an ``http(s)://host[:port][/prefix]`` is left out (and said):
+        a replica sends its token to every URL it is given."""
         ids, live = await self.holder_ids(blobs)
-        return {
-            blob: [self.blob_url if n == self.node_id else _blob_url(live[n]) for n in nodes]
-            for blob, nodes in ids.items()
-        }
+        urls = {self.node_id: self.blob_url}
+        for node_id, record in live.items():
+            if node_id == self.node_id:
+                continue
+            url = _blob_url(record)
+            if is_node_url(url):
+                urls[node_id] = url
+            else:
+                emit("region.bad_node_url", level=logging.WARNING, node=node_id, url=url[:200])
+        return {blob: [urls[n] for n in nodes if n in urls] for blob, nodes in ids.items()}
 
     def with_holders(self, manifest: Manifest) -> Manifest:
         """``manifest`` with each blob's holders; called from a worker thread (it waits on
@@ -327,7 +342,8 @@ class NodeRegion:
         blobs = [blob.sha256 for blob in manifest.blobs]
         holders: dict[str, list[str]] = {}
         loop = self._loop
-        if blobs and loop is not None and not _on_loop(loop):
+        # (known unreachable: this node alone at once, not a manifest that waits on timeouts)
+        if blobs and loop is not None and not _on_loop(loop) and self.membership.reachable:
             future = asyncio.run_coroutine_threadsafe(self.holders(blobs), loop)
             try:
                 holders = future.result(timeout=self.settings.redis_timeout_s * 3)
