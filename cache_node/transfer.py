@@ -257,6 +257,14 @@ def _write_and_hash(fd: int, data: bytes, offset: int, part_hash: Any) -> None:
     part_hash.update(data)
 
 
+def discard_partial(store: BlobStore, key: str) -> None:
+    """Drop transfer ``key``'s partial file and its journal: bytes a source sent that the
+    next source must not resume from (a peer that sent other bytes, then failed)."""
+    partial = store.partial_path(key)
+    partial.unlink(missing_ok=True)
+    partial.with_suffix(".journal").unlink(missing_ok=True)
+
+
 class IngestDigests:
     """Every digest of one origin file, fed in order: the blob's sha256 and chunk digests, plus
     the git sha1 or md5 when those are all the origin declared."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cache_node.region.placement import rank
+from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import CLOSED_ENDPOINT
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.region_nodes import REGION, add_node, get, region_nodes, wait_state
@@ -105,3 +106,35 @@ def test_a_peer_whose_data_plane_cannot_be_reached_fills_from_its_api(
         assert metrics.region_fills.labels("peer_failed")._value.get() >= 1
         assert metrics.region_fills.labels("peer")._value.get() >= 1
         assert metrics.origin_bytes._value.get() == 0
+
+
+def test_a_peer_fill_is_checked_against_the_origins_own_digest_not_only_the_regions_map(
+    tmp_path: Path, redis_server: RedisServer, hf_hub: FixtureHub
+) -> None:
+    # Small files on the hub are plain git objects: the hub declares their git sha1, no sha256.
+    # A node (buggy or hostile) maps config.json's object to another blob of the same size in
+    # Redis; a node filling from its peers must not take those bytes for config.json.
+    config, other = b'{"model_type": "llama", "a": 1}', b'{"model_type": "llama", "b": 2}'
+    assert len(config) == len(other)
+    hf_hub.add_repo("acme/m", {"config.json": config, "generation_config.json": other,
+                               "model.safetensors": safetensors_bytes(64 * 1024)})
+    prefix = f"weightcache:{{{REGION}}}:"
+    hf = {"endpoint": hf_hub.endpoint}
+    with region_nodes(redis_server.url, tmp_path, 1, hf=hf) as (stack, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={"models": [{"name": "m", "source": "hf://acme/m"}]})
+        wait_state(nodes[0], "p", "warm")
+        client = redis_server.client()
+        objects = client.hgetall(f"{prefix}objects")
+        real, forged = hashlib.sha256(config).hexdigest(), hashlib.sha256(other).hexdigest()
+        key = next(k for k, v in objects.items() if v == real)
+        client.hset(f"{prefix}objects", key, forged)
+        client.close()
+
+        late = add_node(stack, redis_server.url, tmp_path, 1, hf=hf)
+        wait_state(late, "p", "warm")
+        with late.client() as c:
+            files = {f["path"]: f["blob"] for f in c.get("/v1/pipelines/p/files").json()["files"]}
+        assert files["config.json"] == real
+        assert get(f"{late.url}/v1/blobs/{real}").content == config
+        assert late.node.metrics.region_fills.labels("peer_failed")._value.get() >= 1

@@ -24,6 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 
 from cache_node.blob_records import BlobRecord
@@ -32,6 +33,7 @@ from cache_node.events import emit
 from cache_node.origins.base import Origin, OriginFile
 from cache_node.region.errors import FlightTimeout, LeaseLost, RegionError
 from cache_node.region.flight import Lease
+from cache_node.transfer import discard_partial
 
 if TYPE_CHECKING:
     from cache_node.region.node_region import NodeRegion
@@ -157,12 +159,18 @@ class RegionFills:
         sha256 = await region.object_blob(key)
         if sha256 is None or (file.sha256 and file.sha256.lower() != sha256):
             return None
-        expected = file.model_copy(update={"sha256": sha256})
+        # The origin's own digest when it declared one (a git sha1, an md5): a peer's bytes
+        # are checked against what the origin said, not only against what Redis says the
+        # blob is; else the region's sha256 of the object.
+        declared = file.sha256 or file.git_sha1 or file.md5
+        expected = file if declared else file.model_copy(update={"sha256": sha256})
         for node_id, url in await region.peer_urls(sha256):
             peer = PeerOrigin(region.http, url=url, sha256=sha256, headers=region.peer_headers)
             try:
                 record = await download(peer, expected)
             except (OriginError, IntegrityError) as exc:
+                # what it sent is not resumed by the next peer or the origin
+                await anyio.to_thread.run_sync(discard_partial, region.node.store, key)
                 region.node.metrics.region_fills.labels("peer_failed").inc()
                 emit("region.peer_fill_failed", level=logging.WARNING, peer=node_id, url=url,
                      blob=sha256, path=file.path, code=exc.code, error=exc.message)
