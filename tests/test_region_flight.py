@@ -344,3 +344,38 @@ async def test_a_redis_error_answer_is_a_region_error_not_an_outage(
         assert not isinstance(refused.value, RegionUnavailable)
         assert refused.value.code == "region_error"
         assert "taking a region lease" in refused.value.message
+
+
+async def test_a_leader_cut_off_from_redis_stops_before_its_lease_can_expire(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its renewals hang (Redis unreachable from this node only): it must stop its work while
+    # its lease still stands in Redis, before another node can take the key and pull too.
+    async with nodes(redis_server, 1, lease_ttl_s=3.0) as (a,):
+        started = asyncio.Event()
+        left_when_stopped: list[int] = []
+        lease_key = RegionKeys("eu-1").lease("blob-cut")
+        observer = open_redis(redis_server.url, timeout_s=2.0)
+
+        async def hang(lease: Lease) -> None:
+            await asyncio.sleep(3600)
+
+        async def slow(lease: Lease) -> dict[str, Any]:
+            monkeypatch.setattr(a, "renew", hang)
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                left_when_stopped.append(int(await observer.pttl(lease_key)))
+                raise
+            return {}
+
+        try:
+            task = asyncio.create_task(a.run("blob-cut", slow, timeout_s=30))
+            await asyncio.wait_for(started.wait(), 5)
+            with pytest.raises(LeaseLost):
+                await asyncio.wait_for(task, 10)
+        finally:
+            await observer.aclose()
+        assert left_when_stopped, "the work was never stopped"
+        assert left_when_stopped[0] > 0, "it stopped only after its lease had expired"

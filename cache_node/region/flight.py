@@ -300,21 +300,26 @@ class RegionFlight:
         return await self.commit(lease, detail)
 
     async def _keep(self, lease: Lease, task: asyncio.Task[Any], lost: asyncio.Event) -> None:
-        """Renew ``lease`` every third of its TTL; cancel ``task`` once it is lost, or once no
-        renewal has reached Redis for a whole TTL (it has expired there by then, and another
-        node may lead: two leaders must not both pull)."""
+        """Renew ``lease`` every third of its TTL; cancel ``task`` once it is lost, or before
+        the lease can have expired in Redis when no renewal got through: a fifth of a TTL
+        before, counted from when the last good renewal was *sent* (a renewal that hangs is
+        given up at that point too). Another node may lead once it has expired; two leaders
+        must not both pull."""
         loop = asyncio.get_running_loop()
-        renewed_at = loop.time()
+        margin = lease.ttl_s / 5
+        valid_until = loop.time() + lease.ttl_s - margin  # the claim was sent before this
         while True:
-            await asyncio.sleep(lease.ttl_s / 3)
+            await asyncio.sleep(max(0.0, min(lease.ttl_s / 3, valid_until - loop.time())))
+            sent = loop.time()
+            if sent >= valid_until:
+                break
             try:
-                await self.renew(lease)
-                renewed_at = loop.time()
+                await asyncio.wait_for(self.renew(lease), timeout=valid_until - sent)
             except LeaseLost:
                 break
-            except RegionError:
-                if loop.time() - renewed_at >= lease.ttl_s:
-                    break
+            except (RegionError, TimeoutError):
+                continue  # tried again until valid_until, then the work stops
+            valid_until = sent + lease.ttl_s - margin
         lost.set()
         task.cancel()
 
