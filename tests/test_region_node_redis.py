@@ -12,7 +12,15 @@ from clients.seaweed import SeaweedServer
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.node_server import RunningNode
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.region_nodes import REGION, get, region_nodes, state, until, wait_state
+from tests.fixtures.region_nodes import (
+    REGION,
+    add_node,
+    get,
+    region_nodes,
+    state,
+    until,
+    wait_state,
+)
 from tests.fixtures.weights import safetensors_bytes
 
 
@@ -114,3 +122,30 @@ def test_a_leader_whose_lease_redis_lost_mid_fill_still_warms_its_pipeline(
     finally:
         proxy.clear_faults()
         client.close()
+
+
+def test_a_deletion_made_while_redis_is_away_survives_a_restart_of_its_node(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Deleted on n0 while Redis is away, n0 restarted before Redis returns (empty): the
+    # deletion still reaches the region, and n1's copy does not bring the pipeline back.
+    weights = safetensors_bytes(256 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    with region_nodes(redis_server.url, tmp_path, 2) as (stack, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        for node in nodes:
+            wait_state(node, "p", "warm")
+        redis_server.stop()
+        with nodes[0].client() as c:
+            assert c.delete("/v1/pipelines/p").status_code == 204
+        nodes[0].stop()
+        restarted = add_node(stack, redis_server.url, tmp_path, 0)
+        assert state(restarted, "p") is None
+        redis_server.start()
+        wait_state(nodes[1], "p", None, timeout_s=20)
+        time.sleep(1.0)  # a few reconcile passes (0.5 s): nothing brings it back
+        for node in (restarted, nodes[1]):
+            assert state(node, "p") is None

@@ -57,6 +57,7 @@ __all__ = ["NodeRegion"]
 #: This node's record of the origin objects it committed (transfer key → sha256), so that it
 #: can publish them again to a Redis that lost them.
 _OBJECT_PREFIX = "region-object:"
+_UNPUBLISHED_PREFIX = "region-unpublished:"
 
 
 class NodeRegion:
@@ -92,8 +93,15 @@ class NodeRegion:
         self._held_changed = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._applying: set[str] = set()  # catalogue entries this node is applying now
-        #: Registrations and deletions that did not reach Redis: written when it is back.
+        #: Registrations and deletions that did not reach Redis: written when it is back. Kept
+        #: in the node's metadata too, so that a restart in between loses none (a deletion
+        #: lost here would come back from the others' copies).
         self._unpublished: dict[str, tuple[str, str, PipelineSpec | None]] = {}
+        for name, value in node.meta.scan(_UNPUBLISHED_PREFIX):
+            spec = value.get("spec")
+            self._unpublished[name.removeprefix(_UNPUBLISHED_PREFIX)] = (
+                value["tenant"], value["id"],
+                None if spec is None else PipelineSpec.model_validate(spec))
         self._tasks: list[asyncio.Task[None]] = []
         node.fetcher.region = self.fills
         node.store.on_change = self._store_changed
@@ -229,6 +237,9 @@ class NodeRegion:
         if field in self._applying:
             return
         self._unpublished[field] = (tenant, pipeline_id, spec)
+        await anyio.to_thread.run_sync(self.node.meta.set, _UNPUBLISHED_PREFIX + field, {
+            "tenant": tenant, "id": pipeline_id,
+            "spec": None if spec is None else spec.model_dump(mode="json")})
         if self.membership.reachable:  # else at once, not after a Redis timeout: on rejoin
             with contextlib.suppress(RegionError):
                 await self._flush_unpublished()
@@ -238,6 +249,8 @@ class NodeRegion:
             await self.catalogue.put(tenant, pipeline_id, spec)
             if self._unpublished.get(field) == (tenant, pipeline_id, spec):
                 del self._unpublished[field]
+                await anyio.to_thread.run_sync(self.node.meta.delete,
+                                               _UNPUBLISHED_PREFIX + field)
 
     async def _catalogue_loop(self) -> None:
         while True:
