@@ -149,3 +149,30 @@ def test_a_deletion_made_while_redis_is_away_survives_a_restart_of_its_node(
         time.sleep(1.0)  # a few reconcile passes (0.5 s): nothing brings it back
         for node in (restarted, nodes[1]):
             assert state(node, "p") is None
+
+
+def test_a_node_that_died_without_leaving_is_forgotten_as_a_holder(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # its membership expired, its blob locations did not: the live nodes drop them on their
+    # own passes (not only when some node rejoins), so manifests stop naming it
+    weights = safetensors_bytes(256 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    sha = hashlib.sha256(weights).hexdigest()
+    prefix = f"weightcache:{{{REGION}}}:"
+    with region_nodes(redis_server.url, tmp_path, 1) as (_, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        wait_state(nodes[0], "p", "warm")
+        client = redis_server.client()
+        client.sadd(f"{prefix}holders", "ghost")
+        client.sadd(f"{prefix}held:ghost", sha)
+        client.sadd(f"{prefix}blob:{sha}", "ghost")
+        until(lambda: "ghost" not in client.smembers(f"{prefix}blob:{sha}"), timeout_s=10,
+              what="the dead node's locations dropped")
+        assert not client.exists(f"{prefix}held:ghost")
+        assert "ghost" not in client.smembers(f"{prefix}holders")
+        assert client.smembers(f"{prefix}blob:{sha}") == {"n0"}
+        client.close()

@@ -299,6 +299,11 @@ class NodeRegion:
                 if field not in entries:
                     await self.catalogue.put(record.tenant, record.id,
                                              (record.pending or record).spec)
+            # A node that died without leaving (its membership expired) still lists its blobs:
+            # any live node forgets them, not only one that happens to rejoin.
+            dropped = await self.locations.drop_dead()
+            if dropped:
+                emit("region.dead_nodes_dropped", level=logging.WARNING, nodes=dropped)
 
     async def _apply(self, field: str, change: Coroutine[Any, Any, Any]) -> None:
         self._applying.add(field)
