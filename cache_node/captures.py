@@ -191,15 +191,15 @@ class Captures:
                 limit=limit,
                 size=size,
             )
-        if self.store.usage().free < size:
-            # Evict by the policy, but never this pipeline (its capture would go with it); and
-            # when that is not enough, a 507 now: the store's own make-room evicts by the
-            # policy alone, and might pick this very pipeline.
-            self.evictor.make_room(size, keep=frozenset(record.blobs()))
-            if self.store.usage().free < size:
-                raise self.store.not_enough_space(size)
-        self._take_upload_slot(record.tenant)
+        self._take_upload_slot(record.tenant)  # before any eviction is done for it
         try:
+            if self.store.usage().free < size:
+                # Evict by the policy, but never this pipeline (its capture would go with it);
+                # and when that is not enough, a 507 now: the store's own make-room evicts by
+                # the policy alone, and might pick this very pipeline.
+                self.evictor.make_room(size, keep=frozenset(record.blobs()))
+                if self.store.usage().free < size:
+                    raise self.store.not_enough_space(size)
             reservation = self.store.reserve(size)
             try:
                 upload = BlobUpload(self.store, size=size, sha256=sha256,
