@@ -176,3 +176,37 @@ def test_a_node_that_died_without_leaving_is_forgotten_as_a_holder(
         assert "ghost" not in client.smembers(f"{prefix}holders")
         assert client.smembers(f"{prefix}blob:{sha}") == {"n0"}
         client.close()
+
+
+def test_a_deletion_a_down_node_missed_is_not_undone_by_a_redis_that_restarted_empty(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # n1 is down while p is deleted on n0; Redis then restarts empty (the tombstone is gone);
+    # n1 comes back with its copy of p and writes it back. n0 remembers the deletion, which is
+    # newer, and writes it over: p is gone on both.
+    weights = safetensors_bytes(256 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    with region_nodes(redis_server.url, tmp_path, 2) as (stack, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        for node in nodes:
+            wait_state(node, "p", "warm")
+        nodes[1].stop()
+        with nodes[0].client() as c:
+            assert c.delete("/v1/pipelines/p").status_code == 204
+        redis_server.stop()
+        redis_server.start()  # empty
+        back = add_node(stack, redis_server.url, tmp_path, 1)
+        wait_state(back, "p", None, timeout_s=20)
+        time.sleep(1.0)  # a few reconcile passes (0.5 s): nothing brings it back
+        for node in (nodes[0], back):
+            assert state(node, "p") is None
+        # and a registration made after the deletion is not undone by its memory
+        with back.client() as c:
+            assert c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]}
+            ).status_code == 202
+        for node in (nodes[0], back):
+            wait_state(node, "p", "warm", timeout_s=20)

@@ -8,7 +8,10 @@ channel so the others reconcile at once instead of on their next periodic pass.
 
 A deletion stays in the catalogue as a tombstone (``deleted``): a node that still has the
 pipeline deletes it, and one that never saw the deletion (it was down) does not re-publish
-it as a pipeline of its own. Eviction is per node and never written here.
+it as a pipeline of its own. Nodes also remember the deletions they made or applied, with
+when (``at``): after Redis restarted empty, a node that missed a deletion writes its copy back,
+and a node that remembers the deletion writes the tombstone over it (it is newer). Eviction is
+per node and never written here.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class CatalogueEntry(BaseModel):
     spec: PipelineSpec | None = None
     generation: int = 0
     node_id: str = ""  # the node that wrote it (for people)
+    #: When the change was made (the node's clock): a deletion a node remembers outranks an
+    #: older registration written back by a node that missed it (Redis restarted empty).
+    at: float = 0.0
 
     @property
     def deleted(self) -> bool:
@@ -71,9 +77,13 @@ class PipelineCatalogue:
         self._redis = redis
         self._put_script = redis.register_script(_PUT)
 
-    async def put(self, tenant: str, pipeline_id: str, spec: PipelineSpec | None) -> int:
-        """Write a registration (or, with ``spec`` None, a deletion); its generation."""
-        entry = CatalogueEntry(tenant=tenant, id=pipeline_id, spec=spec, node_id=self.node_id)
+    async def put(
+        self, tenant: str, pipeline_id: str, spec: PipelineSpec | None, *, at: float
+    ) -> int:
+        """Write a registration (or, with ``spec`` None, a deletion) made at ``at``; its
+        generation."""
+        entry = CatalogueEntry(tenant=tenant, id=pipeline_id, spec=spec, node_id=self.node_id,
+                               at=at)
         payload = entry.model_dump_json(exclude={"generation"})
         with redis_errors("writing the pipeline catalogue"):
             generation = await self._put_script(

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,7 +40,7 @@ from cache_node.blob_records import BlobRecord
 from cache_node.errors import NotFound, WeightCacheError
 from cache_node.events import emit
 from cache_node.region.blob_locations import BlobLocations
-from cache_node.region.catalogue import PipelineCatalogue, catalogue_field
+from cache_node.region.catalogue import CatalogueEntry, PipelineCatalogue, catalogue_field
 from cache_node.region.connection import open_redis, redis_errors, texts
 from cache_node.region.errors import RegionError
 from cache_node.region.fills import RegionFills
@@ -58,6 +59,10 @@ __all__ = ["NodeRegion"]
 #: can publish them again to a Redis that lost them.
 _OBJECT_PREFIX = "region-object:"
 _UNPUBLISHED_PREFIX = "region-unpublished:"
+_DELETED_PREFIX = "region-deleted:"
+#: How long a node remembers a deletion, to write it back over a copy a node that missed it
+#: would bring back after Redis restarted empty.
+_DELETION_MEMORY_S = 30 * 24 * 3600.0
 
 
 class NodeRegion:
@@ -96,12 +101,13 @@ class NodeRegion:
         #: Registrations and deletions that did not reach Redis: written when it is back. Kept
         #: in the node's metadata too, so that a restart in between loses none (a deletion
         #: lost here would come back from the others' copies).
-        self._unpublished: dict[str, tuple[str, str, PipelineSpec | None]] = {}
+        self._unpublished: dict[str, tuple[str, str, PipelineSpec | None, float]] = {}
         for name, value in node.meta.scan(_UNPUBLISHED_PREFIX):
             spec = value.get("spec")
             self._unpublished[name.removeprefix(_UNPUBLISHED_PREFIX)] = (
                 value["tenant"], value["id"],
-                None if spec is None else PipelineSpec.model_validate(spec))
+                None if spec is None else PipelineSpec.model_validate(spec),
+                float(value.get("at", 0.0)))
         self._tasks: list[asyncio.Task[None]] = []
         node.fetcher.region = self.fills
         node.store.on_change = self._store_changed
@@ -236,18 +242,44 @@ class NodeRegion:
         field = catalogue_field(tenant, pipeline_id)
         if field in self._applying:
             return
-        self._unpublished[field] = (tenant, pipeline_id, spec)
+        at = time.time()
+        self._unpublished[field] = (tenant, pipeline_id, spec, at)
         await anyio.to_thread.run_sync(self.node.meta.set, _UNPUBLISHED_PREFIX + field, {
-            "tenant": tenant, "id": pipeline_id,
+            "tenant": tenant, "id": pipeline_id, "at": at,
             "spec": None if spec is None else spec.model_dump(mode="json")})
+        await anyio.to_thread.run_sync(self._remember_deletion, field, tenant, pipeline_id,
+                                       at if spec is None else None)
         if self.membership.reachable:  # else at once, not after a Redis timeout: on rejoin
             with contextlib.suppress(RegionError):
                 await self._flush_unpublished()
 
+    def _remember_deletion(
+        self, field: str, tenant: str, pipeline_id: str, at: float | None
+    ) -> None:
+        """Keep (``at``: when it was deleted) or forget this node's memory of a deletion."""
+        if at is None:
+            self.node.meta.delete(_DELETED_PREFIX + field)
+        else:
+            self.node.meta.set(_DELETED_PREFIX + field,
+                               {"tenant": tenant, "id": pipeline_id, "at": at})
+
+    def _remembered_deletions(self) -> dict[str, tuple[str, str, float]]:
+        """The deletions this node made or applied, younger than the memory's horizon (older
+        ones are forgotten here)."""
+        horizon = time.time() - _DELETION_MEMORY_S
+        kept: dict[str, tuple[str, str, float]] = {}
+        for name, value in list(self.node.meta.scan(_DELETED_PREFIX)):
+            at = float(value.get("at", 0.0))
+            if at < horizon:
+                self.node.meta.delete(name)
+            else:
+                kept[name.removeprefix(_DELETED_PREFIX)] = (value["tenant"], value["id"], at)
+        return kept
+
     async def _flush_unpublished(self) -> None:
-        for field, (tenant, pipeline_id, spec) in list(self._unpublished.items()):
-            await self.catalogue.put(tenant, pipeline_id, spec)
-            if self._unpublished.get(field) == (tenant, pipeline_id, spec):
+        for field, (tenant, pipeline_id, spec, at) in list(self._unpublished.items()):
+            await self.catalogue.put(tenant, pipeline_id, spec, at=at)
+            if self._unpublished.get(field) == (tenant, pipeline_id, spec, at):
                 del self._unpublished[field]
                 await anyio.to_thread.run_sync(self.node.meta.delete,
                                                _UNPUBLISHED_PREFIX + field)
@@ -285,20 +317,37 @@ class NodeRegion:
                 catalogue_field(r.tenant, r.id): r
                 for r in await anyio.to_thread.run_sync(lambda: list(self.node.registry.all()))
             }
+            deleted = await anyio.to_thread.run_sync(self._remembered_deletions)
+            for field, (tenant, pipeline_id, at) in deleted.items():
+                entry = entries.get(field)
+                if entry is None or (entry.spec is not None and entry.at < at):
+                    # Redis lost the deletion, and maybe a node that missed it wrote its older
+                    # copy back: the deletion is newer, and goes back over it
+                    await self.catalogue.put(tenant, pipeline_id, None, at=at)
+                    emit("region.deletion_restored", level=logging.WARNING, pipeline=field,
+                         over=None if entry is None else entry.node_id)
+                    entries[field] = CatalogueEntry(tenant=tenant, id=pipeline_id, at=at)
             for field, entry in entries.items():
                 record = local.get(field)
                 if entry.spec is None:
                     if record is not None:
                         await self._apply(field, self.node.delete(entry.tenant, entry.id))
+                        await anyio.to_thread.run_sync(
+                            self._remember_deletion, field, entry.tenant, entry.id,
+                            entry.at or time.time())
                     continue
+                if field in deleted:  # registered again since: the deletion is history
+                    await anyio.to_thread.run_sync(
+                        self._remember_deletion, field, entry.tenant, entry.id, None)
                 newest = None if record is None else (record.pending or record).spec
                 if newest != entry.spec:
                     await self._apply(field, self.node.register(entry.tenant, entry.id,
                                                                 entry.spec))
             for field, record in local.items():
                 if field not in entries:
-                    await self.catalogue.put(record.tenant, record.id,
-                                             (record.pending or record).spec)
+                    version = record.pending or record
+                    await self.catalogue.put(record.tenant, record.id, version.spec,
+                                             at=version.registered_at)
             # A node that died without leaving (its membership expired) still lists its blobs:
             # any live node forgets them, not only one that happens to rejoin.
             dropped = await self.locations.drop_dead()
