@@ -138,3 +138,32 @@ def test_a_peer_fill_is_checked_against_the_origins_own_digest_not_only_the_regi
         assert files["config.json"] == real
         assert get(f"{late.url}/v1/blobs/{real}").content == config
         assert late.node.metrics.region_fills.labels("peer_failed")._value.get() >= 1
+
+
+def test_a_node_record_with_an_unusable_url_is_left_out_of_manifests(
+    tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a node that advertised "host:port" (no scheme): replicas could not use it, and would be
+    # sent their token there; the manifest names the usable holders only, and says so
+    weights = safetensors_bytes(64 * 1024)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    sha = hashlib.sha256(weights).hexdigest()
+    prefix = f"weightcache:{{{REGION}}}:"
+    with region_nodes(redis_server.url, tmp_path, 1) as (_, nodes):
+        with nodes[0].client() as c:
+            c.put("/v1/pipelines/p", json={
+                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        wait_state(nodes[0], "p", "warm")
+        client = redis_server.client()
+        client.set(f"{prefix}node:bad", json.dumps({
+            "node_id": "bad", "url": "node-bad:8470", "region": REGION, "capacity": 1,
+            "used": 1, "free": 0, "last_heartbeat": time.time()}), px=60_000)
+        client.sadd(f"{prefix}nodes", "bad")
+        client.sadd(f"{prefix}blob:{sha}", "bad")
+        client.close()
+        with caplog.at_level(logging.WARNING, logger="weightcache.events"), \
+                nodes[0].client() as c:
+            blobs = c.get("/v1/pipelines/p/manifest").json()["blobs"]
+        assert [b["nodes"] for b in blobs] == [[nodes[0].url]]
+        assert any("region.bad_node_url" in r.getMessage() for r in caplog.records)
