@@ -19,7 +19,16 @@ from clients.seaweed import SeaweedServer
 from loader.captures import CaptureClient, CapturePayload
 from tests.fixtures.counting_proxy import CountingProxy, Fault
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.region_nodes import add_node, get, peer_headers, region_nodes, until, wait_state
+from tests.fixtures.region_nodes import (
+    add_node,
+    get,
+    local_model,
+    local_spec,
+    peer_headers,
+    region_nodes,
+    until,
+    wait_state,
+)
 from tests.fixtures.weights import safetensors_bytes
 
 MiB = 1024 * 1024
@@ -143,14 +152,11 @@ def test_registering_on_one_node_warms_the_region_with_one_origin_pull_and_a_lat
 def test_peer_requests_need_the_region_secret_and_read_blobs_by_digest_only(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    weights = safetensors_bytes(256 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 256 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     with region_nodes(redis_server.url, tmp_path, 1) as (_, [node]):
         with node.client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         wait_state(node, "p", "warm")
         url = f"{node.url}/v1/blobs/{sha}"
         assert get(url, headers=peer_headers()).content == weights

@@ -9,19 +9,16 @@ from playwright.sync_api import Browser
 
 from tests.fixtures.node_server import running_node
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.region_nodes import region_nodes, wait_state
-from tests.fixtures.weights import safetensors_bytes
+from tests.fixtures.region_nodes import local_model, local_spec, region_nodes, wait_state
 
 
 def test_the_region_panel_shows_the_nodes_and_copies(
     tmp_path: Path, redis_server: RedisServer, browser: Browser
 ) -> None:
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(safetensors_bytes(4096))
+    local_model(tmp_path, 4096)
     with region_nodes(redis_server.url, tmp_path, 2) as (_, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         for node in nodes:
             wait_state(node, "p", "warm")
         page = browser.new_page()

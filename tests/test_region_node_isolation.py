@@ -8,8 +8,14 @@ import json
 from pathlib import Path
 
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.region_nodes import get, peer_headers, region_nodes, wait_state
-from tests.fixtures.weights import safetensors_bytes
+from tests.fixtures.region_nodes import (
+    get,
+    local_model,
+    local_spec,
+    peer_headers,
+    region_nodes,
+    wait_state,
+)
 
 TOKENS = {"tok-a": "team-a", "tok-b": "team-b", "tok-ops": "admin"}
 
@@ -17,16 +23,13 @@ TOKENS = {"tok-a": "team-a", "tok-b": "team-b", "tok-ops": "admin"}
 def test_a_tenants_token_reads_nothing_of_another_tenant_on_any_node(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    weights = safetensors_bytes(256 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 256 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps(TOKENS))
     with region_nodes(redis_server.url, tmp_path, 3, tokens_file=tokens) as (_, nodes):
         with nodes[0].client("tok-a") as c:
-            assert c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]}
+            assert c.put("/v1/pipelines/p", json=local_spec(tmp_path)
             ).status_code == 202
         for node in nodes:  # team-a's pipeline is on every node, as team-a's
             wait_state(node, "p", "warm", token="tok-a")

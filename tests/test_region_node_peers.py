@@ -20,7 +20,15 @@ from cache_node.region.placement import rank
 from tests.fixtures.hf_hub import FixtureHub
 from tests.fixtures.node_server import CLOSED_ENDPOINT
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.region_nodes import REGION, add_node, get, region_nodes, wait_state
+from tests.fixtures.region_nodes import (
+    REGION,
+    add_node,
+    get,
+    local_model,
+    local_spec,
+    region_nodes,
+    wait_state,
+)
 from tests.fixtures.weights import safetensors_bytes
 
 
@@ -54,17 +62,14 @@ def lying_peer() -> Iterator[str]:
 def test_a_peer_sending_other_bytes_is_skipped_for_the_next_one(
     tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    weights = safetensors_bytes(256 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 256 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     # a liar that every node asks before n0 (rendezvous order for this blob)
     liar_id = next(f"liar{i}" for i in range(1000) if rank(sha, {"n0", f"liar{i}"})[0] != "n0")
     prefix = f"weightcache:{{{REGION}}}:"
     with lying_peer() as liar_url, region_nodes(redis_server.url, tmp_path, 1) as (stack, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         wait_state(nodes[0], "p", "warm")
         client = redis_server.client()
         client.set(f"{prefix}node:{liar_id}", json.dumps({
@@ -89,15 +94,12 @@ def test_a_peer_sending_other_bytes_is_skipped_for_the_next_one(
 def test_a_peer_whose_data_plane_cannot_be_reached_fills_from_its_api(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    weights = safetensors_bytes(256 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 256 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     # n0 advertises a data plane no node reaches (as a compose file publishes it on the host)
     with region_nodes(redis_server.url, tmp_path, 1, data_url=CLOSED_ENDPOINT) as (stack, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         wait_state(nodes[0], "p", "warm")
         late = add_node(stack, redis_server.url, tmp_path, 1)
         wait_state(late, "p", "warm")
@@ -145,15 +147,12 @@ def test_a_node_record_with_an_unusable_url_is_left_out_of_manifests(
 ) -> None:
     # a node that advertised "host:port" (no scheme): replicas could not use it, and would be
     # sent their token there; the manifest names the usable holders only, and says so
-    weights = safetensors_bytes(64 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 64 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     prefix = f"weightcache:{{{REGION}}}:"
     with region_nodes(redis_server.url, tmp_path, 1) as (_, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         wait_state(nodes[0], "p", "warm")
         client = redis_server.client()
         client.set(f"{prefix}node:bad", json.dumps({

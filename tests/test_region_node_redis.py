@@ -16,6 +16,8 @@ from tests.fixtures.region_nodes import (
     REGION,
     add_node,
     get,
+    local_model,
+    local_spec,
     region_nodes,
     state,
     until,
@@ -27,15 +29,12 @@ from tests.fixtures.weights import safetensors_bytes
 def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    weights = safetensors_bytes(512 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 512 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     prefix = f"weightcache:{{{REGION}}}:"
     with region_nodes(redis_server.url, tmp_path, 2) as (_, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         for node in nodes:
             wait_state(node, "p", "warm")
         for node in nodes:
@@ -59,9 +58,7 @@ def test_restarting_redis_empty_nodes_keep_serving_and_register_again(
         # registered while Redis is away: at once, on this node; the region's when it is back
         with nodes[0].client() as c:
             started = time.monotonic()
-            assert c.put("/v1/pipelines/q", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]}
-            ).status_code == 202
+            assert c.put("/v1/pipelines/q", json=local_spec(tmp_path)).status_code == 202
             assert time.monotonic() - started < 1
         wait_state(nodes[0], "q", "warm")
         assert state(nodes[1], "q") is None
@@ -129,13 +126,10 @@ def test_a_deletion_made_while_redis_is_away_survives_a_restart_of_its_node(
 ) -> None:
     # Deleted on n0 while Redis is away, n0 restarted before Redis returns (empty): the
     # deletion still reaches the region, and n1's copy does not bring the pipeline back.
-    weights = safetensors_bytes(256 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    local_model(tmp_path, 256 * 1024)
     with region_nodes(redis_server.url, tmp_path, 2) as (stack, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         for node in nodes:
             wait_state(node, "p", "warm")
         redis_server.stop()
@@ -156,15 +150,12 @@ def test_a_node_that_died_without_leaving_is_forgotten_as_a_holder(
 ) -> None:
     # its membership expired, its blob locations did not: the live nodes drop them on their
     # own passes (not only when some node rejoins), so manifests stop naming it
-    weights = safetensors_bytes(256 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 256 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     prefix = f"weightcache:{{{REGION}}}:"
     with region_nodes(redis_server.url, tmp_path, 1) as (_, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         wait_state(nodes[0], "p", "warm")
         client = redis_server.client()
         client.sadd(f"{prefix}holders", "ghost")
@@ -184,13 +175,10 @@ def test_a_deletion_a_down_node_missed_is_not_undone_by_a_redis_that_restarted_e
     # n1 is down while p is deleted on n0; Redis then restarts empty (the tombstone is gone);
     # n1 comes back with its copy of p and writes it back. n0 remembers the deletion, which is
     # newer, and writes it over: p is gone on both.
-    weights = safetensors_bytes(256 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    local_model(tmp_path, 256 * 1024)
     with region_nodes(redis_server.url, tmp_path, 2) as (stack, nodes):
         with nodes[0].client() as c:
-            c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+            c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         for node in nodes:
             wait_state(node, "p", "warm")
         nodes[1].stop()
@@ -205,8 +193,7 @@ def test_a_deletion_a_down_node_missed_is_not_undone_by_a_redis_that_restarted_e
             assert state(node, "p") is None
         # and a registration made after the deletion is not undone by its memory
         with back.client() as c:
-            assert c.put("/v1/pipelines/p", json={
-                "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]}
+            assert c.put("/v1/pipelines/p", json=local_spec(tmp_path)
             ).status_code == 202
         for node in (nodes[0], back):
             wait_state(node, "p", "warm", timeout_s=20)

@@ -14,8 +14,15 @@ import httpx
 
 from tests.fixtures.node_server import free_port
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.region_nodes import REGION, SECRET, get, peer_headers, until
-from tests.fixtures.weights import safetensors_bytes
+from tests.fixtures.region_nodes import (
+    REGION,
+    SECRET,
+    get,
+    local_model,
+    local_spec,
+    peer_headers,
+    until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,9 +70,7 @@ def test_serve_with_redis_refuses_an_advertised_url_replicas_could_not_use(
 def test_serve_joins_under_its_advertised_url_and_its_data_plane_serves_peers(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    weights = safetensors_bytes(128 * 1024)
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    (tmp_path / "models" / "m" / "model.safetensors").write_bytes(weights)
+    weights = local_model(tmp_path, 128 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
@@ -86,8 +91,7 @@ def test_serve_joins_under_its_advertised_url_and_its_data_plane_serves_peers(
         assert record["url"] == advertised
         assert record["data_url"] == f"http://127.0.0.1:{data_port}"
         api = f"http://127.0.0.1:{port}"
-        httpx.put(f"{api}/v1/pipelines/p", timeout=10, json={
-            "models": [{"name": "m", "source": f"file://{tmp_path}/models/m"}]})
+        httpx.put(f"{api}/v1/pipelines/p", timeout=10, json=local_spec(tmp_path))
         until(lambda: get(f"{api}/v1/pipelines/p").json()["state"] == "warm", what="warm")
         blob = f"http://127.0.0.1:{data_port}/v1/blobs/{sha}"
         assert get(blob, headers=peer_headers()).content == weights
