@@ -4,7 +4,6 @@ that what the domain stores and what the API shows can change apart."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 from api.schema import (
     AttemptStatus,
@@ -15,6 +14,7 @@ from api.schema import (
     NodeInfo,
     PipelineStatus,
 )
+from cache_node.captures import in_listing_order
 from cache_node.node import VERSION, CacheNode
 from cache_node.registry import CaptureRecord, PipelineRecord
 from cache_node.retry import scheduled_error
@@ -111,7 +111,7 @@ def _status_of(node: CacheNode, record: PipelineRecord) -> PipelineStatus:
         evicted_reason=record.evicted_reason if record.state == "evicted" else None,
         unverified_files=sum(1 for m in record.models for f in m.files if not f.verified),
         active_leases=leases,
-        captures=[capture_summary(c) for c in _by_key(record.captures.values())],
+        captures=[capture_summary(c) for c in in_listing_order(record.captures.values())],
     )
 
 
@@ -137,12 +137,6 @@ def capture_info(capture: CaptureRecord, blob: BlobRecord) -> CaptureInfo:
             chunk_xxh3_128=list(blob.chunk_xxh3_128),
         ),
         tensors=capture.tensors,
-    )
-
-
-def _by_key(captures: Iterable[CaptureRecord]) -> list[CaptureRecord]:
-    return sorted(
-        captures, key=lambda c: (c.key.model, c.key.kind, c.key.tp_size, c.key.rank or 0, c.id)
     )
 
 

@@ -50,7 +50,7 @@ from cache_node.snapshots import config_blob, model_snapshot
 from cache_node.store import BlobRecord, BlobStore
 from cache_node.uploads import BlobUpload
 
-__all__ = ["Captures", "PendingCapture"]
+__all__ = ["Captures", "PendingCapture", "in_listing_order"]
 
 log = logging.getLogger("weightcache.node")
 
@@ -135,11 +135,7 @@ class Captures:
     # ------------------------------------------------------------------ reading
     def list(self, tenant: str, pipeline_id: str) -> list[CaptureRecord]:
         """The pipeline's captures, by model, kind, TP size and rank."""
-        record = self.book.find(tenant, pipeline_id)
-        return sorted(
-            record.captures.values(),
-            key=lambda c: (c.key.model, c.key.kind, c.key.tp_size, c.key.rank or 0, c.id),
-        )
+        return in_listing_order(self.book.find(tenant, pipeline_id).captures.values())
 
     def get(
         self, tenant: str, pipeline_id: str, capture_id_: str
@@ -397,6 +393,13 @@ class Captures:
             return int(self.settings.compile_cache_max)
         model = next(m for m in record.models if m.name == key.model)
         return int(model.bytes_total * self.settings.weights_factor) + self.settings.weights_slack
+
+
+def in_listing_order(captures: Iterable[CaptureRecord]) -> list[CaptureRecord]:
+    """Captures as the status and the capture list show them: by model, kind, TP size, rank."""
+    return sorted(
+        captures, key=lambda c: (c.key.model, c.key.kind, c.key.tp_size, c.key.rank or 0, c.id)
+    )
 
 
 def _slot(key: CaptureKey) -> tuple[object, ...]:

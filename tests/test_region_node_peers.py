@@ -4,11 +4,9 @@ bytes is logged and skipped for the next peer, and nothing wrong is ever committ
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +24,7 @@ from tests.fixtures.region_nodes import (
     get,
     local_model,
     local_spec,
+    plant_holder,
     region_nodes,
     wait_state,
 )
@@ -66,17 +65,12 @@ def test_a_peer_sending_other_bytes_is_skipped_for_the_next_one(
     sha = hashlib.sha256(weights).hexdigest()
     # a liar that every node asks before n0 (rendezvous order for this blob)
     liar_id = next(f"liar{i}" for i in range(1000) if rank(sha, {"n0", f"liar{i}"})[0] != "n0")
-    prefix = f"weightcache:{{{REGION}}}:"
     with lying_peer() as liar_url, region_nodes(redis_server.url, tmp_path, 1) as (stack, nodes):
         with nodes[0].client() as c:
             c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         wait_state(nodes[0], "p", "warm")
         client = redis_server.client()
-        client.set(f"{prefix}node:{liar_id}", json.dumps({
-            "node_id": liar_id, "url": liar_url, "region": REGION, "capacity": 1, "used": 1,
-            "free": 0, "last_heartbeat": time.time()}))
-        client.sadd(f"{prefix}nodes", liar_id)
-        client.sadd(f"{prefix}blob:{sha}", liar_id)
+        plant_holder(client, liar_id, liar_url, sha)
         client.close()
 
         with caplog.at_level(logging.WARNING, logger="weightcache.events"):
@@ -149,17 +143,12 @@ def test_a_node_record_with_an_unusable_url_is_left_out_of_manifests(
     # sent their token there; the manifest names the usable holders only, and says so
     weights = local_model(tmp_path, 64 * 1024)
     sha = hashlib.sha256(weights).hexdigest()
-    prefix = f"weightcache:{{{REGION}}}:"
     with region_nodes(redis_server.url, tmp_path, 1) as (_, nodes):
         with nodes[0].client() as c:
             c.put("/v1/pipelines/p", json=local_spec(tmp_path))
         wait_state(nodes[0], "p", "warm")
         client = redis_server.client()
-        client.set(f"{prefix}node:bad", json.dumps({
-            "node_id": "bad", "url": "node-bad:8470", "region": REGION, "capacity": 1,
-            "used": 1, "free": 0, "last_heartbeat": time.time()}), px=60_000)
-        client.sadd(f"{prefix}nodes", "bad")
-        client.sadd(f"{prefix}blob:{sha}", "bad")
+        plant_holder(client, "bad", "node-bad:8470", sha, px=60_000)
         client.close()
         with caplog.at_level(logging.WARNING, logger="weightcache.events"), \
                 nodes[0].client() as c:
